@@ -1,0 +1,54 @@
+"""projectionist: gap-safe, partitioned projection workers on PostgreSQL."""
+
+from __future__ import annotations
+
+from projectionist._version import __version__
+from projectionist.errors import (
+    ConcurrencyError,
+    ConfigError,
+    FencedError,
+    ProjectionError,
+    ProjectionistError,
+)
+from projectionist.partitioning import fnv1a_32, partition_of
+from projectionist.projection import BaseProjection, Projection, Tx
+from projectionist.reader import Partition
+from projectionist.records import (
+    ANY,
+    NO_STREAM,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    Position,
+    RecordedEvent,
+)
+from projectionist.store import StreamAppend, append, append_many, read_stream, stream_version
+from projectionist.worker import Worker
+
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "AppendResult",
+    "BaseProjection",
+    "ConcurrencyError",
+    "ConfigError",
+    "ExpectedVersion",
+    "FencedError",
+    "NewEvent",
+    "Partition",
+    "Position",
+    "Projection",
+    "ProjectionError",
+    "ProjectionistError",
+    "RecordedEvent",
+    "StreamAppend",
+    "Tx",
+    "Worker",
+    "__version__",
+    "append",
+    "append_many",
+    "fnv1a_32",
+    "partition_of",
+    "read_stream",
+    "stream_version",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from projectionist.cli import main
+
+sys.exit(main())

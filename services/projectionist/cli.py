@@ -1,0 +1,362 @@
+"""The ``projectionist`` command: migrate, append, worker, pool, status, demo, db."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from projectionist import __version__
+from projectionist.errors import ConfigError, ProjectionistError
+from projectionist.settings import Settings, parse_positive_int, parse_worker_id
+
+log = logging.getLogger("projectionist")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+def _worker_id_arg(raw: str) -> int:
+    try:
+        return parse_worker_id(raw, "--worker-id")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int_arg(name: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            return parse_positive_int(raw, name)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="projectionist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"projectionist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+
+    sub.add_parser("migrate", help="apply pending SQL migrations (idempotent, safe in parallel)")
+
+    p = sub.add_parser("append", help="append sample events (the seed's --append)")
+    p.add_argument("--count", type=_positive_int_arg("--count"), default=1000)
+    p.add_argument("--aggregates", type=_positive_int_arg("--aggregates"), default=100)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int_arg("--batch-size"),
+        default=100,
+        help="events per transaction (default 100)",
+    )
+    p.add_argument("--event-type", default="SampleEvent")
+
+    def add_worker_flags(p: argparse.ArgumentParser, *, with_id: bool) -> None:
+        if with_id:
+            p.add_argument(
+                "--worker-id",
+                type=_worker_id_arg,
+                help="partition to own: a number or a StatefulSet pod name (env WORKER_ID)",
+            )
+        p.add_argument(
+            "--total-workers",
+            type=_positive_int_arg("--total-workers"),
+            help="number of partitions (env TOTAL_WORKERS, default 1)",
+        )
+        p.add_argument("--projection", help="package.module:Class (env PROJECTION, default the sample)")
+        p.add_argument("--batch-size", type=_positive_int_arg("--batch-size"), help="env BATCH_SIZE")
+        p.add_argument("--poll-interval", type=float, help="seconds between polls without NOTIFY")
+        p.add_argument("--metrics-port", type=int, help="env METRICS_PORT")
+        p.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start-up")
+
+    add_worker_flags(sub.add_parser("worker", help="run one partition's worker"), with_id=True)
+    add_worker_flags(sub.add_parser("pool", help="run every partition in one process"), with_id=False)
+
+    p = sub.add_parser("status", help="checkpoint, lag and last update per projection and worker")
+    p.add_argument("--projection", help="only this projection (its name)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("demo", help="replay the seed's 1 -> 4 workers scaling steps live")
+    p.add_argument("--events", type=_positive_int_arg("--events"), default=20000)
+    p.add_argument("--aggregates", type=_positive_int_arg("--aggregates"), default=400)
+    p.add_argument("--step-seconds", type=float, default=6.0, help="seconds between adding workers")
+    p.add_argument("--rate", type=float, default=1500.0, help="background appends per second")
+
+    p = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
+    p.add_argument("action", choices=["start", "stop", "url"])
+
+    # Accepted before or after the subcommand.
+    for command_parser in [parser, *sub.choices.values()]:
+        command_parser.add_argument(
+            "--log-level",
+            default=argparse.SUPPRESS,
+            help="DEBUG, INFO, WARNING or ERROR (env LOG_LEVEL)",
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            log_level=getattr(args, "log_level", "").upper() or None,
+            **_worker_overrides(args),
+        )
+    except ConfigError as e:
+        print(f"projectionist: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    command: Callable[[argparse.Namespace, Settings], int] = _COMMANDS[args.command]
+    try:
+        return command(args, settings)
+    except ConfigError as e:
+        print(f"projectionist: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ProjectionistError as e:
+        print(f"projectionist: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _worker_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["worker_id", "total_workers", "projection", "batch_size", "poll_interval", "metrics_port"]
+    overrides = {name: getattr(args, name, None) for name in names}
+    if args.command == "status":
+        overrides["projection"] = None  # there it is a projection *name*, not a class
+    return overrides
+
+
+def _url(settings: Settings) -> str:
+    from projectionist.db import database_url
+
+    return database_url(settings)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.db import connect
+    from projectionist.migrate import applied_versions, migrate
+
+    with connect(_url(settings), autocommit=True) as conn:
+        applied = migrate(conn)
+        versions = applied_versions(conn)
+    for m in applied:
+        print(f"applied {m.version:04d}_{m.name}")
+    if not applied:
+        print(f"database is up to date (migrations {', '.join(f'{v:04d}' for v in versions)})")
+    return EXIT_OK
+
+
+def cmd_append(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.appender import append_sample_events
+    from projectionist.db import connect
+    from projectionist.migrate import migrate
+
+    with connect(_url(settings), autocommit=True) as conn:
+        migrate(conn)
+        started = time.monotonic()
+        last_report = started
+        done = 0
+        for done in append_sample_events(
+            conn,
+            count=args.count,
+            aggregates=args.aggregates,
+            batch_size=args.batch_size,
+            event_type=args.event_type,
+        ):
+            now = time.monotonic()
+            if now - last_report >= 1.0:
+                print(f"  appended {done}/{args.count} events", file=sys.stderr)
+                last_report = now
+    elapsed = time.monotonic() - started
+    print(
+        f"appended {done} events to {min(args.aggregates, args.count)} aggregates "
+        f"in {elapsed:.2f}s ({done / max(elapsed, 1e-9):,.0f} events/s)"
+    )
+    return EXIT_OK
+
+
+class _GracefulStop:
+    """First SIGTERM/SIGINT: stop between batches. Second: exit at once."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+            os._exit(EXIT_INTERRUPTED)
+        self.requested = True
+        log.info("%s received: finishing the current batch", signal.Signals(signum).name)
+        self._stop()
+
+
+def _prepare_worker_run(args: argparse.Namespace, settings: Settings) -> tuple[str, Any]:
+    from projectionist.db import connect
+    from projectionist.migrate import migrate
+    from projectionist.projection import load_projection
+
+    projection = load_projection(settings.projection)
+    url = _url(settings)
+    if not args.no_migrate:
+        with connect(url, autocommit=True) as conn:
+            migrate(conn)
+    return url, projection
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.reader import Partition
+    from projectionist.runtime import build_hooks
+    from projectionist.worker import Worker
+
+    if settings.worker_id is None:
+        raise ConfigError("WORKER_ID is not set (use WORKER_ID or --worker-id)")
+    url, projection = _prepare_worker_run(args, settings)
+    worker = Worker(
+        url,
+        projection,
+        Partition(settings.worker_id, settings.total_workers),
+        batch_size=settings.batch_size,
+        poll_interval=settings.poll_interval,
+        hooks=build_hooks(settings, [projection.name]),
+    )
+    _GracefulStop(worker.stop).install()
+    worker.run()
+    return EXIT_OK
+
+
+def cmd_pool(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.pool import WorkerPool
+    from projectionist.projection import load_projection
+    from projectionist.runtime import build_hooks
+
+    url, projection = _prepare_worker_run(args, settings)
+    pool = WorkerPool(
+        url,
+        # Each partition gets its own instance: projections may keep per-worker state.
+        lambda: load_projection(settings.projection),
+        settings.total_workers,
+        batch_size=settings.batch_size,
+        poll_interval=settings.poll_interval,
+        hooks=build_hooks(settings, [projection.name]),
+    )
+    _GracefulStop(pool.stop).install()
+    pool.run()
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.db import connect
+    from projectionist.status import read_status
+
+    with connect(_url(settings), autocommit=True) as conn:
+        status = read_status(conn, args.projection)
+    if args.json:
+        print(json.dumps(status.as_json(), indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"projectionist status (store head at position {status.head_position})")
+    columns = (
+        "projection",
+        "worker",
+        "live",
+        "checkpoint",
+        "lag (events)",
+        "lag (s)",
+        "processed",
+        "updated",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("projection", "live") else "right")
+    for w in status.workers:
+        table.add_row(
+            w.projection,
+            f"{w.worker_id}/{w.total_workers}",
+            "yes" if w.live else "no",
+            str(w.checkpoint_position),
+            str(w.lag_events),
+            f"{w.lag_seconds:.3f}",
+            str(w.events_processed),
+            w.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    if not status.workers:
+        print("no projection has a checkpoint yet; start a worker with `projectionist worker`")
+    else:
+        # Wide enough for every column when output is piped, not a terminal.
+        Console(width=None if sys.stdout.isatty() else 140).print(table)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.demo import run_demo
+
+    return int(
+        run_demo(
+            settings,
+            events=args.events,
+            aggregates=args.aggregates,
+            step_seconds=args.step_seconds,
+            rate=args.rate,
+        )
+    )
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.db import embedded_server
+
+    if settings.database_url:
+        print("DATABASE_URL is set; the embedded server is not used", file=sys.stderr)
+        return EXIT_CONFIG
+    server = embedded_server(settings.data_dir)
+    if args.action == "start":
+        server.start()
+        print(server.url)
+    elif args.action == "stop":
+        server.stop()
+        print("embedded PostgreSQL stopped")
+    else:
+        if not server.is_running():
+            print("embedded PostgreSQL is not running; `projectionist db start`", file=sys.stderr)
+            return EXIT_ERROR
+        print(server.url)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "migrate": cmd_migrate,
+    "append": cmd_append,
+    "worker": cmd_worker,
+    "pool": cmd_pool,
+    "status": cmd_status,
+    "demo": cmd_demo,
+    "db": cmd_db,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Connections: where the database is, and how projectionist connects to it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from projectionist.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[TupleRow]
+
+#: The channel appends notify on; workers LISTEN on it to wake up promptly.
+NOTIFY_CHANNEL = "projectionist_events"
+
+
+def embedded_server(data_dir: Path) -> Any:
+    """The embedded server for ``data_dir``, reusing its port when it is already running."""
+    from projectionist.embedded import EmbeddedPostgres
+
+    pg_dir = data_dir / "pg"
+    port: int | None = None
+    pid_file = pg_dir / "postmaster.pid"
+    if pid_file.exists():
+        lines = pid_file.read_text().splitlines()
+        if len(lines) > 3 and lines[3].strip().isdigit():
+            port = int(lines[3])
+    return EmbeddedPostgres(pg_dir, port=port)
+
+
+def database_url(settings: Settings) -> str:
+    """``DATABASE_URL`` if set; otherwise start (or reuse) the embedded server."""
+    if settings.database_url:
+        return settings.database_url
+    server = embedded_server(settings.data_dir)
+    if not server.is_running():
+        log.info("DATABASE_URL is not set: starting embedded PostgreSQL in %s", server.data_dir)
+    server.start()
+    return str(server.url)
+
+
+def connect(url: str, *, application_name: str = "projectionist", autocommit: bool = False) -> Connection:
+    """A new connection. ``application_name`` shows up in ``pg_stat_activity``."""
+    return psycopg.connect(
+        url,
+        autocommit=autocommit,
+        application_name=application_name,
+        # Keepalives let a worker notice a vanished server within seconds
+        # instead of waiting for the kernel's two-hour default.
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=3,
+        connect_timeout=5,
+    )

@@ -1,0 +1,30 @@
+"""The exception tree. Everything projectionist raises derives from ``ProjectionistError``."""
+
+from __future__ import annotations
+
+
+class ProjectionistError(Exception):
+    """Base class of every error raised by projectionist."""
+
+
+class ConfigError(ProjectionistError, ValueError):
+    """A setting is invalid. The message is one line and names the setting."""
+
+
+class ConcurrencyError(ProjectionistError):
+    """An append's expected version did not match the stream's current version."""
+
+    def __init__(self, aggregate_id: str, expected: object, actual: int | None, detail: str = "") -> None:
+        self.aggregate_id = aggregate_id
+        self.expected = expected
+        self.actual = actual
+        msg = f"stream {aggregate_id!r}: expected version {expected}, current version {actual}"
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+
+
+class ProjectionError(ProjectionistError):
+    """A projection's handler raised while applying an event."""
+
+
+class FencedError(ProjectionistError):
+    """Another process moved this worker's checkpoint: this process no longer owns the partition."""

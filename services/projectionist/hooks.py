@@ -1,0 +1,102 @@
+"""The seam between the processing loop and whatever watches it (metrics, traces, the demo).
+
+Modelled on dramatiq's middleware: a base class whose methods do nothing, and
+an emitter that calls every hook and logs, rather than propagates, a hook's
+failure, because a broken exporter must never stop event processing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from projectionist.records import Position, RecordedEvent
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    STANDBY = "standby"
+    CATCHING_UP = "catching_up"
+    LIVE = "live"
+    STOPPING = "stopping"
+    FAILING = "failing"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    projection: str
+    worker_id: int
+    total_workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    events: int
+    duration_seconds: float
+    checkpoint: Position
+    last_event: RecordedEvent | None
+
+
+class WorkerHooks:
+    """Override what you need; every method defaults to a no-op."""
+
+    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None: ...
+
+    def on_tick(self, info: WorkerInfo) -> None:
+        """The loop is alive (called every iteration, busy or idle)."""
+
+    def on_wakeup(self, info: WorkerInfo, source: str) -> None:
+        """``source`` is ``notify`` or ``poll``."""
+
+    @contextlib.contextmanager
+    def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:
+        """Wraps applying one batch (a span goes here)."""
+        yield
+
+    def after_batch(self, info: WorkerInfo, result: BatchResult) -> None: ...
+
+    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None: ...
+
+
+class HookChain(WorkerHooks):
+    """Calls each hook in turn; a hook that raises is logged and skipped."""
+
+    def __init__(self, hooks: Sequence[WorkerHooks] = ()) -> None:
+        self.hooks = list(hooks)
+
+    def _each(self, method: str, *args: object) -> None:
+        for hook in self.hooks:
+            try:
+                getattr(hook, method)(*args)
+            except Exception:
+                log.exception("hook %s.%s failed", type(hook).__name__, method)
+
+    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
+        self._each("on_state", info, state, reason)
+
+    def on_tick(self, info: WorkerInfo) -> None:
+        self._each("on_tick", info)
+
+    def on_wakeup(self, info: WorkerInfo, source: str) -> None:
+        self._each("on_wakeup", info, source)
+
+    @contextlib.contextmanager
+    def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for hook in self.hooks:
+                try:
+                    stack.enter_context(hook.batch_scope(info, events))
+                except Exception:
+                    log.exception("hook %s.batch_scope failed", type(hook).__name__)
+            yield
+
+    def after_batch(self, info: WorkerInfo, result: BatchResult) -> None:
+        self._each("after_batch", info, result)
+
+    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
+        self._each("on_error", info, error_type, error)

@@ -1,0 +1,67 @@
+"""``projectionist pool``: every partition of a projection in one process, one thread each.
+
+A supervisor in the spirit of dramatiq's: if one worker dies of an error a
+restart cannot fix, the whole pool stops and the error is raised, rather than
+leaving a partition silently unprocessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+from projectionist.hooks import WorkerHooks
+from projectionist.projection import Projection
+from projectionist.reader import Partition
+from projectionist.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        database_url: str,
+        projection_factory: Callable[[], Projection],
+        total_workers: int,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        hooks: WorkerHooks | None = None,
+    ) -> None:
+        self.workers = [
+            Worker(
+                database_url,
+                projection_factory(),
+                Partition(k, total_workers),
+                batch_size=batch_size,
+                poll_interval=poll_interval,
+                hooks=hooks,
+            )
+            for k in range(total_workers)
+        ]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def run(self) -> None:
+        """Start every worker and block until all stop; re-raise the first fatal error."""
+        self.start()
+        try:
+            while any(w.is_alive() for w in self.workers):
+                for worker in self.workers:
+                    worker.join(timeout=0.2)  # raises if that worker died of an error
+        except BaseException:
+            log.error("a pool worker failed; stopping the pool")
+            self.stop()
+            for worker in self.workers:
+                # Only the first failure is re-raised; the others were logged.
+                with contextlib.suppress(BaseException):
+                    worker.join(timeout=30)
+            raise

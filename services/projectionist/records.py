@@ -1,0 +1,68 @@
+"""The records that cross the store's boundary: new events, recorded events, checkpoints."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+
+class StreamState(Enum):
+    """Expected-version sentinels for :meth:`EventStore.append`."""
+
+    ANY = "any"
+    NO_STREAM = "no_stream"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ANY = StreamState.ANY
+NO_STREAM = StreamState.NO_STREAM
+
+#: ``ANY``, ``NO_STREAM`` or the exact current version (an int >= 0; 0 also means no stream).
+ExpectedVersion = StreamState | int
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. ``metadata`` may carry correlation/causation ids."""
+
+    type: str
+    payload: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored, with its global position and transaction id."""
+
+    global_position: int
+    transaction_id: int
+    event_id: uuid.UUID
+    aggregate_id: str
+    aggregate_version: int
+    event_type: str
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A point in the gap-safe read order: (transaction id, global position)."""
+
+    transaction_id: int = 0
+    global_position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What one aggregate's append wrote: its new version and the global positions."""
+
+    aggregate_id: str
+    version: int
+    global_positions: tuple[int, ...]

@@ -1,0 +1,130 @@
+"""One typed settings object, parsed once from the environment and overridden by flags.
+
+Invalid values raise :class:`ConfigError` with a one-line message naming the
+variable; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from projectionist.errors import ConfigError
+
+# A StatefulSet pod is named <statefulset>-<ordinal>; the ordinal is the worker id.
+_POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(?P<ordinal>\d+)$")
+_PROJECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def parse_worker_id(raw: str, name: str = "WORKER_ID") -> int:
+    """Parse ``3`` or a StatefulSet pod name such as ``projection-worker-3``."""
+    value = raw.strip()
+    if re.fullmatch(r"-?\d+", value):
+        number = int(value)
+    else:
+        match = _POD_NAME.match(value)
+        if match is None:
+            raise ConfigError(
+                f"{name}={raw!r} is not a number or a StatefulSet pod name like 'projection-worker-3'"
+            )
+        number = int(match.group("ordinal"))
+    if number < 0:
+        raise ConfigError(f"{name}={raw!r} must not be negative")
+    return number
+
+
+def parse_positive_int(raw: str, name: str) -> int:
+    try:
+        number = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if number < 1:
+        raise ConfigError(f"{name}={raw!r} must be at least 1")
+    return number
+
+
+def parse_positive_float(raw: str, name: str) -> float:
+    try:
+        number = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not number > 0:
+        raise ConfigError(f"{name}={raw!r} must be greater than 0")
+    return number
+
+
+def validate_projection_name(name: str) -> str:
+    if not _PROJECTION_NAME.match(name):
+        raise ConfigError(
+            f"PROJECTION_NAME={name!r} must be an identifier (letters, digits, underscore, at most 63)"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a projectionist process can be configured with.
+
+    ``database_url`` ``None`` means: use the embedded PostgreSQL in ``data_dir``.
+    """
+
+    database_url: str | None = None
+    data_dir: Path = Path(".projectionist")
+    worker_id: int | None = None
+    total_workers: int = 1
+    projection: str = "projectionist.sample:ScalableProjection"
+    batch_size: int = 500
+    poll_interval: float = 1.0
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.worker_id is not None and self.worker_id >= self.total_workers:
+            raise ConfigError(
+                f"WORKER_ID={self.worker_id} must be less than TOTAL_WORKERS={self.total_workers}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"BATCH_SIZE={self.batch_size} must be at least 1")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"METRICS_PORT={self.metrics_port} is not a TCP port")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Parse the environment; keyword ``overrides`` (command-line flags) win when not ``None``.
+
+        Flags are merged before validation, so ``--total-workers 8`` can fix an
+        environment whose ``WORKER_ID`` only fits the larger group.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if env.get("DATABASE_URL"):
+            values["database_url"] = env["DATABASE_URL"]
+        if env.get("PROJECTIONIST_DATA_DIR"):
+            values["data_dir"] = Path(env["PROJECTIONIST_DATA_DIR"])
+        if env.get("TOTAL_WORKERS", "").strip():
+            values["total_workers"] = parse_positive_int(env["TOTAL_WORKERS"], "TOTAL_WORKERS")
+        if env.get("WORKER_ID", "").strip():
+            values["worker_id"] = parse_worker_id(env["WORKER_ID"])
+        if env.get("PROJECTION"):
+            values["projection"] = env["PROJECTION"]
+        if env.get("BATCH_SIZE", "").strip():
+            values["batch_size"] = parse_positive_int(env["BATCH_SIZE"], "BATCH_SIZE")
+        if env.get("POLL_INTERVAL", "").strip():
+            values["poll_interval"] = parse_positive_float(env["POLL_INTERVAL"], "POLL_INTERVAL")
+        if env.get("METRICS_PORT", "").strip():
+            try:
+                values["metrics_port"] = int(env["METRICS_PORT"])
+            except ValueError:
+                raise ConfigError(f"METRICS_PORT={env['METRICS_PORT']!r} is not an integer") from None
+        if env.get("LOG_LEVEL"):
+            values["log_level"] = env["LOG_LEVEL"].upper()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def override(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied; ``None`` means "keep the current value"."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

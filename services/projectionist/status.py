@@ -1,0 +1,100 @@
+"""What ``projectionist status`` reports: per projection and worker, where it is and how far behind."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import sql
+
+from projectionist.db import Connection
+from projectionist.store import head_position
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    projection: str
+    worker_id: int
+    total_workers: int
+    live: bool
+    checkpoint_transaction_id: int
+    checkpoint_position: int
+    events_processed: int
+    lag_events: int
+    lag_seconds: float
+    updated_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["updated_at"] = self.updated_at.isoformat()
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    head_position: int
+    workers: list[WorkerStatus]
+
+    def as_json(self) -> dict[str, Any]:
+        projections: dict[str, Any] = {}
+        for w in self.workers:
+            p = projections.setdefault(w.projection, {"total_workers": w.total_workers, "workers": []})
+            p["workers"].append(w.as_json())
+        return {"head_position": self.head_position, "projections": projections}
+
+
+# Lag is counted exactly, per partition, from the checkpoint onwards: rows of
+# the partition that the worker has not applied, including rows not yet
+# visible to it because an older transaction is still open. The age of the
+# oldest of them is the lag in seconds, so a caught-up worker shows 0.
+# "live" means a process holds the partition's ownership lock right now.
+_STATUS = sql.SQL(
+    """
+    SELECT c.projection_name, c.worker_id, c.total_workers,
+           EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND l.classid::bigint = (hashtext(c.projection_name)::bigint & 4294967295)
+                 AND l.objid::bigint = c.worker_id
+           ) AS live,
+           c.last_transaction_id::text, c.last_global_position, c.events_processed,
+           lag.n, coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8,
+           c.updated_at
+    FROM projection_checkpoints c
+    JOIN projection_groups g
+      ON g.projection_name = c.projection_name AND g.total_workers = c.total_workers
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, min(e.created_at) AS oldest
+        FROM events e
+        WHERE (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position)
+          AND e.partition_hash % c.total_workers = c.worker_id
+    ) lag
+    WHERE {where}
+    ORDER BY c.projection_name, c.worker_id
+    """
+)
+
+
+def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
+    where = (
+        sql.SQL("c.projection_name = {}").format(sql.Literal(projection)) if projection else sql.SQL("true")
+    )
+    rows = conn.execute(_STATUS.format(where=where)).fetchall()
+    workers = [
+        WorkerStatus(
+            projection=r[0],
+            worker_id=r[1],
+            total_workers=r[2],
+            live=r[3],
+            checkpoint_transaction_id=int(r[4]),
+            checkpoint_position=r[5],
+            events_processed=r[6],
+            lag_events=r[7],
+            lag_seconds=round(float(r[8]), 3),
+            updated_at=r[9],
+        )
+        for r in rows
+    ]
+    return StoreStatus(head_position(conn), workers)

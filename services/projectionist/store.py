@@ -1,0 +1,326 @@
+"""The event store: append with optimistic concurrency, read streams, read the head.
+
+Every function takes a psycopg connection. Appends run in ``conn.transaction()``,
+which is a savepoint when the caller already has a transaction open, so events
+commit atomically with the caller's other writes, and a conflict rolls back
+only the append.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from projectionist.db import NOTIFY_CHANNEL, Connection
+from projectionist.errors import ConcurrencyError
+from projectionist.partitioning import fnv1a_32
+from projectionist.records import (
+    ANY,
+    NO_STREAM,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    StreamState,
+)
+from projectionist.telemetry_context import inject_trace_context
+
+MAX_AGGREGATE_ID_LENGTH = 255
+
+# How often an ANY append re-reads the version after losing a race (possible
+# only against an exact-version writer, which does not take the stream lock).
+_ANY_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAppend:
+    """One aggregate's share of a bulk :func:`append_many`."""
+
+    aggregate_id: str
+    events: Sequence[NewEvent]
+    expected_version: ExpectedVersion = ANY
+
+
+def validate_aggregate_id(aggregate_id: str) -> None:
+    if not aggregate_id:
+        raise ValueError("aggregate_id must not be empty")
+    if len(aggregate_id) > MAX_AGGREGATE_ID_LENGTH:
+        raise ValueError(f"aggregate_id is longer than {MAX_AGGREGATE_ID_LENGTH} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in aggregate_id):
+        raise ValueError("aggregate_id must not contain control characters")
+
+
+# Appends with expected version ANY take a per-aggregate transaction lock
+# before reading the version, so concurrent ANY writers to a hot aggregate
+# queue up instead of failing and retrying. Locks are taken in sorted order
+# (volatile functions run after ORDER BY) so bulk appends cannot deadlock.
+# This must be its own statement: in READ COMMITTED a statement's snapshot is
+# taken when it starts, so a read in the same statement as the lock wait would
+# still see the version from before the previous holder committed.
+# The lock serialises writers of one aggregate only, never the whole store.
+_LOCK_STREAMS = sql.SQL(
+    "SELECT pg_advisory_xact_lock(hashtextextended(id, 0)) FROM unnest(%s::text[]) AS id ORDER BY id"
+)
+
+# Current version of each stream, plus the id of the transaction that wrote its
+# last event (needed for the ordering guard below), plus whether *our*
+# transaction already has an id.
+_CURRENT = sql.SQL(
+    """
+    SELECT a.id, l.aggregate_version, l.transaction_id::text AS last_txid,
+           pg_current_xact_id_if_assigned()::text AS own_txid
+    FROM unnest(%s::text[]) AS a(id)
+    LEFT JOIN LATERAL (
+        SELECT e.aggregate_version, e.transaction_id
+        FROM events e
+        WHERE e.aggregate_id = a.id
+        ORDER BY e.aggregate_version DESC
+        LIMIT 1
+    ) l ON true
+    """
+)
+
+# One round trip inserts every row and queues one notification (NOTIFY folds
+# duplicates within a transaction, and it is delivered only at commit, so a
+# worker never wakes for rows it cannot see yet).
+_INSERT = sql.SQL(
+    """
+    WITH ins AS (
+        INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
+                            event_type, payload, metadata)
+        SELECT r.event_id, r.aggregate_id, r.aggregate_version, r.partition_hash,
+               r.event_type, r.payload, r.metadata
+        FROM unnest(%s::uuid[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::jsonb[], %s::jsonb[])
+             WITH ORDINALITY AS r(event_id, aggregate_id, aggregate_version, partition_hash,
+                                  event_type, payload, metadata, n)
+        ORDER BY r.n
+        RETURNING global_position, aggregate_id, aggregate_version
+    ), notified AS (
+        SELECT pg_notify({channel}, '')
+    )
+    SELECT ins.global_position, ins.aggregate_id, ins.aggregate_version FROM ins, notified
+    """
+).format(channel=sql.Literal(NOTIFY_CHANNEL))
+
+
+def append(
+    conn: Connection,
+    aggregate_id: str,
+    events: Sequence[NewEvent],
+    *,
+    expected_version: ExpectedVersion = ANY,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> AppendResult:
+    """Append ``events`` to one aggregate's stream.
+
+    ``expected_version`` is :data:`ANY`, :data:`NO_STREAM`, or the exact current
+    version; a mismatch raises :class:`ConcurrencyError` and writes nothing.
+    """
+    return append_many(
+        conn,
+        [StreamAppend(aggregate_id, events, expected_version)],
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+    )[0]
+
+
+def append_many(
+    conn: Connection,
+    appends: Sequence[StreamAppend],
+    *,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> list[AppendResult]:
+    """Append to many aggregates in one transaction (bulk loading). All or nothing."""
+    ids = [a.aggregate_id for a in appends]
+    if len(set(ids)) != len(ids):
+        raise ValueError("append_many got the same aggregate_id twice; merge its events")
+    for a in appends:
+        validate_aggregate_id(a.aggregate_id)
+        if not a.events:
+            raise ValueError(f"no events to append to {a.aggregate_id!r}")
+        if isinstance(a.expected_version, int) and a.expected_version < 0:
+            raise ValueError(f"expected_version must be >= 0, got {a.expected_version}")
+    context = inject_trace_context()
+    if correlation_id is not None:
+        context["correlation_id"] = correlation_id
+    if causation_id is not None:
+        context["causation_id"] = causation_id
+
+    retry_any = all(a.expected_version is ANY for a in appends)
+    attempts = _ANY_RETRIES if retry_any else 1
+    for attempt in range(attempts):
+        try:
+            with conn.transaction():
+                return _append_once(conn, appends, context)
+        except ConcurrencyError:
+            # Under ANY a conflict only means another writer took the version we
+            # computed; the savepoint is gone, so re-read and try again.
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _append_once(
+    conn: Connection, appends: Sequence[StreamAppend], context: dict[str, Any]
+) -> list[AppendResult]:
+    unversioned = [a.aggregate_id for a in appends if a.expected_version is ANY]
+    if unversioned:
+        conn.execute(_LOCK_STREAMS, (unversioned,))
+    current: dict[str, tuple[int, int | None]] = {}
+    own_txid: int | None = None
+    for agg, version, last_txid, own in conn.execute(_CURRENT, ([a.aggregate_id for a in appends],)):
+        current[agg] = (version or 0, int(last_txid) if last_txid is not None else None)
+        own_txid = int(own) if own is not None else None
+
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+    for a in appends:
+        version, last_txid = current[a.aggregate_id]
+        _check_expected(a, version)
+        # Ordering guard. Readers apply events in (transaction_id, position)
+        # order. If the caller's transaction already took its id before the
+        # stream's last append committed, our events would sort *before* that
+        # append and be applied out of order. A transaction that gets its id
+        # at our INSERT (the normal case) always sorts after, so only this
+        # case needs a check.
+        if own_txid is not None and last_txid is not None and last_txid > own_txid:
+            raise ConcurrencyError(
+                a.aggregate_id,
+                a.expected_version,
+                version,
+                "the enclosing transaction wrote before the stream's last append committed; "
+                "retry in a new transaction",
+            )
+        partition_hash = fnv1a_32(a.aggregate_id)
+        for offset, event in enumerate(a.events, start=1):
+            columns[0].append(event.event_id)
+            columns[1].append(a.aggregate_id)
+            columns[2].append(version + offset)
+            columns[3].append(partition_hash)
+            columns[4].append(event.type)
+            columns[5].append(Jsonb(event.payload))
+            columns[6].append(Jsonb({**context, **event.metadata}))
+
+    try:
+        rows = conn.execute(_INSERT, columns).fetchall()
+    except pg_errors.UniqueViolation as e:
+        constraint = e.diag.constraint_name or ""
+        if "event_id" in constraint:
+            raise ValueError(f"an event id was already stored: {e.diag.message_detail}") from e
+        agg = _conflicting_aggregate(e, appends)
+        raise ConcurrencyError(
+            agg, _expected_of(appends, agg), None, "a concurrent append took the version"
+        ) from e
+
+    positions: dict[str, list[int]] = {a.aggregate_id: [] for a in appends}
+    last_version: dict[str, int] = {}
+    for position, agg, version in sorted(rows):
+        positions[agg].append(position)
+        last_version[agg] = version
+    return [
+        AppendResult(a.aggregate_id, last_version[a.aggregate_id], tuple(positions[a.aggregate_id]))
+        for a in appends
+    ]
+
+
+def _check_expected(a: StreamAppend, version: int) -> None:
+    expected = a.expected_version
+    if expected is ANY:
+        return
+    if expected is NO_STREAM:
+        ok = version == 0
+    else:
+        assert isinstance(expected, int)
+        ok = version == expected
+    if not ok:
+        raise ConcurrencyError(a.aggregate_id, expected, version)
+
+
+def _expected_of(appends: Sequence[StreamAppend], agg: str) -> ExpectedVersion:
+    for a in appends:
+        if a.aggregate_id == agg:
+            return a.expected_version
+    return ANY
+
+
+def _conflicting_aggregate(e: psycopg.Error, appends: Sequence[StreamAppend]) -> str:
+    # detail reads: Key (aggregate_id, aggregate_version)=(order-7, 3) already exists.
+    detail = e.diag.message_detail or ""
+    for a in appends:
+        if f"=({a.aggregate_id}, " in detail:
+            return a.aggregate_id
+    return appends[0].aggregate_id
+
+
+def stream_version(conn: Connection, aggregate_id: str) -> int:
+    """The stream's current version; 0 when it has no events."""
+    row = conn.execute(
+        "SELECT coalesce(max(aggregate_version), 0) FROM events WHERE aggregate_id = %s",
+        (aggregate_id,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+_EVENT_COLUMNS = sql.SQL(
+    "e.global_position, e.transaction_id::text AS txid, e.event_id, e.aggregate_id, "
+    "e.aggregate_version, e.event_type, e.payload, e.metadata, e.created_at"
+)
+
+
+def read_stream(
+    conn: Connection, aggregate_id: str, *, from_version: int = 1, limit: int = 100
+) -> list[RecordedEvent]:
+    """Events of one stream in version order, starting at ``from_version``."""
+    query = sql.SQL(
+        "SELECT {cols} FROM events e WHERE e.aggregate_id = %s AND e.aggregate_version >= %s "
+        "ORDER BY e.aggregate_version LIMIT %s"
+    ).format(cols=_EVENT_COLUMNS)
+    return [to_recorded(row) for row in conn.execute(query, (aggregate_id, from_version, limit))]
+
+
+def to_recorded(row: Sequence[Any]) -> RecordedEvent:
+    return RecordedEvent(
+        global_position=row[0],
+        transaction_id=int(row[1]),
+        event_id=row[2] if isinstance(row[2], uuid.UUID) else uuid.UUID(str(row[2])),
+        aggregate_id=row[3],
+        aggregate_version=row[4],
+        event_type=row[5],
+        payload=row[6],
+        metadata=row[7],
+        created_at=row[8],
+    )
+
+
+def head_position(conn: Connection) -> int:
+    """The highest global position written so far (0 for an empty store).
+
+    Reads the identity sequence rather than ``max(global_position)`` so it is
+    O(1); positions taken by rolled-back appends count, which is harmless for
+    a "where is the store" gauge.
+    """
+    row = conn.execute(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_global_position_seq"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "StreamAppend",
+    "StreamState",
+    "append",
+    "append_many",
+    "head_position",
+    "read_stream",
+    "stream_version",
+]

@@ -1,0 +1,255 @@
+"""The worker runtime: connection, partition ownership, wake-ups, reconnects, graceful stop.
+
+One worker owns one partition of one projection. It holds everything on a
+single connection: the session advisory lock that makes it the partition's
+only owner, the LISTEN for wake-ups, and the batch transactions. If that
+connection dies, the lock dies with it, so no zombie batch can commit after a
+standby has taken over (the checkpoint compare-and-set is the second fence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+
+from projectionist.backoff import Backoff
+from projectionist.checkpoints import register_group
+from projectionist.db import NOTIFY_CHANNEL, Connection, connect
+from projectionist.errors import ConfigError, FencedError, ProjectionError
+from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.processor import Processor
+from projectionist.projection import Projection
+from projectionist.reader import Partition
+
+log = logging.getLogger(__name__)
+
+# Longest uninterrupted sleep, so a stop request is noticed promptly.
+_SLICE = 0.2
+# After a wake-up that found nothing visible yet (an older transaction is still
+# open and fences the read), re-read quickly rather than after a full poll.
+_FENCED_RETRY_START = 0.005
+
+
+def ownership_lock_key(projection: str, worker_id: int) -> tuple[str, int]:
+    return projection, worker_id
+
+
+class Worker:
+    """Runs one partition until :meth:`stop` is called.
+
+    Use :meth:`run` in the calling thread, or :meth:`start` for a background
+    thread (then :meth:`join` re-raises a fatal error from that thread).
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        projection: Projection,
+        partition: Partition,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        hooks: WorkerHooks | None = None,
+        connect_fn: Callable[..., Connection] = connect,
+    ) -> None:
+        self.database_url = database_url
+        self.projection = projection
+        self.partition = partition
+        self.poll_interval = poll_interval
+        self.hooks = hooks if isinstance(hooks, HookChain) else HookChain([hooks] if hooks else [])
+        self.processor = Processor(projection, partition, batch_size=batch_size, hooks=self.hooks)
+        self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
+        self.state = WorkerState.STARTING
+        self._connect = connect_fn
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
+        self.retry_backoff = Backoff(initial=0.5, maximum=30.0)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to finish its current batch and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_capturing, name=f"worker-{self.projection.name}-{self.partition}", daemon=True
+        )
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._error is not None:
+            raise self._error
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run_capturing(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # re-raised by join()
+            self._error = e
+
+    def _set_state(self, state: WorkerState, reason: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.hooks.on_state(self.info, state, reason)
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # -- main loop ---------------------------------------------------------
+
+    def run(self) -> None:
+        """Process until stopped. Raises only for errors a restart cannot fix."""
+        self._set_state(WorkerState.STARTING, "starting")
+        while not self.stopping:
+            conn: Connection | None = None
+            try:
+                conn = self._connect(
+                    self.database_url,
+                    application_name=f"projectionist:{self.projection.name}:{self.partition.worker_id}",
+                    autocommit=True,
+                )
+                if self._acquire_ownership(conn):
+                    self._serve(conn)
+            except ConfigError:
+                raise
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as e:
+                delay = self.reconnect_backoff.next_delay()
+                self.hooks.on_error(self.info, "database", e)
+                self._set_state(WorkerState.FAILING, f"database unavailable: {_one_line(e)}")
+                log.warning(
+                    "worker %s: database unavailable (%s); reconnecting in %.1fs (attempt %d)",
+                    self.partition,
+                    _one_line(e),
+                    delay,
+                    self.reconnect_backoff.attempts,
+                )
+                self._sleep(delay)
+            except FencedError as e:
+                self.hooks.on_error(self.info, "fenced", e)
+                log.error("worker %s: %s; reconnecting to re-check ownership", self.partition, e)
+                self._sleep(self.reconnect_backoff.next_delay())
+            except ProjectionError as e:
+                delay = self.retry_backoff.next_delay()
+                self.hooks.on_error(self.info, "projection", e)
+                self._set_state(WorkerState.FAILING, _one_line(e))
+                # The batch was rolled back and the checkpoint did not move, so
+                # retrying can never skip the failing event.
+                log.error(
+                    "worker %s: %s; retrying in %.1fs (attempt %d)",
+                    self.partition,
+                    e,
+                    delay,
+                    self.retry_backoff.attempts,
+                    exc_info=e.__cause__,
+                )
+                self._sleep(delay)
+            finally:
+                if conn is not None:
+                    _close_quietly(conn)
+        self._set_state(WorkerState.STOPPING, "stop requested")
+        log.info("worker %s of %s stopped", self.partition, self.projection.name)
+
+    def _acquire_ownership(self, conn: Connection) -> bool:
+        """Take the partition's session lock, waiting as a standby while another process has it."""
+        key = sql.SQL("pg_try_advisory_lock(hashtext({p}), {k})").format(
+            p=sql.Literal(self.projection.name), k=sql.Literal(self.partition.worker_id)
+        )
+        announced = False
+        while not self.stopping:
+            row = conn.execute(sql.SQL("SELECT {}").format(key)).fetchone()
+            if row and row[0]:
+                if announced:
+                    log.info("worker %s: took over partition ownership", self.partition)
+                return True
+            if not announced:
+                self._set_state(WorkerState.STANDBY, "another process owns this partition")
+                log.warning(
+                    "worker %s of %s is owned by another process; waiting as standby",
+                    self.partition,
+                    self.projection.name,
+                )
+                announced = True
+            self.hooks.on_tick(self.info)
+            self._sleep(0.5)
+        return False
+
+    def _serve(self, conn: Connection) -> None:
+        register_group(conn, self.projection.name, self.partition.total_workers)
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        self.processor.start(conn)
+        if self.reconnect_backoff.attempts:
+            log.info("worker %s: reconnected to the database", self.partition)
+        self.reconnect_backoff.reset()
+        log.info(
+            "worker %s of %s started at position %s",
+            self.partition,
+            self.projection.name,
+            self.processor.position,
+        )
+        self._set_state(WorkerState.CATCHING_UP, "connected")
+        fenced_retry: float | None = None
+        while not self.stopping:
+            self.hooks.on_tick(self.info)
+            outcome = self.processor.run_batch(conn)
+            if self.retry_backoff.attempts:
+                log.info("worker %s: recovered, processing again", self.partition)
+                self.retry_backoff.reset()
+            if outcome.more:
+                self._set_state(WorkerState.CATCHING_UP, "more events waiting")
+                continue
+            self._set_state(WorkerState.LIVE, "caught up")
+            if outcome.visible:
+                fenced_retry = None
+            elif fenced_retry is not None:
+                # Woken, yet nothing visible: an older transaction still fences
+                # the new rows. Its commit sends no NOTIFY of its own, so look
+                # again soon, backing off towards the poll interval.
+                self._wait_for_events(conn, fenced_retry)
+                fenced_retry = min(fenced_retry * 2, self.poll_interval)
+                continue
+            if self._wait_for_events(conn, self.poll_interval):
+                fenced_retry = _FENCED_RETRY_START
+
+    def _wait_for_events(self, conn: Connection, timeout: float) -> bool:
+        """Wait for a NOTIFY or the timeout. Returns True when notified."""
+        deadline = time.monotonic() + timeout
+        while not self.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.hooks.on_wakeup(self.info, "poll")
+                return False
+            received = False
+            for _ in conn.notifies(timeout=min(_SLICE, remaining), stop_after=1):
+                received = True
+            if received:
+                self.hooks.on_wakeup(self.info, "notify")
+                return True
+            self.hooks.on_tick(self.info)
+        return False
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _close_quietly(conn: Connection) -> None:
+    # The connection may already be broken; closing it cannot fail usefully.
+    with contextlib.suppress(Exception):
+        conn.close()

@@ -1,0 +1,161 @@
+"""Append with optimistic concurrency, bulk appends, caller transactions."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
+from projectionist.db import Connection, connect
+from projectionist.partitioning import fnv1a_32
+from projectionist.store import append, append_many, head_position, read_stream, stream_version
+
+pytestmark = pytest.mark.integration
+
+
+def ev(n: int = 0) -> NewEvent:
+    return NewEvent("Happened", {"n": n})
+
+
+def test_append_assigns_versions_and_positions(conn: Connection) -> None:
+    result = append(conn, "order-1", [ev(1), ev(2)], expected_version=NO_STREAM)
+    assert result.version == 2
+    assert len(result.global_positions) == 2
+    assert result.global_positions[0] < result.global_positions[1]
+    stored = read_stream(conn, "order-1")
+    assert [e.aggregate_version for e in stored] == [1, 2]
+    assert [e.payload["n"] for e in stored] == [1, 2]
+    assert head_position(conn) == result.global_positions[-1]
+    row = conn.execute("SELECT DISTINCT partition_hash FROM events").fetchall()
+    assert row == [(fnv1a_32("order-1"),)]
+
+
+def test_exact_expected_version(conn: Connection) -> None:
+    append(conn, "a", [ev()], expected_version=0)
+    append(conn, "a", [ev()], expected_version=1)
+    with pytest.raises(ConcurrencyError) as info:
+        append(conn, "a", [ev()], expected_version=1)
+    assert info.value.actual == 2
+    # Ahead of the stream is a conflict too, not a gap in versions.
+    with pytest.raises(ConcurrencyError):
+        append(conn, "a", [ev()], expected_version=5)
+    assert stream_version(conn, "a") == 2
+
+
+def test_no_stream_conflicts_when_stream_exists(conn: Connection) -> None:
+    append(conn, "a", [ev()])
+    with pytest.raises(ConcurrencyError):
+        append(conn, "a", [ev()], expected_version=NO_STREAM)
+
+
+def test_append_many_is_all_or_nothing(conn: Connection) -> None:
+    append(conn, "b", [ev()])
+    with pytest.raises(ConcurrencyError):
+        append_many(
+            conn,
+            [StreamAppend("a", [ev(), ev()], NO_STREAM), StreamAppend("b", [ev()], NO_STREAM)],
+        )
+    assert stream_version(conn, "a") == 0
+    results = append_many(conn, [StreamAppend("a", [ev(), ev()]), StreamAppend("b", [ev()], 1)])
+    assert [(r.aggregate_id, r.version) for r in results] == [("a", 2), ("b", 2)]
+
+
+def test_append_joins_the_callers_transaction(conn: Connection) -> None:
+    conn.execute("CREATE TABLE side (x int)")
+    with pytest.raises(RuntimeError), conn.transaction():
+        conn.execute("INSERT INTO side VALUES (1)")
+        append(conn, "a", [ev()])
+        raise RuntimeError("caller aborts")
+    assert stream_version(conn, "a") == 0
+    with conn.transaction():
+        append(conn, "a", [ev()])
+        conn.execute("INSERT INTO side VALUES (2)")
+    assert stream_version(conn, "a") == 1
+    assert conn.execute("SELECT x FROM side").fetchall() == [(2,)]
+
+
+def test_conflict_inside_callers_transaction_keeps_it_usable(conn: Connection) -> None:
+    append(conn, "a", [ev()])
+    with conn.transaction():
+        with pytest.raises(ConcurrencyError):
+            append(conn, "a", [ev()], expected_version=NO_STREAM)
+        append(conn, "other", [ev()])  # the savepoint rolled back only the failed append
+    assert stream_version(conn, "other") == 1
+
+
+def test_concurrent_any_appends_never_lose_or_duplicate_versions(db_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with connect(db_url, autocommit=True) as c:
+                for i in range(25):
+                    append(c, "hot", [ev(i)], expected_version=ANY)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with connect(db_url) as c:
+        versions = [
+            r[0]
+            for r in c.execute("SELECT aggregate_version FROM events WHERE aggregate_id = 'hot' ORDER BY 1")
+        ]
+    assert versions == list(range(1, 151))
+
+
+def test_exact_version_race_has_one_winner(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as c:
+        append(c, "race", [ev()])
+    outcomes: list[str] = []
+    barrier = threading.Barrier(5)
+
+    def writer() -> None:
+        with connect(db_url, autocommit=True) as c:
+            barrier.wait()
+            try:
+                append(c, "race", [ev()], expected_version=1)
+                outcomes.append("ok")
+            except ConcurrencyError:
+                outcomes.append("conflict")
+
+    threads = [threading.Thread(target=writer) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict"] * 4 + ["ok"]
+
+
+def test_older_caller_transaction_cannot_append_behind_a_newer_one(db_url: str) -> None:
+    # The caller's transaction takes its id first (by writing elsewhere), then
+    # another transaction appends to the stream and commits. Appending now
+    # would sort before that append in the readers' order, so it is refused.
+    with connect(db_url, autocommit=True) as setup:
+        setup.execute("CREATE TABLE side (x int)")
+    with connect(db_url) as older, connect(db_url, autocommit=True) as newer:
+        older.execute("INSERT INTO side VALUES (1)")
+        append(newer, "s", [ev()])
+        with pytest.raises(ConcurrencyError, match="retry in a new transaction"):
+            append(older, "s", [ev()])
+        older.rollback()
+        append(older, "s", [ev()])
+        older.commit()
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 256, "tab\there", "nul\x00"])
+def test_bad_aggregate_ids_are_rejected(conn: Connection, bad: str) -> None:
+    with pytest.raises(ValueError):
+        append(conn, bad, [ev()])
+    assert head_position(conn) == 0
+
+
+def test_metadata_keeps_correlation_and_causation(conn: Connection) -> None:
+    append(conn, "m", [NewEvent("E", {}, {"user": "u1"})], correlation_id="c-1", causation_id="k-1")
+    (stored,) = read_stream(conn, "m")
+    assert stored.metadata == {"user": "u1", "correlation_id": "c-1", "causation_id": "k-1"}
