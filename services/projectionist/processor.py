@@ -56,6 +56,13 @@ class Processor:
     def start(self, conn: Connection) -> None:
         """Prepare the projection and load the checkpoint (after every reconnect)."""
         with conn.transaction():
+            # Workers of one projection start together and would race on
+            # CREATE TABLE IF NOT EXISTS (it is not atomic against a concurrent
+            # create); a transaction lock per projection makes them take turns.
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projectionist.setup'), hashtext(%s))",
+                (self.projection.name,),
+            )
             self.projection.setup(conn)
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
 

@@ -1,0 +1,96 @@
+"""Projections used by the tests, loadable by worker subprocesses as ``tests.projections:Recorder``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from projectionist.db import Connection
+from projectionist.projection import BaseProjection, Tx
+from projectionist.records import RecordedEvent
+
+
+class Recorder(BaseProjection):
+    """Records every application of every event, so duplicates and gaps are countable.
+
+    No unique constraint on purpose: a double application must show up as two
+    rows, not as an error that hides it. ``RECORDER_SLEEP`` (seconds per batch)
+    widens the window in which a test can kill the process mid-batch.
+    """
+
+    name = "recorder"
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+        self.sleep = float(os.environ.get("RECORDER_SLEEP", "0"))
+
+    def setup(self, conn: Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS applied_events ("
+            " seq bigserial PRIMARY KEY, projection text NOT NULL, event_id uuid NOT NULL,"
+            " aggregate_id text NOT NULL, aggregate_version bigint NOT NULL,"
+            " global_position bigint NOT NULL, worker_id int NOT NULL, total_workers int NOT NULL)"
+        )
+
+    def reset(self, conn: Connection) -> None:
+        conn.execute("DELETE FROM applied_events WHERE projection = %s", (self.name,))
+
+    def apply(self, event: RecordedEvent, tx: Tx) -> None:
+        self.apply_batch([event], tx)
+
+    def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        tx.executemany(
+            "INSERT INTO applied_events (projection, event_id, aggregate_id, aggregate_version,"
+            " global_position, worker_id, total_workers) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    self.name,
+                    e.event_id,
+                    e.aggregate_id,
+                    e.aggregate_version,
+                    e.global_position,
+                    tx.worker_id,
+                    tx.total_workers,
+                )
+                for e in events
+            ],
+        )
+        if self.sleep:
+            time.sleep(self.sleep)
+
+
+def verify_exactly_once(conn: Connection, projection: str = "recorder") -> dict[str, int]:
+    """Compare what was applied with the events table: counts of lost, duplicated, misordered."""
+    lost = conn.execute(
+        "SELECT count(*) FROM events e WHERE NOT EXISTS ("
+        " SELECT 1 FROM applied_events a WHERE a.event_id = e.event_id AND a.projection = %s)",
+        (projection,),
+    ).fetchone()
+    duplicated = conn.execute(
+        "SELECT coalesce(sum(n - 1), 0) FROM ("
+        " SELECT count(*) AS n FROM applied_events WHERE projection = %s GROUP BY event_id) d",
+        (projection,),
+    ).fetchone()
+    # Per aggregate, application order (seq) must follow version order.
+    misordered = conn.execute(
+        "SELECT count(*) FROM ("
+        " SELECT aggregate_version,"
+        "        lag(aggregate_version) OVER (PARTITION BY aggregate_id ORDER BY seq) AS prev"
+        " FROM applied_events WHERE projection = %s) o"
+        " WHERE prev IS NOT NULL AND aggregate_version <> prev + 1",
+        (projection,),
+    ).fetchone()
+    wrong_worker = conn.execute(
+        "SELECT count(*) FROM applied_events a JOIN events e USING (event_id)"
+        " WHERE a.projection = %s AND e.partition_hash %% a.total_workers <> a.worker_id",
+        (projection,),
+    ).fetchone()
+    assert lost and duplicated and misordered and wrong_worker
+    return {
+        "lost": int(lost[0]),
+        "duplicated": int(duplicated[0]),
+        "misordered": int(misordered[0]),
+        "wrong_worker": int(wrong_worker[0]),
+    }
