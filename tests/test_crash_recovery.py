@@ -49,10 +49,10 @@ def _start_worker(db_url: str, worker_id: int, total: int, sleep: float) -> subp
 
 def _applied(db_url: str) -> int:
     with connect(db_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT CASE WHEN to_regclass('applied_events') IS NULL THEN 0"
-            " ELSE (SELECT count(*) FROM applied_events) END"
-        ).fetchone()
+        exists = conn.execute("SELECT to_regclass('applied_events') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = conn.execute("SELECT count(*) FROM applied_events").fetchone()
     return int(row[0]) if row else 0
 
 

@@ -1,55 +1,165 @@
-"""Checkpoints and worker groups: where each worker is, and the partition count it uses."""
+"""Checkpoints, worker groups and rescaling: where each worker is, and the partition count it uses."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 from projectionist.db import Connection
 from projectionist.errors import ConfigError, FencedError
-from projectionist.reader import Partition
+from projectionist.ownership import LIVE_WORKERS, group_key
+from projectionist.reader import MarkLayer, Partition
 from projectionist.records import Position
 
+log = logging.getLogger(__name__)
 
-def register_group(conn: Connection, projection: str, total_workers: int) -> None:
-    """Record the projection's partition count, or refuse a different one.
 
-    A different count is accepted only while no checkpoint of the old group has
-    moved: then nothing was processed under the old modulus and nothing can be
-    skipped. Otherwise the worker is refused (safe rescaling is its own feature).
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    """A projection's worker group: partition count, generation, and skip marks still in force."""
+
+    projection: str
+    total_workers: int
+    generation: int
+    layers: tuple[MarkLayer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Draining:
+    """A rescale is wanted but workers of the old group are still running."""
+
+    old_total_workers: int
+    live_workers: tuple[int, ...]
+
+
+def register_group(
+    conn: Connection, projection: str, total_workers: int, *, allow_rescale: bool = False
+) -> GroupConfig | Draining:
+    """Join the projection's group with ``total_workers`` partitions.
+
+    A different count than the group's is handled safely, never silently:
+    - nothing processed yet under the old count: switch at once;
+    - otherwise, without ``allow_rescale``: refuse with :class:`ConfigError`;
+    - with ``allow_rescale``: return :class:`Draining` while any old-group
+      worker still runs, then switch with skip marks (see :func:`_switch`).
     """
     with conn.transaction():
-        # FOR UPDATE serialises workers of one projection starting together, so
-        # two of them cannot both "switch" the group to different counts.
+        # FOR UPDATE serialises everyone who joins or switches this group, so
+        # two processes can never both switch it, and an old-group worker that
+        # starts mid-switch sees the new count when it gets the row.
         conn.execute(
             "INSERT INTO projection_groups (projection_name, total_workers) VALUES (%s, %s) "
             "ON CONFLICT (projection_name) DO NOTHING",
             (projection, total_workers),
         )
         row = conn.execute(
-            "SELECT total_workers FROM projection_groups WHERE projection_name = %s FOR UPDATE",
+            "SELECT total_workers, generation FROM projection_groups WHERE projection_name = %s FOR UPDATE",
             (projection,),
         ).fetchone()
         assert row is not None
-        current = int(row[0])
-        if current == total_workers:
-            return
-        moved = conn.execute(
-            "SELECT count(*) FROM projection_checkpoints "
-            "WHERE projection_name = %s AND total_workers = %s AND last_global_position > 0",
-            (projection, current),
-        ).fetchone()
-        if moved and moved[0]:
-            raise ConfigError(
-                f"TOTAL_WORKERS={total_workers} differs from the {current} partitions "
-                f"projection {projection!r} already uses; start every worker with "
-                f"TOTAL_WORKERS={current} (changing the partition count needs a rebuild)"
+        current, generation = int(row[0]), int(row[1])
+        if current != total_workers:
+            moved = conn.execute(
+                "SELECT count(*) FROM projection_checkpoints "
+                "WHERE projection_name = %s AND total_workers = %s AND last_global_position > 0",
+                (projection, current),
+            ).fetchone()
+            if moved and moved[0]:
+                if not allow_rescale:
+                    raise ConfigError(
+                        f"TOTAL_WORKERS={total_workers} differs from the {current} partitions "
+                        f"projection {projection!r} uses; to change it, stop the old workers and run "
+                        f"`projectionist rescale --projection {projection} --total-workers "
+                        f"{total_workers}`, or start the new workers with --rescale"
+                    )
+                live = tuple(r[0] for r in conn.execute(LIVE_WORKERS, (group_key(projection, current),)))
+                if live:
+                    return Draining(current, live)
+            generation = _switch(conn, projection, current, generation, total_workers)
+        layers = load_layers(conn, projection)
+    return GroupConfig(projection, total_workers, generation, layers)
+
+
+def _switch(conn: Connection, projection: str, old_total: int, generation: int, new_total: int) -> int:
+    """Replace the old group by a new one, carrying the old checkpoints as skip marks.
+
+    Runs inside register_group's transaction with the group row locked and no
+    old-group worker alive, so the old checkpoints are final.
+    """
+    old = {
+        int(r[0]): Position(int(r[1]), int(r[2]))
+        for r in conn.execute(
+            "SELECT worker_id, last_transaction_id::text, last_global_position "
+            "FROM projection_checkpoints WHERE projection_name = %s AND total_workers = %s",
+            (projection, old_total),
+        )
+    }
+    # A partition that never had a worker applied nothing: its mark is the start.
+    new_layer = MarkLayer(old_total, tuple(old.get(k, Position()) for k in range(old_total)))
+    layers = [*load_layers(conn, projection), new_layer]
+    # Every event at or below a layer's lowest mark was applied (by that layer's
+    # group or, through its own marks, an earlier one), so start at the highest
+    # such point, and forget layers the new group starts beyond.
+    start = max((layer.lowest for layer in layers), default=Position())
+    layers = [layer for layer in layers if layer.highest > start]
+    conn.execute("DELETE FROM projection_skip_marks WHERE projection_name = %s", (projection,))
+    for index, layer in enumerate(layers):
+        for worker_id, mark in enumerate(layer.marks):
+            conn.execute(
+                "INSERT INTO projection_skip_marks (projection_name, generation, total_workers, "
+                "worker_id, last_transaction_id, last_global_position) "
+                "VALUES (%s, %s, %s, %s, %s::text::xid8, %s)",
+                (
+                    projection,
+                    index + 1,
+                    layer.total_workers,
+                    worker_id,
+                    str(mark.transaction_id),
+                    mark.global_position,
+                ),
             )
+    conn.execute(
+        "DELETE FROM projection_checkpoints WHERE projection_name = %s AND total_workers = %s",
+        (projection, old_total),
+    )
+    conn.execute(
+        "UPDATE projection_groups SET total_workers = %s, generation = generation + 1, "
+        "updated_at = now() WHERE projection_name = %s",
+        (new_total, projection),
+    )
+    for worker_id in range(new_total):
         conn.execute(
-            "UPDATE projection_groups SET total_workers = %s, updated_at = now() WHERE projection_name = %s",
-            (total_workers, projection),
+            "INSERT INTO projection_checkpoints (projection_name, total_workers, worker_id, "
+            "last_transaction_id, last_global_position) VALUES (%s, %s, %s, %s::text::xid8, %s) "
+            "ON CONFLICT DO NOTHING",
+            (projection, new_total, worker_id, str(start.transaction_id), start.global_position),
         )
-        conn.execute(
-            "DELETE FROM projection_checkpoints WHERE projection_name = %s AND total_workers = %s",
-            (projection, current),
+    if old:
+        log.warning(
+            "projection %s rescaled from %d to %d partitions; new group starts at %s "
+            "with %d skip-mark layer(s)",
+            projection,
+            old_total,
+            new_total,
+            start,
+            len(layers),
         )
+    return generation + 1
+
+
+def load_layers(conn: Connection, projection: str) -> tuple[MarkLayer, ...]:
+    rows = conn.execute(
+        "SELECT generation, total_workers, worker_id, last_transaction_id::text, last_global_position "
+        "FROM projection_skip_marks WHERE projection_name = %s ORDER BY generation, worker_id",
+        (projection,),
+    ).fetchall()
+    by_layer: dict[int, tuple[int, dict[int, Position]]] = {}
+    for generation, total, worker_id, txid, pos in rows:
+        by_layer.setdefault(generation, (total, {}))[1][worker_id] = Position(int(txid), int(pos))
+    return tuple(
+        MarkLayer(total, tuple(marks[k] for k in range(total)))
+        for _, (total, marks) in sorted(by_layer.items())
+    )
 
 
 def load_checkpoint(conn: Connection, projection: str, partition: Partition) -> Position:

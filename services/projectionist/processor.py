@@ -18,7 +18,7 @@ from projectionist.db import Connection
 from projectionist.errors import ProjectionError
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo
 from projectionist.projection import Projection, Tx
-from projectionist.reader import Partition, PartitionReader
+from projectionist.reader import MarkLayer, Partition, PartitionReader
 from projectionist.records import Position, RecordedEvent
 
 
@@ -53,8 +53,11 @@ class Processor:
             batch_handler if callable(batch_handler) else None
         )
 
-    def start(self, conn: Connection) -> None:
-        """Prepare the projection and load the checkpoint (after every reconnect)."""
+    def start(self, conn: Connection, layers: tuple[MarkLayer, ...] = ()) -> None:
+        """Prepare the projection and load the checkpoint (after every reconnect).
+
+        ``layers`` are the skip marks of retired groups after a rescale.
+        """
         with conn.transaction():
             # Workers of one projection start together and would race on
             # CREATE TABLE IF NOT EXISTS (it is not atomic against a concurrent
@@ -65,6 +68,8 @@ class Processor:
             )
             self.projection.setup(conn)
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
+        self.reader = PartitionReader(self.partition, self.reader.batch_size, layers)
+        self.reader.forget_passed_marks(self.position)
 
     def run_batch(self, conn: Connection) -> BatchOutcome:
         """Process one batch and commit it with the checkpoint."""
@@ -94,6 +99,7 @@ class Processor:
                 conn, self.projection.name, self.partition, self.position, batch.end, len(batch.events)
             )
         self.position = batch.end
+        self.reader.forget_passed_marks(batch.end)
         self.hooks.after_batch(
             self.info,
             BatchResult(

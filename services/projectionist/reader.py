@@ -50,6 +50,26 @@ class Partition:
 
 
 @dataclass(frozen=True, slots=True)
+class MarkLayer:
+    """A retired group's final checkpoints: ``marks[k]`` is where its partition k stopped.
+
+    An event of old partition ``partition_hash % total_workers == k`` at or
+    below ``marks[k]`` was already applied, so a new group must skip it.
+    """
+
+    total_workers: int
+    marks: tuple[Position, ...]
+
+    @property
+    def lowest(self) -> Position:
+        return min(self.marks)
+
+    @property
+    def highest(self) -> Position:
+        return max(self.marks)
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """This partition's next events, and where the checkpoint may move after them.
 
@@ -73,7 +93,28 @@ def partition_filter(partition: Partition) -> sql.Composable:
     )
 
 
-def build_read_query(partition: Partition) -> sql.Composed:
+def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
+    """Drop rows a retired group already applied (see migrations/0002_rescale.sql)."""
+    if not layers:
+        return sql.SQL("true")
+    rows = sql.SQL(", ").join(
+        sql.SQL("({n}, {k}, {tx}::xid8, {pos}::bigint)").format(
+            n=sql.Literal(layer.total_workers),
+            k=sql.Literal(k),
+            tx=sql.Literal(str(mark.transaction_id)),
+            pos=sql.Literal(mark.global_position),
+        )
+        for layer in layers
+        for k, mark in enumerate(layer.marks)
+    )
+    return sql.SQL(
+        "NOT EXISTS (SELECT 1 FROM (VALUES {rows}) AS m(n, k, tx, pos)"
+        " WHERE w.partition_hash %% m.n = m.k"
+        " AND (w.transaction_id, w.global_position) <= (m.tx, m.pos))"
+    ).format(rows=rows)
+
+
+def build_read_query(partition: Partition, layers: tuple[MarkLayer, ...] = ()) -> sql.Composed:
     # ORDER BY uses the CTE's own columns: the text-cast output column is
     # aliased "txid" so it cannot shadow transaction_id and sort as text.
     return sql.SQL(
@@ -91,7 +132,7 @@ def build_read_query(partition: Partition) -> sql.Composed:
         (SELECT true AS mine, w.global_position, w.transaction_id::text AS txid, w.event_id,
                 w.aggregate_id, w.aggregate_version, w.event_type, w.payload, w.metadata,
                 w.created_at, NULL::bigint AS window_rows
-         FROM w WHERE {filter}
+         FROM w WHERE {filter} AND {skip}
          ORDER BY w.transaction_id, w.global_position
          LIMIT %(limit)s)
         UNION ALL
@@ -101,19 +142,26 @@ def build_read_query(partition: Partition) -> sql.Composed:
          ORDER BY w.transaction_id DESC, w.global_position DESC
          LIMIT 1)
         """
-    ).format(filter=partition_filter(partition))
+    ).format(filter=partition_filter(partition), skip=skip_filter(layers))
 
 
 class PartitionReader:
     """Reads one partition's batches; holds the composed query so it is built once."""
 
-    def __init__(self, partition: Partition, batch_size: int) -> None:
+    def __init__(self, partition: Partition, batch_size: int, layers: tuple[MarkLayer, ...] = ()) -> None:
         self.partition = partition
         self.batch_size = batch_size
         self.window = min(MAX_WINDOW, max(batch_size, batch_size * partition.total_workers))
-        self._query = build_read_query(partition)
+        self.layers = layers
+        self._query = build_read_query(partition, layers)
         #: Event rows received from the server; each read also gets one marker row.
         self.rows_fetched = 0
+
+    def forget_passed_marks(self, position: Position) -> None:
+        """Once past every mark the filter can never match again: drop it from the query."""
+        if self.layers and all(position >= layer.highest for layer in self.layers):
+            self.layers = ()
+            self._query = build_read_query(self.partition)
 
     def read(self, conn: Connection, after: Position) -> Batch:
         rows = conn.execute(

@@ -81,6 +81,8 @@ class Settings:
     poll_interval: float = 1.0
     metrics_port: int | None = None
     log_level: str = "INFO"
+    #: Switch the projection to this TOTAL_WORKERS once the old group has stopped.
+    rescale: bool = False
 
     def __post_init__(self) -> None:
         if self.worker_id is not None and self.worker_id >= self.total_workers:
@@ -120,6 +122,11 @@ class Settings:
                 values["metrics_port"] = int(env["METRICS_PORT"])
             except ValueError:
                 raise ConfigError(f"METRICS_PORT={env['METRICS_PORT']!r} is not an integer") from None
+        if env.get("RESCALE", "").strip():
+            raw = env["RESCALE"].strip().lower()
+            if raw not in ("1", "0", "true", "false", "yes", "no"):
+                raise ConfigError(f"RESCALE={env['RESCALE']!r} must be 1/0, true/false or yes/no")
+            values["rescale"] = raw in ("1", "true", "yes")
         if env.get("LOG_LEVEL"):
             values["log_level"] = env["LOG_LEVEL"].upper()
         values.update({k: v for k, v in overrides.items() if v is not None})

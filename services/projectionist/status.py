@@ -8,7 +8,9 @@ from typing import Any
 
 from psycopg import sql
 
+from projectionist.checkpoints import load_layers
 from projectionist.db import Connection
+from projectionist.ownership import LIVE_EXPR
 from projectionist.store import head_position
 
 
@@ -32,15 +34,33 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupStatus:
+    """A projection's group configuration: partition count, generation, skip marks in force."""
+
+    projection: str
+    total_workers: int
+    generation: int
+    skip_layers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStatus:
     head_position: int
     workers: list[WorkerStatus]
+    groups: list[GroupStatus]
 
     def as_json(self) -> dict[str, Any]:
-        projections: dict[str, Any] = {}
+        projections: dict[str, Any] = {
+            g.projection: {
+                "total_workers": g.total_workers,
+                "generation": g.generation,
+                "skip_layers": g.skip_layers,
+                "workers": [],
+            }
+            for g in self.groups
+        }
         for w in self.workers:
-            p = projections.setdefault(w.projection, {"total_workers": w.total_workers, "workers": []})
-            p["workers"].append(w.as_json())
+            projections[w.projection]["workers"].append(w.as_json())
         return {"head_position": self.head_position, "projections": projections}
 
 
@@ -52,13 +72,7 @@ class StoreStatus:
 _STATUS = sql.SQL(
     """
     SELECT c.projection_name, c.worker_id, c.total_workers,
-           EXISTS (
-               SELECT 1 FROM pg_locks l
-               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 AND l.classid::bigint = (hashtext(c.projection_name)::bigint & 4294967295)
-                 AND l.objid::bigint = c.worker_id
-           ) AS live,
+           {live} AS live,
            c.last_transaction_id::text, c.last_global_position, c.events_processed,
            lag.n, coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8,
            c.updated_at
@@ -81,7 +95,7 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
     where = (
         sql.SQL("c.projection_name = {}").format(sql.Literal(projection)) if projection else sql.SQL("true")
     )
-    rows = conn.execute(_STATUS.format(where=where)).fetchall()
+    rows = conn.execute(_STATUS.format(where=where, live=LIVE_EXPR)).fetchall()
     workers = [
         WorkerStatus(
             projection=r[0],
@@ -97,4 +111,24 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
         )
         for r in rows
     ]
-    return StoreStatus(head_position(conn), workers)
+    groups = [
+        GroupStatus(
+            projection=name,
+            total_workers=total,
+            generation=generation,
+            skip_layers=[
+                {
+                    "total_workers": layer.total_workers,
+                    "lowest_position": layer.lowest.global_position,
+                    "highest_position": layer.highest.global_position,
+                }
+                for layer in load_layers(conn, name)
+            ],
+        )
+        for name, total, generation in conn.execute(
+            "SELECT projection_name, total_workers, generation FROM projection_groups"
+            " WHERE %s::text IS NULL OR projection_name = %s ORDER BY 1",
+            (projection, projection),
+        ).fetchall()
+    ]
+    return StoreStatus(head_position(conn), workers, groups)

@@ -19,10 +19,11 @@ import psycopg
 from psycopg import sql
 
 from projectionist.backoff import Backoff
-from projectionist.checkpoints import register_group
+from projectionist.checkpoints import GroupConfig, register_group
 from projectionist.db import NOTIFY_CHANNEL, Connection, connect
 from projectionist.errors import ConfigError, FencedError, ProjectionError
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.ownership import TRY_LOCK, group_key
 from projectionist.processor import Processor
 from projectionist.projection import Projection
 from projectionist.reader import Partition
@@ -34,10 +35,6 @@ _SLICE = 0.2
 # After a wake-up that found nothing visible yet (an older transaction is still
 # open and fences the read), re-read quickly rather than after a full poll.
 _FENCED_RETRY_START = 0.005
-
-
-def ownership_lock_key(projection: str, worker_id: int) -> tuple[str, int]:
-    return projection, worker_id
 
 
 class Worker:
@@ -57,6 +54,7 @@ class Worker:
         poll_interval: float = 1.0,
         hooks: WorkerHooks | None = None,
         connect_fn: Callable[..., Connection] = connect,
+        allow_rescale: bool = False,
     ) -> None:
         self.database_url = database_url
         self.projection = projection
@@ -67,6 +65,8 @@ class Worker:
         self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
         self.state = WorkerState.STARTING
         self._connect = connect_fn
+        #: Switch the projection to this worker's partition count once the old group stops.
+        self.allow_rescale = allow_rescale
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -168,12 +168,10 @@ class Worker:
 
     def _acquire_ownership(self, conn: Connection) -> bool:
         """Take the partition's session lock, waiting as a standby while another process has it."""
-        key = sql.SQL("pg_try_advisory_lock(hashtext({p}), {k})").format(
-            p=sql.Literal(self.projection.name), k=sql.Literal(self.partition.worker_id)
-        )
+        key = (group_key(self.projection.name, self.partition.total_workers), self.partition.worker_id)
         announced = False
         while not self.stopping:
-            row = conn.execute(sql.SQL("SELECT {}").format(key)).fetchone()
+            row = conn.execute(TRY_LOCK, key).fetchone()
             if row and row[0]:
                 if announced:
                     log.info("worker %s: took over partition ownership", self.partition)
@@ -190,10 +188,29 @@ class Worker:
             self._sleep(0.5)
         return False
 
+    def _join_group(self, conn: Connection) -> GroupConfig | None:
+        """Register with the projection's group, waiting while a rescale drains the old one."""
+        while not self.stopping:
+            joined = register_group(
+                conn, self.projection.name, self.partition.total_workers, allow_rescale=self.allow_rescale
+            )
+            if isinstance(joined, GroupConfig):
+                return joined
+            self._set_state(
+                WorkerState.STANDBY,
+                f"waiting for the old group of {joined.old_total_workers} partitions to stop "
+                f"(still running: {', '.join(map(str, joined.live_workers))})",
+            )
+            self.hooks.on_tick(self.info)
+            self._sleep(1.0)
+        return None
+
     def _serve(self, conn: Connection) -> None:
-        register_group(conn, self.projection.name, self.partition.total_workers)
+        group = self._join_group(conn)
+        if group is None:
+            return
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-        self.processor.start(conn)
+        self.processor.start(conn, group.layers)
         if self.reconnect_backoff.attempts:
             log.info("worker %s: reconnected to the database", self.partition)
         self.reconnect_backoff.reset()
