@@ -94,3 +94,24 @@ def verify_exactly_once(conn: Connection, projection: str = "recorder") -> dict[
         "misordered": int(misordered[0]),
         "wrong_worker": int(wrong_worker[0]),
     }
+
+
+class PoisonSensitive(Recorder):
+    """Raises on events whose payload has ``"poison": true`` until ``healed`` is set.
+
+    ``healed`` is read from the table ``poison_healed`` so that a worker
+    subprocess can be healed by a test, as an operator would fix a bug.
+    """
+
+    name = "poison_sensitive"
+
+    def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        for event in events:
+            if event.payload.get("poison") and not self._healed(tx):
+                raise ValueError(f"cannot project {event.aggregate_id} v{event.aggregate_version}")
+        super().apply_batch(events, tx)
+
+    @staticmethod
+    def _healed(tx: Tx) -> bool:
+        row = tx.execute("SELECT to_regclass('poison_healed') IS NOT NULL").fetchone()
+        return bool(row and row[0])

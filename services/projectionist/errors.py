@@ -28,3 +28,17 @@ class ProjectionError(ProjectionistError):
 
 class FencedError(ProjectionistError):
     """Another process moved this worker's checkpoint: this process no longer owns the partition."""
+
+
+class PoisonEventError(ProjectionError):
+    """An event kept failing and the ``stop`` policy holds the worker in front of it."""
+
+    def __init__(self, event: object, cause: BaseException, *, applied_before: int) -> None:
+        self.event = event
+        self.applied_before = applied_before
+        position = getattr(event, "global_position", "?")
+        aggregate = getattr(event, "aggregate_id", "?")
+        super().__init__(
+            f"poison event at global position {position} (aggregate {aggregate!r}): {cause!r}; "
+            "the worker will not move past it (POISON_POLICY=stop)"
+        )

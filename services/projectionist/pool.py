@@ -11,6 +11,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from projectionist.db import Connection, connect
+from projectionist.deadletters import PoisonPolicy
 from projectionist.hooks import WorkerHooks
 from projectionist.projection import Projection
 from projectionist.reader import Partition
@@ -29,6 +31,10 @@ class WorkerPool:
         batch_size: int = 500,
         poll_interval: float = 1.0,
         hooks: WorkerHooks | None = None,
+        connect_fn: Callable[..., Connection] = connect,
+        allow_rescale: bool = False,
+        poison_policy: PoisonPolicy = PoisonPolicy.STOP,
+        max_retries: int = 5,
     ) -> None:
         self.workers = [
             Worker(
@@ -38,6 +44,10 @@ class WorkerPool:
                 batch_size=batch_size,
                 poll_interval=poll_interval,
                 hooks=hooks,
+                connect_fn=connect_fn,
+                allow_rescale=allow_rescale,
+                poison_policy=poison_policy,
+                max_retries=max_retries,
             )
             for k in range(total_workers)
         ]

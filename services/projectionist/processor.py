@@ -13,13 +13,17 @@ from typing import NamedTuple
 
 import psycopg
 
+from projectionist import deadletters
 from projectionist.checkpoints import load_checkpoint, save_checkpoint
 from projectionist.db import Connection
-from projectionist.errors import ProjectionError
+from projectionist.deadletters import PoisonPolicy
+from projectionist.errors import PoisonEventError, ProjectionError
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo
+from projectionist.partitioning import fnv1a_32
 from projectionist.projection import Projection, Tx
 from projectionist.reader import MarkLayer, Partition, PartitionReader
 from projectionist.records import Position, RecordedEvent
+from projectionist.store import read_events
 
 
 class BatchOutcome(NamedTuple):
@@ -41,6 +45,7 @@ class Processor:
         *,
         batch_size: int = 500,
         hooks: WorkerHooks | None = None,
+        policy: PoisonPolicy = PoisonPolicy.STOP,
     ) -> None:
         self.projection = projection
         self.partition = partition
@@ -48,6 +53,10 @@ class Processor:
         self.hooks = hooks or WorkerHooks()
         self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
         self.position: Position | None = None
+        self.policy = policy
+        #: How often the worker retried the whole batch before isolating (for the dead letter).
+        self.attempts_before_isolation = 0
+        self._open_letters = False
         batch_handler = getattr(projection, "apply_batch", None)
         self._apply_batch: Callable[[Sequence[RecordedEvent], Tx], None] | None = (
             batch_handler if callable(batch_handler) else None
@@ -70,43 +79,151 @@ class Processor:
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
         self.reader = PartitionReader(self.partition, self.reader.batch_size, layers)
         self.reader.forget_passed_marks(self.position)
+        with conn.transaction():
+            self._open_letters = bool(
+                deadletters.open_letters(conn, self.projection.name, self.partition).blocked_aggregates
+            )
 
-    def run_batch(self, conn: Connection) -> BatchOutcome:
-        """Process one batch and commit it with the checkpoint."""
+    def run_batch(self, conn: Connection, *, isolate: bool = False) -> BatchOutcome:
+        """Process one batch and commit it with the checkpoint.
+
+        ``isolate`` applies events one by one in savepoints, to find a poison
+        event after the batch kept failing; the poison policy then decides
+        (see deadletters.py). Under ``stop`` the events before the poison
+        event are committed and :class:`PoisonEventError` is raised.
+        """
         assert self.position is not None, "call start() first"
         started = time.perf_counter()
+        stopped_by: PoisonEventError | None = None
         with conn.transaction():
             batch = self.reader.read(conn, self.position)
+            tx = Tx(conn, self.projection.name, self.partition.worker_id, self.partition.total_workers)
+            # Retries requested by an operator run even when no new event came
+            # in; they commit with this (possibly otherwise empty) transaction.
+            blocked = self._unblock_retried(conn, tx) if self._letters_possible() else set()
             if batch.end is None:
                 return BatchOutcome(0, False, False)
-            if batch.events:
-                tx = Tx(conn, self.projection.name, self.partition.worker_id, self.partition.total_workers)
-                with self.hooks.batch_scope(self.info, batch.events):
-                    try:
-                        if self._apply_batch is not None:
-                            self._apply_batch(batch.events, tx)
-                        else:
-                            for event in batch.events:
-                                self.projection.apply(event, tx)
-                    except psycopg.OperationalError:
-                        raise  # the connection failed, not the projection
-                    except Exception as e:
-                        raise ProjectionError(
-                            f"projection {self.projection.name!r} failed on a batch starting at "
-                            f"global position {batch.events[0].global_position}: {e!r}"
-                        ) from e
-            save_checkpoint(
-                conn, self.projection.name, self.partition, self.position, batch.end, len(batch.events)
+            end = batch.end
+            with self.hooks.batch_scope(self.info, batch.events):
+                if isolate:
+                    end, stopped_by = self._apply_isolated(conn, tx, batch.events, blocked, end)
+                else:
+                    self._apply(self._park_blocked(conn, batch.events, blocked), tx)
+            if end != self.position:
+                save_checkpoint(
+                    conn, self.projection.name, self.partition, self.position, end, len(batch.events)
+                )
+        applied = len(batch.events) if stopped_by is None else stopped_by.applied_before
+        if end != self.position:
+            self.position = end
+            self.reader.forget_passed_marks(end)
+            self.hooks.after_batch(
+                self.info,
+                BatchResult(
+                    events=applied,
+                    duration_seconds=time.perf_counter() - started,
+                    checkpoint=end,
+                    last_event=batch.events[-1] if batch.events and stopped_by is None else None,
+                ),
             )
-        self.position = batch.end
-        self.reader.forget_passed_marks(batch.end)
-        self.hooks.after_batch(
-            self.info,
-            BatchResult(
-                events=len(batch.events),
-                duration_seconds=time.perf_counter() - started,
-                checkpoint=batch.end,
-                last_event=batch.events[-1] if batch.events else None,
-            ),
-        )
-        return BatchOutcome(len(batch.events), batch.window_full, True)
+        if stopped_by is not None:
+            raise stopped_by
+        return BatchOutcome(applied, batch.window_full, True)
+
+    def _apply(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        if not events:
+            return
+        try:
+            if self._apply_batch is not None:
+                self._apply_batch(events, tx)
+            else:
+                for event in events:
+                    self.projection.apply(event, tx)
+        except psycopg.OperationalError:
+            raise  # the connection failed, not the projection
+        except Exception as e:
+            raise ProjectionError(
+                f"projection {self.projection.name!r} failed on a batch starting at "
+                f"global position {events[0].global_position}: {e!r}"
+            ) from e
+
+    # -- poison events -------------------------------------------------------
+
+    def _letters_possible(self) -> bool:
+        return self.policy is PoisonPolicy.PARK or self._open_letters
+
+    def _unblock_retried(self, conn: Connection, tx: Tx) -> set[str]:
+        """Re-apply letters an operator asked to retry; return the aggregates still blocked."""
+        letters = deadletters.open_letters(conn, self.projection.name, self.partition)
+        self._open_letters = bool(letters.blocked_aggregates)
+        blocked = set(letters.blocked_aggregates)
+        if not letters.retry:
+            return blocked
+        events = {
+            str(e.event_id): e for e in read_events(conn, [letter.event_id for letter in letters.retry])
+        }
+        failed: set[str] = set()
+        for letter in letters.retry:
+            if letter.aggregate_id in failed:
+                continue  # an earlier event of this aggregate failed again: stay behind it
+            try:
+                with conn.transaction():
+                    self._apply([events[letter.event_id]], tx)
+                deadletters.resolve(conn, letter.id)
+            except ProjectionError as e:
+                deadletters.repark(conn, letter.id, e.__cause__ or e)
+                failed.add(letter.aggregate_id)
+        return blocked - ({letter.aggregate_id for letter in letters.retry} - failed)
+
+    def _park_blocked(
+        self, conn: Connection, events: Sequence[RecordedEvent], blocked: set[str]
+    ) -> Sequence[RecordedEvent]:
+        if not blocked:
+            return events
+        kept = []
+        for event in events:
+            if event.aggregate_id in blocked:
+                deadletters.park(
+                    conn, self.projection.name, event, fnv1a_32(event.aggregate_id), error=None, attempts=0
+                )
+            else:
+                kept.append(event)
+        return kept
+
+    def _apply_isolated(
+        self,
+        conn: Connection,
+        tx: Tx,
+        events: Sequence[RecordedEvent],
+        blocked: set[str],
+        end: Position,
+    ) -> tuple[Position, PoisonEventError | None]:
+        previous = self.position
+        assert previous is not None
+        for index, event in enumerate(events):
+            if event.aggregate_id in blocked:
+                self._park_blocked(conn, [event], blocked)
+                previous = Position(event.transaction_id, event.global_position)
+                continue
+            try:
+                with conn.transaction():  # a savepoint: a failure undoes only this event
+                    self._apply([event], tx)
+            except ProjectionError as e:
+                cause = e.__cause__ or e
+                if self.policy is PoisonPolicy.PARK:
+                    deadletters.park(
+                        conn,
+                        self.projection.name,
+                        event,
+                        fnv1a_32(event.aggregate_id),
+                        error=cause,
+                        attempts=self.attempts_before_isolation + 1,
+                    )
+                    self._open_letters = True
+                    blocked.add(event.aggregate_id)
+                    self.hooks.on_error(self.info, "parked", cause)
+                else:
+                    # stop: keep what precedes the poison event, never move past it.
+                    return previous, PoisonEventError(event, cause, applied_before=index)
+            previous = Position(event.transaction_id, event.global_position)
+        return end, None

@@ -83,6 +83,9 @@ class Settings:
     log_level: str = "INFO"
     #: Switch the projection to this TOTAL_WORKERS once the old group has stopped.
     rescale: bool = False
+    #: What to do with an event that still fails after ``max_retries``: stop or park.
+    poison_policy: str = "stop"
+    max_retries: int = 5
 
     def __post_init__(self) -> None:
         if self.worker_id is not None and self.worker_id >= self.total_workers:
@@ -91,6 +94,10 @@ class Settings:
             )
         if self.batch_size < 1:
             raise ConfigError(f"BATCH_SIZE={self.batch_size} must be at least 1")
+        if self.poison_policy not in ("stop", "park"):
+            raise ConfigError(f"POISON_POLICY={self.poison_policy!r} must be 'stop' or 'park'")
+        if self.max_retries < 1:
+            raise ConfigError(f"MAX_RETRIES={self.max_retries} must be at least 1")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"METRICS_PORT={self.metrics_port} is not a TCP port")
 
@@ -127,6 +134,10 @@ class Settings:
             if raw not in ("1", "0", "true", "false", "yes", "no"):
                 raise ConfigError(f"RESCALE={env['RESCALE']!r} must be 1/0, true/false or yes/no")
             values["rescale"] = raw in ("1", "true", "yes")
+        if env.get("POISON_POLICY", "").strip():
+            values["poison_policy"] = env["POISON_POLICY"].strip().lower()
+        if env.get("MAX_RETRIES", "").strip():
+            values["max_retries"] = parse_positive_int(env["MAX_RETRIES"], "MAX_RETRIES")
         if env.get("LOG_LEVEL"):
             values["log_level"] = env["LOG_LEVEL"].upper()
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -21,7 +21,8 @@ from psycopg import sql
 from projectionist.backoff import Backoff
 from projectionist.checkpoints import GroupConfig, register_group
 from projectionist.db import NOTIFY_CHANNEL, Connection, connect
-from projectionist.errors import ConfigError, FencedError, ProjectionError
+from projectionist.deadletters import PoisonPolicy
+from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.ownership import TRY_LOCK, group_key
 from projectionist.processor import Processor
@@ -55,13 +56,17 @@ class Worker:
         hooks: WorkerHooks | None = None,
         connect_fn: Callable[..., Connection] = connect,
         allow_rescale: bool = False,
+        poison_policy: PoisonPolicy = PoisonPolicy.STOP,
+        max_retries: int = 5,
     ) -> None:
         self.database_url = database_url
         self.projection = projection
         self.partition = partition
         self.poll_interval = poll_interval
         self.hooks = hooks if isinstance(hooks, HookChain) else HookChain([hooks] if hooks else [])
-        self.processor = Processor(projection, partition, batch_size=batch_size, hooks=self.hooks)
+        self.processor = Processor(
+            projection, partition, batch_size=batch_size, hooks=self.hooks, policy=poison_policy
+        )
         self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
         self.state = WorkerState.STARTING
         self._connect = connect_fn
@@ -71,7 +76,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
-        self.retry_backoff = Backoff(initial=0.5, maximum=30.0)
+        self.retry_backoff = Backoff(initial=0.5, maximum=30.0, max_attempts=max_retries)
+        self._isolate = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -145,21 +151,6 @@ class Worker:
                 self.hooks.on_error(self.info, "fenced", e)
                 log.error("worker %s: %s; reconnecting to re-check ownership", self.partition, e)
                 self._sleep(self.reconnect_backoff.next_delay())
-            except ProjectionError as e:
-                delay = self.retry_backoff.next_delay()
-                self.hooks.on_error(self.info, "projection", e)
-                self._set_state(WorkerState.FAILING, _one_line(e))
-                # The batch was rolled back and the checkpoint did not move, so
-                # retrying can never skip the failing event.
-                log.error(
-                    "worker %s: %s; retrying in %.1fs (attempt %d)",
-                    self.partition,
-                    e,
-                    delay,
-                    self.retry_backoff.attempts,
-                    exc_info=e.__cause__,
-                )
-                self._sleep(delay)
             finally:
                 if conn is not None:
                     _close_quietly(conn)
@@ -224,7 +215,12 @@ class Worker:
         fenced_retry: float | None = None
         while not self.stopping:
             self.hooks.on_tick(self.info)
-            outcome = self.processor.run_batch(conn)
+            try:
+                outcome = self.processor.run_batch(conn, isolate=self._isolate)
+            except ProjectionError as e:
+                self._projection_failed(e)
+                continue
+            self._isolate = False
             if self.retry_backoff.attempts:
                 log.info("worker %s: recovered, processing again", self.partition)
                 self.retry_backoff.reset()
@@ -243,6 +239,34 @@ class Worker:
                 continue
             if self._wait_for_events(conn, self.poll_interval):
                 fenced_retry = _FENCED_RETRY_START
+
+    def _projection_failed(self, error: ProjectionError) -> None:
+        """Back off and retry; once retries run out, isolate the poison event (see deadletters.py)."""
+        delay = self.retry_backoff.next_delay()
+        poison = isinstance(error, PoisonEventError)
+        self.hooks.on_error(self.info, "poison" if poison else "projection", error)
+        self._set_state(WorkerState.FAILING, _one_line(error))
+        # The failed batch was rolled back and the checkpoint did not move past
+        # the failing event, so retrying can never skip it.
+        log.error(
+            "worker %s: %s; retrying in %.1fs (attempt %d)",
+            self.partition,
+            error,
+            delay,
+            self.retry_backoff.attempts,
+            exc_info=None if poison else error.__cause__,
+        )
+        if self.retry_backoff.exhausted() and not self._isolate:
+            self._isolate = True
+            self.processor.attempts_before_isolation = self.retry_backoff.attempts
+            log.warning(
+                "worker %s: batch failed %d times; applying events one by one to isolate the poison "
+                "event (POISON_POLICY=%s)",
+                self.partition,
+                self.retry_backoff.attempts,
+                self.processor.policy.value,
+            )
+        self._sleep(delay)
 
     def _wait_for_events(self, conn: Connection, timeout: float) -> bool:
         """Wait for a NOTIFY or the timeout. Returns True when notified."""

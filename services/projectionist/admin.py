@@ -1,0 +1,175 @@
+"""Operator commands beyond running workers: ``dead-letters`` and ``rebuild``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from projectionist import deadletters
+from projectionist.db import connect, database_url
+from projectionist.errors import ConfigError
+from projectionist.ownership import LIVE_WORKERS, group_key
+from projectionist.projection import Projection, load_projection
+from projectionist.settings import Settings
+
+
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(database_url(settings), autocommit=True) as conn:
+        if args.action == "list":
+            letters = deadletters.list_letters(conn, args.projection, include_closed=args.all)
+            if args.json:
+                print(json.dumps([_letter_json(x) for x in letters], indent=2))
+                return 0
+            if not letters:
+                print("no open dead letters" if not args.all else "no dead letters")
+                return 0
+            print(
+                f"{'id':>6}  {'projection':<20} {'aggregate':<24} {'ver':>5} {'position':>10} "
+                f"{'reason':<8} {'status':<9} {'tries':>5}  error"
+            )
+            for x in letters:
+                print(
+                    f"{x.id:>6}  {x.projection:<20} {x.aggregate_id:<24} {x.aggregate_version:>5} "
+                    f"{x.global_position:>10} {x.reason:<8} {x.status:<9} {x.attempts:>5}  "
+                    f"{(x.error or '').splitlines()[0][:60] if x.error else ''}"
+                )
+            return 0
+        if args.action == "show":
+            letter = deadletters.get_letter(conn, args.id)
+            if letter is None:
+                raise ConfigError(f"dead letter {args.id} does not exist")
+            for key, value in _letter_json(letter).items():
+                if key != "traceback":
+                    print(f"{key:>18}: {value}")
+            event = conn.execute(
+                "SELECT payload, metadata FROM events WHERE event_id = %s::uuid", (letter.event_id,)
+            ).fetchone()
+            if event is not None:
+                print(f"{'payload':>18}: {json.dumps(event[0])}")
+                print(f"{'metadata':>18}: {json.dumps(event[1])}")
+            print(letter.traceback or "(no traceback: parked behind an earlier event of the aggregate)")
+            return 0
+        if args.action == "retry":
+            queued = deadletters.request_retry(conn, args.id)
+            print(f"queued {queued} dead letter(s) for retry; the owning worker re-applies them in order")
+            return 0
+        deadletters.discard(conn, args.id)
+        print(f"discarded dead letter {args.id}")
+        return 0
+
+
+def _letter_json(letter: deadletters.DeadLetter) -> dict[str, Any]:
+    data = asdict(letter)
+    data["parked_at"] = letter.parked_at.isoformat()
+    return data
+
+
+def _resolve_projection(spec: str | None, settings: Settings) -> Projection:
+    """``--projection`` may be a class spec or the name of the configured projection."""
+    if spec and ":" in spec:
+        return load_projection(spec)
+    configured = load_projection(settings.projection)
+    if spec and spec != configured.name:
+        raise ConfigError(
+            f"--projection={spec!r} is not the configured projection {configured.name!r}; "
+            "pass package.module:Class"
+        )
+    return configured
+
+
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    """Reset the read model and checkpoints, then catch up with a progress bar.
+
+    Live workers of the projection are fenced by the checkpoint compare-and-set
+    (their next commit fails, they reload the reset checkpoint and continue),
+    so with --force they simply rebuild alongside; without --force we refuse.
+    """
+    projection = _resolve_projection(args.projection, settings)
+    url = database_url(settings)
+    with connect(url, autocommit=True) as conn:
+        group = conn.execute(
+            "SELECT total_workers FROM projection_groups WHERE projection_name = %s", (projection.name,)
+        ).fetchone()
+        total = int(group[0]) if group else settings.total_workers
+        live = [r[0] for r in conn.execute(LIVE_WORKERS, (group_key(projection.name, total),))]
+        if live and not args.force:
+            raise ConfigError(
+                f"workers {live} of projection {projection.name!r} are running; stop them or pass --force"
+            )
+        with conn.transaction():
+            # The same lock workers take for setup, so a starting worker cannot
+            # create the read model halfway through the reset.
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projectionist.setup'), hashtext(%s))",
+                (projection.name,),
+            )
+            projection.setup(conn)
+            reset = getattr(projection, "reset", None)
+            if not callable(reset):
+                raise ConfigError(f"projection {projection.name!r} has no reset(conn) hook; cannot rebuild")
+            reset(conn)
+            conn.execute(
+                "UPDATE projection_checkpoints SET last_transaction_id = '0', last_global_position = 0, "
+                "events_processed = 0, updated_at = now() WHERE projection_name = %s",
+                (projection.name,),
+            )
+            conn.execute("DELETE FROM projection_skip_marks WHERE projection_name = %s", (projection.name,))
+        print(
+            f"reset {projection.name!r}: read model emptied, {total} checkpoint(s) back to 0", file=sys.stderr
+        )
+    if live:
+        return _watch(url, projection.name, args.timeout)
+    return _catch_up(url, projection, total, settings, args.timeout)
+
+
+def _catch_up(url: str, projection: Projection, total: int, settings: Settings, timeout: float) -> int:
+    from projectionist.pool import WorkerPool
+
+    pool = WorkerPool(
+        url,
+        lambda: load_projection(f"{type(projection).__module__}:{type(projection).__qualname__}"),
+        total,
+        batch_size=settings.batch_size,
+        poll_interval=0.2,
+    )
+    pool.start()
+    try:
+        return _watch(url, projection.name, timeout)
+    finally:
+        pool.stop()
+        for worker in pool.workers:
+            worker.join(timeout=30)
+
+
+def _watch(url: str, name: str, timeout: float) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from projectionist.status import read_status
+
+    deadline = time.monotonic() + timeout
+    with (
+        connect(url, autocommit=True) as conn,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=not sys.stderr.isatty(),
+        ) as progress,
+    ):
+        task = progress.add_task(f"rebuilding {name}", total=None)
+        while time.monotonic() < deadline:
+            workers = read_status(conn, name).workers
+            processed = sum(w.events_processed for w in workers)
+            lag = sum(w.lag_events for w in workers)
+            progress.update(task, completed=processed, total=processed + lag)
+            if workers and lag == 0:
+                print(f"rebuilt {name!r}: {processed} events applied", file=sys.stderr)
+                return 0
+            time.sleep(0.5)
+    print(f"projectionist: rebuild of {name!r} did not catch up within {timeout:.0f}s", file=sys.stderr)
+    return 1

@@ -1,0 +1,218 @@
+"""``projectionist demo`` end to end: real workers on a real server, and a verdict that can fail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from projectionist.db import connect
+from projectionist.demo_verify import verify
+from tests.conftest import ROOT, Server, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Small enough for CI, large enough that every step shows: lagging partitions,
+# catch-up, and a share per worker that FNV-1a keeps near 25%.
+SMALL = ("--events", "3000", "--rate", "300")
+DEMO_ARGS = ("demo", *SMALL, "--step-seconds", "1.5")
+CHECKS = (
+    "every event applied exactly once",
+    "per-aggregate order preserved",
+    "each aggregate handled by exactly one worker",
+    "checkpoints agree with the read model",
+    "shares near 25%",
+    "all workers caught up (lag 0)",
+    "workers exited 0 on SIGTERM",
+)
+
+
+def _drop(server: Server, name: str) -> None:
+    with server.admin() as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def demo_run(pg_server: Server) -> Iterator[tuple[subprocess.CompletedProcess[str], str]]:
+    """One real demo run, in a database of its own on the test server."""
+    name = f"demo_{uuid.uuid4().hex[:10]}"
+    result = run_cli(*DEMO_ARGS, "--database", name, db_url=pg_server.admin_url, timeout=120)
+    try:
+        yield result, name
+    finally:
+        _drop(pg_server, name)
+
+
+@pytest.fixture
+def demo_copy(pg_server: Server, demo_run: tuple[subprocess.CompletedProcess[str], str]) -> Iterator[str]:
+    """A private copy of the demo's database, free to corrupt."""
+    name = f"democopy_{uuid.uuid4().hex[:10]}"
+    with pg_server.admin() as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(demo_run[1])
+            )
+        )
+    try:
+        yield name
+    finally:
+        _drop(pg_server, name)
+
+
+def test_demo_scales_one_to_four_workers_and_passes(
+    demo_run: tuple[subprocess.CompletedProcess[str], str], pg_server: Server
+) -> None:
+    result, name = demo_run
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    for check in CHECKS:
+        assert f"PASS  {check}" in out, out
+    assert "FAIL" not in out
+    assert "PASS: all 7 checks passed" in out
+    # The plain (non-TTY) table showed the steps: partitions without a worker
+    # lagging, then all four live.
+    assert "not started" in out
+    assert out.count("live") >= 4
+    with connect(pg_server.url_for(name), autocommit=True) as conn:
+        assert verify(conn, 4).ok
+        workers = conn.execute(
+            "SELECT count(*) FROM projection_checkpoints WHERE projection_name = 'scalable_projection' "
+            "AND total_workers = 4 AND events_processed > 0"
+        ).fetchone()
+    assert workers == (4,)
+
+
+def test_verify_only_exits_1_once_the_read_model_is_corrupted(pg_server: Server, demo_copy: str) -> None:
+    clean = run_cli("demo", "--verify-only", "--database", demo_copy, db_url=pg_server.admin_url)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "PASS: all 5 checks passed" in clean.stdout
+
+    with connect(pg_server.url_for(demo_copy), autocommit=True) as conn:
+        conn.execute(
+            "UPDATE scalable_projection_aggregates SET event_count = event_count + 1 "
+            "WHERE aggregate_id = 'aggregate-7'"
+        )
+    broken = run_cli("demo", "--verify-only", "--database", demo_copy, db_url=pg_server.admin_url)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "FAIL  every event applied exactly once" in broken.stdout
+    assert "aggregate-7" in broken.stdout
+    assert "FAIL: " in broken.stdout
+
+
+# Each corruption breaks one property the demo promises; the named check must catch it.
+_AGG = "UPDATE scalable_projection_aggregates SET {} WHERE aggregate_id = 'aggregate-7'"
+CORRUPTIONS = {
+    "applied twice": (_AGG.format("event_count = event_count + 1"), "every event applied exactly once"),
+    "never applied": (
+        "DELETE FROM scalable_projection_aggregates WHERE aggregate_id = 'aggregate-7'",
+        "every event applied exactly once",
+    ),
+    "out of order": (_AGG.format("out_of_order = 1"), "per-aggregate order preserved"),
+    "stale last version": (_AGG.format("last_version = last_version - 1"), "per-aggregate order preserved"),
+    "two workers": (
+        _AGG.format("workers = workers || ((worker_id + 1) % 4)"),
+        "each aggregate handled by exactly one worker",
+    ),
+    "wrong partition": (
+        _AGG.format("worker_id = (worker_id + 1) % 4, workers = ARRAY[(worker_id + 1) % 4]"),
+        "each aggregate handled by exactly one worker",
+    ),
+    "checkpoint off by one": (
+        "UPDATE projection_checkpoints SET events_processed = events_processed + 1 WHERE worker_id = 2",
+        "checkpoints agree with the read model",
+    ),
+    "one worker did everything": (
+        "UPDATE scalable_projection_aggregates SET worker_id = 0, workers = ARRAY[0]",
+        "shares near 25%",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_verification_catches(corruption: str, pg_server: Server, demo_copy: str) -> None:
+    statement, check = CORRUPTIONS[corruption]
+    with connect(pg_server.url_for(demo_copy), autocommit=True) as conn:
+        assert verify(conn, 4).ok
+        conn.execute(statement.encode())
+        result = verify(conn, 4)
+    assert not result.ok
+    failed = {c.name for c in result.checks if not c.ok}
+    assert check in failed, result.checks
+
+
+def _workers_of(demo_pid: int) -> list[int]:
+    """Worker processes the demo ``demo_pid`` started (their boot code gets its pid as argv[1])."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 4 and argv[1] == b"-c" and argv[3] == str(demo_pid).encode() and argv[4] == b"worker":
+            found.append(int(entry.name))
+    return found
+
+
+def _start_demo_until_workers_run(pg_server: Server, name: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS")}
+    env.update(DATABASE_URL=pg_server.admin_url, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        # Long steps: only worker 0 starts before the signal.
+        [sys.executable, "-m", "projectionist", "demo", *SMALL, "--step-seconds", "30", "--database", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        # Like a terminal: Ctrl-C delivers SIGINT (a test runner may have it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if "live" in line and _workers_of(proc.pid):
+            return proc
+        assert time.monotonic() < deadline, "the demo did not get a worker live"
+    raise AssertionError(f"the demo ended early with code {proc.wait()}")
+
+
+def _wait_gone(demo_pid: int) -> list[int]:
+    for _ in range(100):
+        left = _workers_of(demo_pid)
+        if not left:
+            return left
+        time.sleep(0.1)
+    return _workers_of(demo_pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_no_worker_outlives_the_demo(pg_server: Server, sig: signal.Signals) -> None:
+    name = f"demo_{uuid.uuid4().hex[:10]}"
+    proc = _start_demo_until_workers_run(pg_server, name)
+    try:
+        assert len(_workers_of(proc.pid)) == 1
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130, out
+            assert "interrupted: every worker was stopped" in out
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        # Ctrl-C: the demo stopped them itself. kill -9: PR_SET_PDEATHSIG did.
+        assert _wait_gone(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _workers_of(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        _drop(pg_server, name)

@@ -1,0 +1,176 @@
+"""Poison events: bounded retries, then `stop` (never move past) or `park` (dead letters, order kept)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from projectionist import deadletters
+from projectionist.db import Connection, connect
+from projectionist.deadletters import PoisonPolicy
+from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.reader import Partition
+from projectionist.records import NewEvent
+from projectionist.store import append
+from projectionist.worker import Worker
+from tests.conftest import run_cli
+from tests.projections import PoisonSensitive, verify_exactly_once
+
+pytestmark = pytest.mark.integration
+
+
+class States(WorkerHooks):
+    def __init__(self) -> None:
+        self.states: list[WorkerState] = []
+        self.errors: list[str] = []
+
+    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
+        self.states.append(state)
+
+    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
+        self.errors.append(error_type)
+
+
+def _worker(db_url: str, policy: PoisonPolicy, hooks: WorkerHooks) -> Worker:
+    worker = Worker(
+        db_url,
+        PoisonSensitive(),
+        Partition(0, 1),
+        poll_interval=0.1,
+        hooks=hooks,
+        poison_policy=policy,
+        max_retries=2,
+    )
+    worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05
+    return worker
+
+
+def _load(conn: Connection) -> None:
+    # a: 1 ok, 2 poison, 3 ok (must wait behind 2); b: 1..3 ok.
+    append(conn, "a", [NewEvent("E", {})])
+    append(conn, "b", [NewEvent("E", {})])
+    append(conn, "a", [NewEvent("E", {"poison": True})])
+    append(conn, "b", [NewEvent("E", {}), NewEvent("E", {})])
+    append(conn, "a", [NewEvent("E", {})])
+
+
+def _applied(conn: Connection) -> list[tuple[str, int]]:
+    if not conn.execute("SELECT to_regclass('applied_events') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+        return []
+    return [
+        (r[0], r[1])
+        for r in conn.execute("SELECT aggregate_id, aggregate_version FROM applied_events ORDER BY seq")
+    ]
+
+
+def _wait(predicate: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) -> None:
+    hooks = States()
+    worker = _worker(db_url, PoisonPolicy.STOP, hooks)
+    with connect(db_url, autocommit=True) as conn:
+        _load(conn)
+        worker.start()
+        try:
+            # Everything before the poison event is applied, nothing after it.
+            _wait(lambda: _applied(conn) == [("a", 1), ("b", 1)])
+            _wait(lambda: hooks.errors.count("poison") >= 2)
+            assert worker.state is WorkerState.FAILING
+            assert _applied(conn) == [("a", 1), ("b", 1)]
+            checkpoint = conn.execute("SELECT last_global_position FROM projection_checkpoints").fetchone()
+            poison = conn.execute(
+                "SELECT global_position FROM events WHERE aggregate_id = 'a' AND aggregate_version = 2"
+            ).fetchone()
+            assert checkpoint is not None and poison is not None and checkpoint[0] < poison[0]
+            assert deadletters.list_letters(conn) == []
+
+            conn.execute("CREATE TABLE poison_healed ()")  # the operator fixes the bug
+            _wait(lambda: len(_applied(conn)) == 6)
+            _wait(lambda: worker.state is WorkerState.LIVE)
+        finally:
+            worker.stop()
+            worker.join(timeout=10)
+        assert verify_exactly_once(conn, "poison_sensitive") == {
+            "lost": 0,
+            "duplicated": 0,
+            "misordered": 0,
+            "wrong_worker": 0,
+        }
+
+
+def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: str) -> None:
+    hooks = States()
+    worker = _worker(db_url, PoisonPolicy.PARK, hooks)
+    with connect(db_url, autocommit=True) as conn:
+        _load(conn)
+        worker.start()
+        try:
+            _wait(lambda: sorted(_applied(conn)) == [("a", 1), ("b", 1), ("b", 2), ("b", 3)])
+            letters = deadletters.list_letters(conn)
+            assert [(x.aggregate_id, x.aggregate_version, x.reason) for x in letters] == [
+                ("a", 2, "failed"),
+                ("a", 3, "blocked"),
+            ]
+            assert letters[0].attempts == 3  # two retries of the batch, then once alone
+            assert "ValueError" in (letters[0].error or "")
+            assert "Traceback" in (letters[0].traceback or "")
+            # Later events of a parked aggregate keep queueing behind it.
+            append(conn, "a", [NewEvent("E", {})])
+            _wait(lambda: len(deadletters.list_letters(conn)) == 3)
+            assert ("a", 4) not in _applied(conn)
+
+            # The CLI sees them; a retry while still broken re-parks them.
+            listing = run_cli("dead-letters", "list", db_url=db_url)
+            assert listing.returncode == 0 and "failed" in listing.stdout and "blocked" in listing.stdout
+            shown = run_cli("dead-letters", "show", str(letters[0].id), db_url=db_url)
+            assert shown.returncode == 0 and "Traceback" in shown.stdout
+
+            conn.execute("CREATE TABLE poison_healed ()")
+            retried = run_cli("dead-letters", "retry", str(letters[0].id), db_url=db_url)
+            assert retried.returncode == 0, retried.stderr
+            _wait(lambda: deadletters.list_letters(conn) == [])
+            append(conn, "a", [NewEvent("E", {})])
+            _wait(lambda: ("a", 5) in _applied(conn))
+        finally:
+            worker.stop()
+            worker.join(timeout=10)
+        assert verify_exactly_once(conn, "poison_sensitive") == {
+            "lost": 0,
+            "duplicated": 0,
+            "misordered": 0,
+            "wrong_worker": 0,
+        }
+        assert deadletters.stats(conn, "poison_sensitive")[0] == 0
+
+
+def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -> None:
+    hooks = States()
+    worker = _worker(db_url, PoisonPolicy.PARK, hooks)
+    with connect(db_url, autocommit=True) as conn:
+        append(conn, "a", [NewEvent("E", {"poison": True})])
+        worker.start()
+        try:
+            _wait(lambda: len(deadletters.list_letters(conn)) == 1)
+            count, age = deadletters.stats(conn, "poison_sensitive")
+            assert count == 1 and age >= 0
+            (letter,) = deadletters.list_letters(conn)
+            assert run_cli("dead-letters", "discard", str(letter.id), db_url=db_url).returncode == 0
+            assert deadletters.list_letters(conn) == []
+            closed = deadletters.list_letters(conn, include_closed=True)
+            assert [x.status for x in closed] == ["discarded"]
+            missing = run_cli("dead-letters", "discard", "999", db_url=db_url)
+            assert missing.returncode == 2 and "999" in missing.stderr
+            # With the failed event discarded, the aggregate flows again.
+            append(conn, "a", [NewEvent("E", {})])
+            _wait(lambda: ("a", 2) in _applied(conn))
+        finally:
+            worker.stop()
+            worker.join(timeout=10)
