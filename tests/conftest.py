@@ -24,6 +24,9 @@ from projectionist.migrate import migrate
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "projectionist_test_template"
 
+# Reusable fixtures: a local OTLP receiver, and a real Prometheus scraping real workers.
+pytest_plugins = ["tests.fix_otlp", "tests.fix_prometheus"]
+
 
 class Server:
     """The session's PostgreSQL: an admin URL and a way to make per-test databases."""

@@ -148,7 +148,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
             "misordered": 0,
             "wrong_worker": 0,
         }
-        assert deadletters.stats(conn, "poison_sensitive")[0] == 0
+        assert deadletters.stats(conn, ["poison_sensitive"]) == {"poison_sensitive": (0, 0.0)}
 
 
 def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -> None:
@@ -159,7 +159,7 @@ def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -
         worker.start()
         try:
             _wait(lambda: len(deadletters.list_letters(conn)) == 1)
-            count, age = deadletters.stats(conn, "poison_sensitive")
+            count, age = deadletters.stats(conn, ["poison_sensitive"])["poison_sensitive"]
             assert count == 1 and age >= 0
             (letter,) = deadletters.list_letters(conn)
             assert run_cli("dead-letters", "discard", str(letter.id), db_url=db_url).returncode == 0

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from projectionist import __version__
+from projectionist import __version__, admin
+from projectionist.deadletters import PoisonPolicy
 from projectionist.errors import ConfigError, ProjectionistError
 from projectionist.settings import Settings, parse_positive_int, parse_worker_id
 
@@ -82,8 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--projection", help="package.module:Class (env PROJECTION, default the sample)")
         p.add_argument("--batch-size", type=_positive_int_arg("--batch-size"), help="env BATCH_SIZE")
         p.add_argument("--poll-interval", type=float, help="seconds between polls without NOTIFY")
-        p.add_argument("--metrics-port", type=int, help="env METRICS_PORT")
+        p.add_argument("--metrics-port", type=int, help="/metrics, /healthz, /readyz port (env METRICS_PORT)")
+        p.add_argument(
+            "--health-max-tick-age",
+            type=float,
+            help="seconds without a loop tick before /healthz fails (env HEALTH_MAX_TICK_AGE, default 60)",
+        )
         p.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start-up")
+        p.add_argument(
+            "--poison-policy",
+            choices=["stop", "park"],
+            help="after --max-retries failures: stop in front of the event, or park it (env POISON_POLICY)",
+        )
+        p.add_argument(
+            "--max-retries",
+            type=_positive_int_arg("--max-retries"),
+            help="retries of a failing batch before the poison policy applies (env MAX_RETRIES, default 5)",
+        )
+        p.add_argument(
+            "--rescale",
+            action="store_true",
+            default=None,
+            help="if the projection uses another partition count, switch to this one as soon as "
+            "the old group has stopped (env RESCALE=1)",
+        )
 
     add_worker_flags(sub.add_parser("worker", help="run one partition's worker"), with_id=True)
     add_worker_flags(sub.add_parser("pool", help="run every partition in one process"), with_id=False)
@@ -96,7 +119,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=_positive_int_arg("--events"), default=20000)
     p.add_argument("--aggregates", type=_positive_int_arg("--aggregates"), default=400)
     p.add_argument("--step-seconds", type=float, default=6.0, help="seconds between adding workers")
-    p.add_argument("--rate", type=float, default=1500.0, help="background appends per second")
+    p.add_argument("--rate", type=float, default=1500.0, help="background appends per second (0: none)")
+    p.add_argument(
+        "--database",
+        default="projectionist_demo",
+        help="the demo's own database on the server, dropped and recreated (default projectionist_demo)",
+    )
+    p.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="only verify the demo database of an earlier run (exit 0 pass, 1 fail)",
+    )
+
+    p = sub.add_parser("api", help="serve the HTTP append API (uvicorn)")
+    p.add_argument("--host", help="address to listen on (env API_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="TCP port (env API_PORT, default 8000)")
+    p.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start-up")
+
+    p = sub.add_parser("rescale", help="change a projection's partition count, safely (no replay, no skips)")
+    p.add_argument("--projection", required=True, help="the projection's name, as `status` shows it")
+    p.add_argument("--total-workers", type=_positive_int_arg("--total-workers"), required=True)
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the old group to stop (default 300)"
+    )
+
+    p = sub.add_parser("dead-letters", help="events parked by POISON_POLICY=park")
+    dl = p.add_subparsers(dest="action", required=True, parser_class=_ArgumentParser)
+    q = dl.add_parser("list", help="open dead letters (use --all for resolved and discarded too)")
+    q.add_argument("--projection", help="only this projection (its name)")
+    q.add_argument("--all", action="store_true")
+    q.add_argument("--json", action="store_true")
+    for action, text in (
+        ("show", "one letter with its error and traceback"),
+        ("retry", "re-apply the letter's aggregate, in order, in its worker"),
+        ("discard", "give up on this one event for good (kept as 'discarded')"),
+    ):
+        dl.add_parser(action, help=text).add_argument("id", type=int)
+
+    p = sub.add_parser("rebuild", help="reset a projection's read model and checkpoints, then catch up")
+    p.add_argument(
+        "--projection", help="package.module:Class, or the name of the configured projection (env PROJECTION)"
+    )
+    p.add_argument("--force", action="store_true", help="even while workers of the projection are live")
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up catching up after this many seconds"
+    )
 
     p = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     p.add_argument("action", choices=["start", "stop", "url"])
@@ -138,10 +205,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _worker_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ["worker_id", "total_workers", "projection", "batch_size", "poll_interval", "metrics_port"]
+    names = [
+        "worker_id",
+        "total_workers",
+        "projection",
+        "batch_size",
+        "poll_interval",
+        "metrics_port",
+        "rescale",
+        "poison_policy",
+        "max_retries",
+    ]
     overrides = {name: getattr(args, name, None) for name in names}
-    if args.command == "status":
+    if args.command in ("status", "rescale", "rebuild", "dead-letters"):
         overrides["projection"] = None  # there it is a projection *name*, not a class
+        if args.command in ("rescale", "rebuild"):
+            overrides["total_workers"] = None
     return overrides
 
 
@@ -227,33 +306,51 @@ def _prepare_worker_run(args: argparse.Namespace, settings: Settings) -> tuple[s
     return url, projection
 
 
+def _telemetry_options(args: argparse.Namespace, settings: Settings) -> Any:
+    from projectionist.runtime import TelemetryOptions
+
+    # Parsed before anything connects, so a bad value fails fast with exit code 2.
+    return TelemetryOptions.from_env(settings, health_max_tick_age=args.health_max_tick_age)
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from projectionist.reader import Partition
-    from projectionist.runtime import build_hooks
+    from projectionist.runtime import build_hooks, build_telemetry
     from projectionist.worker import Worker
 
     if settings.worker_id is None:
         raise ConfigError("WORKER_ID is not set (use WORKER_ID or --worker-id)")
+    options = _telemetry_options(args, settings)
     url, projection = _prepare_worker_run(args, settings)
+    telemetry = build_telemetry(url, settings, [projection.name], options)
     worker = Worker(
         url,
         projection,
         Partition(settings.worker_id, settings.total_workers),
         batch_size=settings.batch_size,
         poll_interval=settings.poll_interval,
-        hooks=build_hooks(settings, [projection.name]),
+        hooks=build_hooks(settings, [projection.name], telemetry),
+        connect_fn=telemetry.connect_fn,
+        allow_rescale=settings.rescale,
+        poison_policy=PoisonPolicy(settings.poison_policy),
+        max_retries=settings.max_retries,
     )
-    _GracefulStop(worker.stop).install()
-    worker.run()
+    telemetry.register(worker.info)
+    # The port is up before the loop starts, so a slow start reads as not ready, not as down.
+    with telemetry:
+        _GracefulStop(worker.stop).install()
+        worker.run()
     return EXIT_OK
 
 
 def cmd_pool(args: argparse.Namespace, settings: Settings) -> int:
     from projectionist.pool import WorkerPool
     from projectionist.projection import load_projection
-    from projectionist.runtime import build_hooks
+    from projectionist.runtime import build_hooks, build_telemetry
 
+    options = _telemetry_options(args, settings)
     url, projection = _prepare_worker_run(args, settings)
+    telemetry = build_telemetry(url, settings, [projection.name], options)
     pool = WorkerPool(
         url,
         # Each partition gets its own instance: projections may keep per-worker state.
@@ -261,10 +358,17 @@ def cmd_pool(args: argparse.Namespace, settings: Settings) -> int:
         settings.total_workers,
         batch_size=settings.batch_size,
         poll_interval=settings.poll_interval,
-        hooks=build_hooks(settings, [projection.name]),
+        hooks=build_hooks(settings, [projection.name], telemetry),
+        connect_fn=telemetry.connect_fn,
+        allow_rescale=settings.rescale,
+        poison_policy=PoisonPolicy(settings.poison_policy),
+        max_retries=settings.max_retries,
     )
-    _GracefulStop(pool.stop).install()
-    pool.run()
+    for worker in pool.workers:
+        telemetry.register(worker.info)
+    with telemetry:
+        _GracefulStop(pool.stop).install()
+        pool.run()
     return EXIT_OK
 
 
@@ -304,6 +408,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             str(w.events_processed),
             w.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
+    for g in status.groups:
+        layers = "; ".join(
+            f"skip marks of a retired {layer['total_workers']}-partition group up to position "
+            f"{layer['highest_position']}"
+            for layer in g.skip_layers
+        )
+        table.caption = (table.caption + "\n" if table.caption else "") + (
+            f"{g.projection}: {g.total_workers} partitions, generation {g.generation}"
+            + (f" ({layers})" if layers else "")
+        )
     if not status.workers:
         print("no projection has a checkpoint yet; start a worker with `projectionist worker`")
     else:
@@ -322,8 +436,62 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             aggregates=args.aggregates,
             step_seconds=args.step_seconds,
             rate=args.rate,
+            database=args.database,
+            verify_only=args.verify_only,
         )
     )
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.api import ApiSettings, serve
+    from projectionist.db import connect
+    from projectionist.migrate import migrate
+
+    api_settings = ApiSettings.from_env(host=args.host, port=args.port)
+    url = _url(settings)
+    if not args.no_migrate:
+        with connect(url, autocommit=True) as conn:
+            migrate(conn)
+    serve(url, api_settings, log_level=settings.log_level)
+    return EXIT_OK
+
+
+def cmd_rescale(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.checkpoints import Draining, register_group
+    from projectionist.db import connect
+
+    with connect(_url(settings), autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT total_workers FROM projection_groups WHERE projection_name = %s", (args.projection,)
+        ).fetchone()
+        if exists is None:
+            raise ConfigError(
+                f"--projection={args.projection!r}: no such projection (see `projectionist status`)"
+            )
+        deadline = time.monotonic() + args.timeout
+        while True:
+            joined = register_group(conn, args.projection, args.total_workers, allow_rescale=True)
+            if not isinstance(joined, Draining):
+                break
+            if time.monotonic() > deadline:
+                print(
+                    f"projectionist: workers {list(joined.live_workers)} of the "
+                    f"{joined.old_total_workers}-partition group are still running; stop them first",
+                    file=sys.stderr,
+                )
+                return EXIT_ERROR
+            print(
+                f"waiting for workers {list(joined.live_workers)} of the "
+                f"{joined.old_total_workers}-partition group to stop...",
+                file=sys.stderr,
+            )
+            time.sleep(2.0)
+    print(
+        f"{args.projection}: {exists[0]} -> {joined.total_workers} partitions "
+        f"(generation {joined.generation}, {len(joined.layers)} skip-mark layer(s)); "
+        f"start workers with TOTAL_WORKERS={joined.total_workers}"
+    )
+    return EXIT_OK
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -354,7 +522,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "pool": cmd_pool,
     "status": cmd_status,
     "demo": cmd_demo,
+    "rescale": cmd_rescale,
+    "dead-letters": admin.cmd_dead_letters,
+    "rebuild": admin.cmd_rebuild,
     "db": cmd_db,
+    "api": cmd_api,
 }
 
 

@@ -10,6 +10,7 @@ event is ever silently skipped.
 from __future__ import annotations
 
 import traceback as tb
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -188,12 +189,15 @@ def discard(conn: Connection, letter_id: int) -> None:
             raise ConfigError(f"dead letter {letter_id} does not exist or is not open")
 
 
-def stats(conn: Connection, projection: str) -> tuple[int, float]:
-    """(open letters, age in seconds of the oldest) — for the parked-events metrics."""
-    row = conn.execute(
-        "SELECT count(*), coalesce(extract(epoch FROM now() - min(parked_at)), 0)::float8 "
-        "FROM dead_letters WHERE projection_name = %s AND status IN ('parked', 'retry')",
-        (projection,),
-    ).fetchone()
-    assert row is not None
-    return int(row[0]), float(row[1])
+def stats(conn: Connection, projections: Sequence[str]) -> dict[str, tuple[int, float]]:
+    """Per projection: (open letters, age in seconds of the oldest), 0 and 0.0 when none."""
+    found = {
+        r[0]: (int(r[1]), float(r[2]))
+        for r in conn.execute(
+            "SELECT projection_name, count(*), extract(epoch FROM now() - min(parked_at))::float8 "
+            "FROM dead_letters WHERE projection_name = ANY(%s) AND status IN ('parked', 'retry') "
+            "GROUP BY 1",
+            (list(projections),),
+        )
+    }
+    return {p: found.get(p, (0, 0.0)) for p in projections}

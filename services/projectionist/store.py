@@ -8,14 +8,17 @@ only the append.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from projectionist.db import NOTIFY_CHANNEL, Connection
@@ -33,6 +36,9 @@ from projectionist.records import (
 from projectionist.telemetry_context import inject_trace_context
 
 MAX_AGGREGATE_ID_LENGTH = 255
+
+#: What the ``*_async`` functions take: an asyncio connection, e.g. from an AsyncConnectionPool.
+AsyncConnection = psycopg.AsyncConnection[TupleRow]
 
 # How often an ANY append re-reads the version after losing a race (possible
 # only against an exact-version writer, which does not take the stream lock).
@@ -140,6 +146,63 @@ def append_many(
     causation_id: str | None = None,
 ) -> list[AppendResult]:
     """Append to many aggregates in one transaction (bulk loading). All or nothing."""
+    context, attempts = _prepare(appends, correlation_id, causation_id)
+    for attempt in range(attempts):
+        try:
+            with _atomic(conn):
+                return _execute(conn, _plan_append(appends, context))
+        except ConcurrencyError:
+            # Under ANY a conflict only means another writer took the version we
+            # computed; the savepoint is gone, so re-read and try again.
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def append_async(
+    conn: AsyncConnection,
+    aggregate_id: str,
+    events: Sequence[NewEvent],
+    *,
+    expected_version: ExpectedVersion = ANY,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> AppendResult:
+    """:func:`append` on an asyncio connection: same checks, same SQL, same result."""
+    results = await append_many_async(
+        conn,
+        [StreamAppend(aggregate_id, events, expected_version)],
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+    )
+    return results[0]
+
+
+async def append_many_async(
+    conn: AsyncConnection,
+    appends: Sequence[StreamAppend],
+    *,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> list[AppendResult]:
+    """:func:`append_many` on an asyncio connection. All or nothing."""
+    context, attempts = _prepare(appends, correlation_id, causation_id)
+    for attempt in range(attempts):
+        try:
+            if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
+                await conn.execute("SELECT 1")  # see _atomic
+            async with conn.transaction():
+                return await _execute_async(conn, _plan_append(appends, context))
+        except ConcurrencyError:
+            if attempt == attempts - 1:  # see append_many
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _prepare(
+    appends: Sequence[StreamAppend], correlation_id: str | None, causation_id: str | None
+) -> tuple[dict[str, Any], int]:
+    """Validate the request; return the metadata every event gets and how many attempts to make."""
     ids = [a.aggregate_id for a in appends]
     if len(set(ids)) != len(ids):
         raise ValueError("append_many got the same aggregate_id twice; merge its events")
@@ -156,28 +219,81 @@ def append_many(
         context["causation_id"] = causation_id
 
     retry_any = all(a.expected_version is ANY for a in appends)
-    attempts = _ANY_RETRIES if retry_any else 1
-    for attempt in range(attempts):
-        try:
-            with conn.transaction():
-                return _append_once(conn, appends, context)
-        except ConcurrencyError:
-            # Under ANY a conflict only means another writer took the version we
-            # computed; the savepoint is gone, so re-read and try again.
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    return context, _ANY_RETRIES if retry_any else 1
 
 
-def _append_once(
-    conn: Connection, appends: Sequence[StreamAppend], context: dict[str, Any]
-) -> list[AppendResult]:
+def _needs_implicit_begin(autocommit: bool, status: TransactionStatus) -> bool:
+    return not autocommit and status == TransactionStatus.IDLE
+
+
+@contextlib.contextmanager
+def _atomic(conn: Connection) -> Iterator[None]:
+    """Our own transaction in autocommit mode, else a savepoint in the caller's.
+
+    A DB-API style (non-autocommit) connection expects the caller to commit,
+    but psycopg's ``transaction()`` on an idle one commits at the end of the
+    block. Opening the implicit transaction first turns the block into a
+    savepoint, so the caller's ``commit()`` decides.
+    """
+    if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
+        conn.execute("SELECT 1")
+    with conn.transaction():
+        yield
+
+
+# The append is written once, as a plan: a generator that yields each statement
+# to run and is sent back its rows (or thrown the database error it raised).
+# The sync and asyncio executors below only run statements, so both paths take
+# the same locks, make the same checks and build the same rows.
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    query: sql.SQL | sql.Composed
+    params: Sequence[Any]
+
+
+_Rows = list[tuple[Any, ...]]
+_Plan = Generator[_Statement, _Rows, list[AppendResult]]
+
+
+def _execute(conn: Connection, plan: _Plan) -> list[AppendResult]:
+    try:
+        step = next(plan)
+        while True:
+            try:
+                cur = conn.execute(step.query, step.params)
+                rows = cur.fetchall() if cur.description is not None else []
+            except psycopg.Error as e:
+                step = plan.throw(e)
+            else:
+                step = plan.send(rows)
+    except StopIteration as done:
+        result: list[AppendResult] = done.value
+        return result
+
+
+async def _execute_async(conn: AsyncConnection, plan: _Plan) -> list[AppendResult]:
+    try:
+        step = next(plan)
+        while True:
+            try:
+                cur = await conn.execute(step.query, step.params)
+                rows = await cur.fetchall() if cur.description is not None else []
+            except psycopg.Error as e:
+                step = plan.throw(e)
+            else:
+                step = plan.send(rows)
+    except StopIteration as done:
+        result: list[AppendResult] = done.value
+        return result
+
+
+def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any]) -> _Plan:
     unversioned = [a.aggregate_id for a in appends if a.expected_version is ANY]
     if unversioned:
-        conn.execute(_LOCK_STREAMS, (unversioned,))
+        yield _Statement(_LOCK_STREAMS, (unversioned,))
     current: dict[str, tuple[int, int | None]] = {}
     own_txid: int | None = None
-    for agg, version, last_txid, own in conn.execute(_CURRENT, ([a.aggregate_id for a in appends],)):
+    for agg, version, last_txid, own in (yield _Statement(_CURRENT, ([a.aggregate_id for a in appends],))):
         current[agg] = (version or 0, int(last_txid) if last_txid is not None else None)
         own_txid = int(own) if own is not None else None
 
@@ -210,7 +326,7 @@ def _append_once(
             columns[6].append(Jsonb({**context, **event.metadata}))
 
     try:
-        rows = conn.execute(_INSERT, columns).fetchall()
+        rows = yield _Statement(_INSERT, columns)
     except pg_errors.UniqueViolation as e:
         constraint = e.diag.constraint_name or ""
         if "event_id" in constraint:
@@ -260,12 +376,19 @@ def _conflicting_aggregate(e: psycopg.Error, appends: Sequence[StreamAppend]) ->
     return appends[0].aggregate_id
 
 
+_STREAM_VERSION = sql.SQL("SELECT coalesce(max(aggregate_version), 0) FROM events WHERE aggregate_id = %s")
+
+
 def stream_version(conn: Connection, aggregate_id: str) -> int:
     """The stream's current version; 0 when it has no events."""
-    row = conn.execute(
-        "SELECT coalesce(max(aggregate_version), 0) FROM events WHERE aggregate_id = %s",
-        (aggregate_id,),
-    ).fetchone()
+    row = conn.execute(_STREAM_VERSION, (aggregate_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def stream_version_async(conn: AsyncConnection, aggregate_id: str) -> int:
+    """:func:`stream_version` on an asyncio connection."""
+    cur = await conn.execute(_STREAM_VERSION, (aggregate_id,))
+    row = await cur.fetchone()
     return int(row[0]) if row else 0
 
 
@@ -275,15 +398,25 @@ _EVENT_COLUMNS = sql.SQL(
 )
 
 
+_READ_STREAM = sql.SQL(
+    "SELECT {cols} FROM events e WHERE e.aggregate_id = %s AND e.aggregate_version >= %s "
+    "ORDER BY e.aggregate_version LIMIT %s"
+).format(cols=_EVENT_COLUMNS)
+
+
 def read_stream(
     conn: Connection, aggregate_id: str, *, from_version: int = 1, limit: int = 100
 ) -> list[RecordedEvent]:
     """Events of one stream in version order, starting at ``from_version``."""
-    query = sql.SQL(
-        "SELECT {cols} FROM events e WHERE e.aggregate_id = %s AND e.aggregate_version >= %s "
-        "ORDER BY e.aggregate_version LIMIT %s"
-    ).format(cols=_EVENT_COLUMNS)
-    return [to_recorded(row) for row in conn.execute(query, (aggregate_id, from_version, limit))]
+    return [to_recorded(row) for row in conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))]
+
+
+async def read_stream_async(
+    conn: AsyncConnection, aggregate_id: str, *, from_version: int = 1, limit: int = 100
+) -> list[RecordedEvent]:
+    """:func:`read_stream` on an asyncio connection."""
+    cur = await conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))
+    return [to_recorded(row) for row in await cur.fetchall()]
 
 
 def to_recorded(row: Sequence[Any]) -> RecordedEvent:
@@ -298,6 +431,14 @@ def to_recorded(row: Sequence[Any]) -> RecordedEvent:
         metadata=row[7],
         created_at=row[8],
     )
+
+
+def read_events(conn: Connection, event_ids: Sequence[str]) -> list[RecordedEvent]:
+    """The stored events with these ids, in no particular order."""
+    query = sql.SQL("SELECT {cols} FROM events e WHERE e.event_id = ANY(%s::uuid[])").format(
+        cols=_EVENT_COLUMNS
+    )
+    return [to_recorded(row) for row in conn.execute(query, (list(event_ids),))]
 
 
 def head_position(conn: Connection) -> int:
@@ -319,8 +460,12 @@ __all__ = [
     "StreamAppend",
     "StreamState",
     "append",
+    "append_async",
     "append_many",
+    "append_many_async",
     "head_position",
     "read_stream",
+    "read_stream_async",
     "stream_version",
+    "stream_version_async",
 ]

@@ -1,0 +1,64 @@
+#!/bin/sh
+# Usage: compose/scale-workers.sh N     (make scale-workers N=...)
+#
+# The compose stack has a fixed partition count: TOTAL_WORKERS=4, one service
+# per partition (worker-0 .. worker-3). A fifth worker cannot take a share of
+# the work, because the events are hashed into 4 partitions. So N means:
+#
+#   N = 0   stop every worker (before changing the partition count, say).
+#   N < 4   run the partition services worker-0 .. worker-(N-1) and stop the
+#           others. The stopped partitions are NOT processed: their lag grows
+#           (see "Partition coverage" in Grafana) until you scale back up.
+#           Their checkpoints stay, so nothing is lost or replayed.
+#   N = 4   one process per partition: the normal state.
+#   N > 4   every partition runs, and the N-4 extra processes are hot
+#           standbys, spread round-robin over the partitions. A standby waits
+#           on the partition's ownership lock and takes over within about a
+#           second when the owner dies. Standbys add availability, not
+#           throughput.
+#
+# More throughput needs more partitions: see "Changing the partition count"
+# in the scaling runbook (README, "Production deployment").
+#
+# COMPOSE overrides the compose command (the tests set it to `echo`).
+set -eu
+
+PARTITIONS=4
+COMPOSE=${COMPOSE:-docker compose -f compose/docker-compose.yml}
+
+usage() {
+    echo "usage: $0 N   (N >= 0: processes to run for the $PARTITIONS partitions)" >&2
+    exit 2
+}
+
+[ $# -eq 1 ] || usage
+case $1 in
+    '' | *[!0-9]*) usage ;;
+esac
+N=$1
+
+scale_args=""
+services=""
+k=0
+while [ "$k" -lt "$PARTITIONS" ]; do
+    if [ "$N" -ge "$PARTITIONS" ]; then
+        replicas=$((N / PARTITIONS))
+        [ "$k" -lt $((N % PARTITIONS)) ] && replicas=$((replicas + 1))
+    elif [ "$k" -lt "$N" ]; then
+        replicas=1
+    else
+        replicas=0
+    fi
+    case $replicas in
+        0) echo "partition $k: stopped (not processed until scaled back up)" ;;
+        1) echo "partition $k: 1 process" ;;
+        *) echo "partition $k: $replicas processes (1 owner, $((replicas - 1)) standby)" ;;
+    esac
+    scale_args="$scale_args --scale worker-$k=$replicas"
+    services="$services worker-$k"
+    k=$((k + 1))
+done
+
+# --no-recreate: running workers keep running; only the difference changes.
+# shellcheck disable=SC2086  # word splitting of the argument lists is intended
+$COMPOSE up --detach --no-recreate $scale_args $services

@@ -1,0 +1,455 @@
+"""Prometheus metrics: hooks for what the worker loop does, a Collector for what the store says when scraped.
+
+Two sources, on purpose:
+
+* :class:`MetricsHooks` counts what happens inside this process (events
+  applied, batches, errors, wake-ups, state). Those series carry the labels
+  ``projection``, ``worker`` (the partition) and ``total_workers``.
+* :class:`StoreCollector` asks PostgreSQL, when Prometheus scrapes, where the
+  store's head is and how far behind **every partition of the projection's
+  group** is, like kafka-lag-exporter reports every partition of a consumer
+  group. A stopped worker exports nothing itself, so its lag has to come from
+  its siblings: every running process reports every partition, and dashboards
+  and alerts aggregate with ``max by (projection, worker)``.
+
+The library never reads the environment here; :mod:`projectionist.runtime`
+builds these objects from the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from projectionist import deadletters
+from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.records import RecordedEvent
+
+log = logging.getLogger(__name__)
+
+#: Labels of every per-worker series. Bounded: never an aggregate or event id.
+WORKER_LABELS = ("projection", "worker", "total_workers")
+
+#: Error types and wake-up sources the worker reports; their series start at 0.
+#: Both come from code, never from data, so a new one may appear lazily.
+ERROR_TYPES = ("database", "fenced", "projection", "poison", "parked")
+WAKEUP_SOURCES = ("notify", "poll")
+WORKER_STATES = [state.value for state in WorkerState]
+
+# Seconds. A batch is usually milliseconds; a slow projection may take seconds.
+BATCH_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Events per batch; the default batch size is 500.
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+#: Default bound on the rows one scrape counts per partition (see :class:`StoreCollector`).
+DEFAULT_LAG_COUNT_CAP = 10_000
+
+_OWNING_STATES = frozenset({WorkerState.CATCHING_UP, WorkerState.LIVE})
+
+
+def worker_labels(info: WorkerInfo) -> tuple[str, str, str]:
+    return info.projection, str(info.worker_id), str(info.total_workers)
+
+
+@dataclass(frozen=True, slots=True)
+class _WorkerSeries:
+    """One worker's labelled children, resolved once so a batch does no label lookups."""
+
+    processed: Any
+    skipped: Any
+    batch_duration: Any
+    batch_size: Any
+    last_progress: Any
+    state: Any
+    owned: Any
+    errors: dict[str, Any]
+    wakeups: dict[str, Any]
+
+
+class MetricsHooks(WorkerHooks):
+    """Worker hooks that update Prometheus metrics in ``registry``.
+
+    Put it *after* :class:`projectionist.tracing.TracingHooks` in a
+    :class:`~projectionist.hooks.HookChain`: the batch span is then current
+    when :meth:`batch_scope` runs, and its trace id becomes the exemplar of
+    ``projectionist_batch_duration_seconds``.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        version: str,
+        revision: str = "unknown",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._series: dict[WorkerInfo, _WorkerSeries] = {}
+        self._exemplar: dict[WorkerInfo, str] = {}
+        labels = WORKER_LABELS
+        self.events_processed = Counter(
+            "projectionist_events_processed",
+            "Events applied to the projection and committed with the checkpoint.",
+            labels,
+            registry=registry,
+        )
+        self.events_skipped = Counter(
+            "projectionist_events_skipped",
+            "Events outside this worker's partition that reached the worker. The partition filter "
+            "runs in SQL, so this stays 0.",
+            labels,
+            registry=registry,
+        )
+        self.batch_duration = Histogram(
+            "projectionist_batch_duration_seconds",
+            "Time per batch: read, apply and checkpoint, in one transaction.",
+            labels,
+            buckets=BATCH_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "projectionist_batch_size",
+            "Events of this partition per applied batch.",
+            labels,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "projectionist_errors",
+            "Failures by kind: database (connection lost), fenced (another owner moved the "
+            "checkpoint), projection (the handler raised; the batch is retried), poison (one event "
+            "keeps failing), parked (an event was moved to the dead letters).",
+            (*labels, "error_type"),
+            registry=registry,
+        )
+        self.last_progress = Gauge(
+            "projectionist_last_progress_timestamp_seconds",
+            "Unix time the worker last moved its checkpoint (its start time until then).",
+            labels,
+            registry=registry,
+        )
+        self.state = Enum(
+            "projectionist_worker_state",
+            "The worker's state.",
+            labels,
+            states=WORKER_STATES,
+            registry=registry,
+        )
+        self.wakeups = Counter(
+            "projectionist_wakeups",
+            "What woke the idle worker: a NOTIFY from an append, or the poll timer.",
+            (*labels, "source"),
+            registry=registry,
+        )
+        self.partition_owned = Gauge(
+            "projectionist_partition_owned",
+            "1 while this process holds the partition's ownership lock, else 0 (standby, starting, "
+            "failing, stopping).",
+            labels,
+            registry=registry,
+        )
+        build = Info("projectionist_build", "The running projectionist build.", registry=registry)
+        build.info({"version": version, "revision": revision})
+
+    # -- series ------------------------------------------------------------
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        """Create the worker's series at 0, so ``rate()`` and alerts see them from the start."""
+        self._for(info)
+
+    def _for(self, info: WorkerInfo) -> _WorkerSeries:
+        series = self._series.get(info)
+        if series is not None:
+            return series
+        with self._lock:
+            series = self._series.get(info)
+            if series is None:
+                labels = worker_labels(info)
+                series = _WorkerSeries(
+                    processed=self.events_processed.labels(*labels),
+                    skipped=self.events_skipped.labels(*labels),
+                    batch_duration=self.batch_duration.labels(*labels),
+                    batch_size=self.batch_size.labels(*labels),
+                    last_progress=self.last_progress.labels(*labels),
+                    state=self.state.labels(*labels),
+                    owned=self.partition_owned.labels(*labels),
+                    errors={t: self.errors.labels(*labels, t) for t in ERROR_TYPES},
+                    wakeups={s: self.wakeups.labels(*labels, s) for s in WAKEUP_SOURCES},
+                )
+                series.last_progress.set(self._clock())
+                self._series[info] = series
+        return series
+
+    # -- hooks -------------------------------------------------------------
+
+    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
+        series = self._for(info)
+        series.state.state(state.value)
+        series.owned.set(1 if state in _OWNING_STATES else 0)
+
+    def on_wakeup(self, info: WorkerInfo, source: str) -> None:
+        series = self._for(info)
+        counter = series.wakeups.get(source)
+        if counter is None:
+            counter = series.wakeups[source] = self.wakeups.labels(*worker_labels(info), source)
+        counter.inc()
+
+    @contextmanager
+    def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid and span_context.trace_flags.sampled:
+            self._exemplar[info] = format(span_context.trace_id, "032x")
+        else:
+            self._exemplar.pop(info, None)
+        yield
+
+    def after_batch(self, info: WorkerInfo, result: BatchResult) -> None:
+        series = self._for(info)
+        trace_id = self._exemplar.pop(info, None)
+        series.batch_duration.observe(
+            result.duration_seconds, exemplar={"trace_id": trace_id} if trace_id else None
+        )
+        if result.events:
+            series.processed.inc(result.events)
+            series.batch_size.observe(result.events)
+        # after_batch runs only when the checkpoint moved (past our events or
+        # past other partitions' rows): either way the worker made progress.
+        series.last_progress.set(self._clock())
+
+    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
+        series = self._for(info)
+        counter = series.errors.get(error_type)
+        if counter is None:
+            counter = series.errors[error_type] = self.errors.labels(*worker_labels(info), error_type)
+        counter.inc()
+
+
+# One round trip per scrape. The first CTE is store-wide: the head (read from
+# the identity sequence, O(1)) and the age of the oldest transaction that holds
+# a transaction id. Such a transaction is what holds back the gap-safe read
+# fence (pg_snapshot_xmin) for every reader in the cluster, so it is the first
+# thing to look at when lag grows; prepared transactions hold it back too.
+#
+# Then, for every partition of each projection's group (from projection_groups,
+# so partitions without a running process are still reported): the checkpoint,
+# and how many of the partition's events lie after it, with the age of the
+# oldest of them. Counting is bounded: the inner query takes at most
+# cap * total_workers rows after the checkpoint in index order, *without* a
+# partition predicate, so the planner always walks
+# events_transaction_position_idx (a `partition_hash % N = k` predicate has no
+# statistics and can tip it into a sequential scan plus sort; see reader.py).
+# The partition filter is applied to that window. A partition further behind
+# than the window therefore reads about `cap` events: a lower bound. The age
+# is exact either way, because the oldest unapplied event comes first in the
+# read order. Committed rows that the read fence still hides count as lag:
+# they are behind, and the oldest-transaction gauge says why.
+_SCRAPE = sql.SQL(
+    """
+    WITH store AS (
+        SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                FROM events_global_position_seq) AS head,
+               (SELECT coalesce(extract(epoch FROM clock_timestamp() - min(o.started)), 0)::float8
+                FROM (SELECT a.xact_start AS started FROM pg_stat_activity a
+                      WHERE a.backend_xid IS NOT NULL
+                      UNION ALL
+                      SELECT x.prepared FROM pg_prepared_xacts x) o) AS oldest_xact_age
+    )
+    SELECT store.head, store.oldest_xact_age,
+           p.projection_name, p.total_workers, p.worker_id, p.checkpoint, p.lag_events, p.lag_seconds
+    FROM store
+    LEFT JOIN LATERAL (
+        SELECT g.projection_name, g.total_workers, k.worker_id,
+               coalesce(c.last_global_position, 0) AS checkpoint,
+               lag.n AS lag_events,
+               coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8 AS lag_seconds
+        FROM projection_groups g
+        CROSS JOIN LATERAL generate_series(0, g.total_workers - 1) AS k(worker_id)
+        LEFT JOIN projection_checkpoints c
+          ON c.projection_name = g.projection_name
+         AND c.total_workers = g.total_workers
+         AND c.worker_id = k.worker_id
+        CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE w.partition_hash %% g.total_workers = k.worker_id) AS n,
+                   min(w.created_at) FILTER (WHERE w.partition_hash %% g.total_workers = k.worker_id)
+                       AS oldest
+            FROM (
+                SELECT e.partition_hash, e.created_at
+                FROM events e
+                WHERE (e.transaction_id, e.global_position)
+                      > (coalesce(c.last_transaction_id, '0'::xid8), coalesce(c.last_global_position, 0))
+                ORDER BY e.transaction_id, e.global_position
+                LIMIT %(cap)s::bigint * g.total_workers
+            ) w
+        ) lag
+        WHERE g.projection_name = ANY(%(projections)s)
+    ) p ON true
+    ORDER BY p.projection_name, p.worker_id
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    projection: str
+    worker_id: int
+    total_workers: int
+    checkpoint_position: int
+    lag_events: int
+    lag_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """What one scrape read from the store."""
+
+    head_position: int
+    oldest_transaction_age_seconds: float
+    partitions: list[PartitionLag]
+    #: Per projection: open dead letters and the age of the oldest (POISON_POLICY=park).
+    parked: dict[str, tuple[int, float]]
+
+
+def read_store_snapshot(
+    conn: psycopg.Connection[Any], projections: Sequence[str], lag_count_cap: int
+) -> StoreSnapshot:
+    rows = conn.execute(_SCRAPE, {"cap": lag_count_cap, "projections": list(projections)}).fetchall()
+    head, oldest = int(rows[0][0]), float(rows[0][1])
+    partitions = [
+        PartitionLag(
+            projection=r[2],
+            worker_id=int(r[4]),
+            total_workers=int(r[3]),
+            checkpoint_position=int(r[5]),
+            lag_events=int(r[6]),
+            lag_seconds=float(r[7]),
+        )
+        for r in rows
+        if r[2] is not None
+    ]
+    return StoreSnapshot(head, oldest, partitions, deadletters.stats(conn, projections))
+
+
+class StoreCollector(Collector):
+    """Scrape-time metrics from PostgreSQL, through a small connection pool of its own.
+
+    Reports head position, checkpoint position, lag in events and in seconds
+    for every partition of ``projections``' groups, the cluster's oldest
+    transaction age, and the pool's own stats. When the database cannot be
+    reached, only the pool stats are reported (the series go missing rather
+    than lie), and the workers' ``errors_total{error_type="database"}`` rises.
+
+    ``lag_count_cap`` bounds the work one scrape does per partition: at most
+    ``lag_count_cap * total_workers`` index entries after the checkpoint are
+    read, so ``projectionist_lag_events`` is exact up to roughly that many and
+    a lower bound beyond it.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[Any],
+        projections: Sequence[str],
+        *,
+        lag_count_cap: int = DEFAULT_LAG_COUNT_CAP,
+        timeout: float = 2.0,
+    ) -> None:
+        if lag_count_cap < 1:
+            raise ValueError("lag_count_cap must be at least 1")
+        self.pool = pool
+        self.projections = list(projections)
+        self.lag_count_cap = lag_count_cap
+        self.timeout = timeout
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: registering must not query the database, and describing
+        # lets the registry reject a clash with another collector's names.
+        yield from self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot: StoreSnapshot | None = None
+        try:
+            with self.pool.connection(timeout=self.timeout) as conn:
+                snapshot = read_store_snapshot(conn, self.projections, self.lag_count_cap)
+        except (psycopg.Error, PoolTimeout) as e:
+            log.warning("metrics: cannot read lag from the database: %s", " ".join(str(e).split()))
+        yield from self._families(snapshot)
+
+    def _families(self, snapshot: StoreSnapshot | None) -> Iterator[Metric]:
+        labels = list(WORKER_LABELS)
+        head = GaugeMetricFamily(
+            "projectionist_head_position",
+            "The store's highest global position (same for every partition).",
+            labels=labels,
+        )
+        checkpoint = GaugeMetricFamily(
+            "projectionist_checkpoint_position",
+            "Global position of the partition's checkpoint, read from the database.",
+            labels=labels,
+        )
+        lag_events = GaugeMetricFamily(
+            "projectionist_lag_events",
+            "The partition's events after its checkpoint (exact up to the lag count cap).",
+            labels=labels,
+        )
+        lag_seconds = GaugeMetricFamily(
+            "projectionist_lag_seconds",
+            "Age of the partition's oldest unapplied event; 0 when caught up.",
+            labels=labels,
+        )
+        oldest = GaugeMetricFamily(
+            "projectionist_oldest_transaction_age_seconds",
+            "Age of the cluster's oldest transaction holding a transaction id: it holds back "
+            "every gap-safe reader.",
+        )
+        parked = GaugeMetricFamily(
+            "projectionist_parked_events",
+            "Open dead letters: events parked by POISON_POLICY=park, including those blocked behind them.",
+            labels=["projection"],
+        )
+        parked_age = GaugeMetricFamily(
+            "projectionist_oldest_parked_event_age_seconds",
+            "Age of the oldest open dead letter; 0 when there is none.",
+            labels=["projection"],
+        )
+        if snapshot is not None:
+            for name, (count, age) in snapshot.parked.items():
+                parked.add_metric([name], count)
+                parked_age.add_metric([name], age)
+            for p in snapshot.partitions:
+                values = [p.projection, str(p.worker_id), str(p.total_workers)]
+                head.add_metric(values, snapshot.head_position)
+                checkpoint.add_metric(values, p.checkpoint_position)
+                lag_events.add_metric(values, p.lag_events)
+                lag_seconds.add_metric(values, p.lag_seconds)
+            oldest.add_metric([], snapshot.oldest_transaction_age_seconds)
+        yield from (head, checkpoint, lag_events, lag_seconds, oldest, parked, parked_age)
+        yield from self._pool_families()
+
+    def _pool_families(self) -> Iterator[Metric]:
+        stats = self.pool.get_stats()
+        for name, key, help_text in (
+            ("projectionist_db_pool_size", "pool_size", "Connections open in the metrics pool."),
+            ("projectionist_db_pool_available", "pool_available", "Idle connections in the metrics pool."),
+            (
+                "projectionist_db_pool_requests_waiting",
+                "requests_waiting",
+                "Requests waiting for a connection of the metrics pool.",
+            ),
+            ("projectionist_db_pool_max", "pool_max", "Maximum size of the metrics pool."),
+        ):
+            family = GaugeMetricFamily(name, help_text)
+            family.add_metric([], stats.get(key, 0))
+            yield family

@@ -1,0 +1,426 @@
+"""A real Prometheus scraping real worker processes under load, for any test that needs PromQL answers.
+
+The session fixture ``prometheus_stack`` starts, against the session's real
+PostgreSQL, in a database of its own:
+
+* ``TOTAL_WORKERS`` (2) ``python -m projectionist worker`` subprocesses, each
+  serving ``/metrics`` on its own port and exporting spans to a local OTLP sink;
+* a load generator thread appending sample events (inside producer spans, so
+  the events carry a ``traceparent`` and batch spans get links and the batch
+  histogram gets ``trace_id`` exemplars);
+* Debian's ``prometheus`` binary with a 1 s scrape and evaluation interval,
+  exemplar storage on, and the shipped alert rules loaded.
+
+Tests query it with :meth:`PrometheusStack.query` (instant vector),
+:meth:`PrometheusStack.wait_until` (poll until a condition holds) and the raw
+:meth:`PrometheusStack.api`. A test that stops a worker or pauses the load
+must restore it before returning: the stack is shared by the whole session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
+
+from projectionist.appender import append_sample_events
+from projectionist.db import connect
+from projectionist.sample import ScalableProjection
+from tests.conftest import ROOT, TEMPLATE_DB, Server
+from tests.fix_otlp import OtlpReceiver
+
+RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "projectionist-alerts.yml"
+# The compose stack's job name; the alert rules do not depend on it.
+SCRAPE_JOB = "projectionist-workers"
+PROJECTION = "scalable_projection"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        raise RuntimeError("the prometheus binary is missing: `apt-get install prometheus` (.ci/run does)")
+    return path
+
+
+def http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One element of an instant vector."""
+
+    labels: dict[str, str]
+    value: float
+
+
+class WorkerProcess:
+    """One ``projectionist worker`` subprocess with its metrics port and log file."""
+
+    def __init__(self, worker_id: int, port: int, log_path: Path) -> None:
+        self.worker_id = worker_id
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    def start(self, db_url: str, total_workers: int, env: dict[str, str]) -> None:
+        self.started = True
+        full_env = {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS")}
+        full_env.update(env)
+        full_env.update({"DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"})
+        with self.log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "projectionist",
+                    "worker",
+                    "--worker-id",
+                    str(self.worker_id),
+                    "--total-workers",
+                    str(total_workers),
+                    "--metrics-port",
+                    str(self.port),
+                    "--no-migrate",
+                ],
+                env=full_env,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful), then SIGKILL if it does not exit; returns the exit code."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LoadGenerator:
+    """Appends ``events_per_tick`` sample events every ``interval`` seconds, each in a producer span."""
+
+    def __init__(self, db_url: str, *, events_per_tick: int = 20, interval: float = 0.1) -> None:
+        self.db_url = db_url
+        self.events_per_tick = events_per_tick
+        self.interval = interval
+        self.appended = 0
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._running = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        # No span processor: the spans only need to exist so their context is
+        # injected into the events' metadata.
+        self._tracer = TracerProvider().get_tracer("tests.load")
+        self._thread = threading.Thread(target=self._run, name="load-generator", daemon=True)
+
+    def start(self) -> None:
+        self._running.set()
+        self._thread.start()
+
+    def pause(self) -> None:
+        """Stop appending; returns once no append is in flight."""
+        self._idle.clear()
+        self._running.clear()
+        self._idle.wait(timeout=30)
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._running.set()
+        self._thread.join(timeout=30)
+
+    def append(self, count: int) -> None:
+        """Append ``count`` events now, from the calling thread."""
+        with connect(self.db_url, autocommit=True) as conn:
+            self._append(conn, count)
+
+    def _append(self, conn: Any, count: int) -> None:
+        with self._tracer.start_as_current_span("append sample events", kind=SpanKind.PRODUCER):
+            for _ in append_sample_events(conn, count=count, aggregates=64, batch_size=count):
+                pass
+        with self._lock:
+            self.appended += count
+
+    def _run(self) -> None:
+        try:
+            with connect(self.db_url, autocommit=True) as conn:
+                while not self._stop.is_set():
+                    if not self._running.is_set():
+                        self._idle.set()
+                        self._running.wait()
+                        continue
+                    self._append(conn, self.events_per_tick)
+                    self._stop.wait(self.interval)
+        except BaseException as e:  # reported by the stack's checks
+            self.error = e
+        finally:
+            self._idle.set()
+
+
+class PrometheusStack:
+    """Workers + load + Prometheus. Build with :meth:`start`; always :meth:`close`."""
+
+    def __init__(self, db_url: str, workdir: Path, *, total_workers: int = 2) -> None:
+        self.db_url = db_url
+        self.workdir = workdir
+        self.total_workers = total_workers
+        self.otlp = OtlpReceiver()
+        self.workers = {
+            k: WorkerProcess(k, free_port(), workdir / f"worker-{k}.log") for k in range(total_workers)
+        }
+        self.load = LoadGenerator(db_url)
+        self.prometheus_port = free_port()
+        self.url = f"http://127.0.0.1:{self.prometheus_port}"
+        self._prometheus: subprocess.Popen[bytes] | None = None
+        #: Worker processes started again after a stop: counters restarted at 0.
+        self.restarts = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def worker_env(self) -> dict[str, str]:
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp.endpoint,
+            "OTEL_SERVICE_NAME": "projectionist-worker",
+            "OTEL_BSP_SCHEDULE_DELAY": "500",
+            "POLL_INTERVAL": "1",
+        }
+
+    def start_worker(self, worker_id: int) -> None:
+        worker = self.workers[worker_id]
+        if worker.started:
+            self.restarts += 1  # its counters start again from 0
+        worker.start(self.db_url, self.total_workers, self.worker_env())
+
+    def reload(self) -> None:
+        """Make Prometheus re-read ``workdir/prometheus.yml`` (SIGHUP), e.g. after adding a scrape job."""
+        assert self._prometheus is not None and self._prometheus.poll() is None, "prometheus is not running"
+        self._prometheus.send_signal(signal.SIGHUP)
+
+    def stop_worker(self, worker_id: int) -> int | None:
+        return self.workers[worker_id].stop()
+
+    def start(self) -> None:
+        for k in self.workers:
+            self.start_worker(k)
+        self._start_prometheus()
+        self.load.start()
+        self.wait_until(
+            f'up{{job="{SCRAPE_JOB}"}} == 1',
+            lambda r: len(r) == self.total_workers,
+            what="every worker scraped",
+            timeout=60,
+        )
+
+    def _start_prometheus(self) -> None:
+        targets = [f"127.0.0.1:{w.port}" for w in self.workers.values()]
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+            "rule_files": [str(RULES_FILE)],
+            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [{"targets": targets}]}],
+        }
+        config_path = self.workdir / "prometheus.yml"
+        config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        log_file = (self.workdir / "prometheus.log").open("ab")
+        self._prometheus = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+                "--enable-feature=exemplar-storage",
+                "--log.level=warn",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        deadline = time.monotonic() + 60
+        while True:
+            if self._prometheus.poll() is not None:
+                raise RuntimeError(f"prometheus exited:\n{self.prometheus_log()}")
+            try:
+                status, _ = http_get(f"{self.url}/-/ready", timeout=1)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus did not become ready:\n{self.prometheus_log()}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.load.close()
+        for worker in self.workers.values():
+            worker.stop()
+        if self._prometheus is not None:
+            self._prometheus.terminate()
+            try:
+                self._prometheus.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._prometheus.kill()
+                self._prometheus.wait()
+        self.otlp.close()
+
+    # -- queries -----------------------------------------------------------
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET ``/api/v1/<path>`` and return its ``data`` (raises on an API error)."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        status, body = http_get(url, timeout=10)
+        payload = json.loads(body)
+        if status != 200 or payload.get("status") != "success":
+            raise AssertionError(f"Prometheus API {path} {params} failed ({status}): {payload}")
+        return payload["data"]
+
+    def query(self, promql: str) -> list[Sample]:
+        """An instant query; a scalar result comes back as one sample without labels."""
+        data = self.api("query", query=promql)
+        if data["resultType"] == "vector":
+            return [Sample(r["metric"], float(r["value"][1])) for r in data["result"]]
+        if data["resultType"] == "scalar":
+            return [Sample({}, float(data["result"][1]))]
+        raise AssertionError(f"unexpected result type {data['resultType']} for {promql}")
+
+    def query_range(self, promql: str, seconds: float, step: str = "1s") -> Any:
+        end = time.time()
+        return self.api("query_range", query=promql, start=str(end - seconds), end=str(end), step=step)
+
+    def value(self, promql: str) -> float | None:
+        """The single sample's value, or ``None`` for an empty result."""
+        result = self.query(promql)
+        if len(result) > 1:
+            raise AssertionError(f"{promql} returned {len(result)} samples: {result}")
+        return result[0].value if result else None
+
+    def wait_until(
+        self,
+        promql: str,
+        condition: Callable[[list[Sample]], bool],
+        *,
+        what: str,
+        timeout: float = 30.0,
+    ) -> list[Sample]:
+        """Poll ``promql`` until ``condition(result)`` holds; fail with the last result after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        result: list[Sample] = []
+        while True:
+            self._check_processes()
+            result = self.query(promql)
+            if condition(result):
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}: {promql} = {result}\n"
+                    + "\n".join(f"--- worker {k} log:\n{w.log_tail()}" for k, w in self.workers.items())
+                )
+            time.sleep(0.5)
+
+    def wait_until_exemplars(
+        self, promql: str, *, start: float, end: float, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """``/api/v1/query_exemplars`` once it returns at least one exemplar."""
+        deadline = time.monotonic() + timeout
+        while True:
+            data: list[dict[str, Any]] = self.api(
+                "query_exemplars", query=promql, start=str(start), end=str(end)
+            )
+            if any(d.get("exemplars") for d in data):
+                return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no exemplars for {promql} within {timeout}s: {data}")
+            time.sleep(0.5)
+
+    def _check_processes(self) -> None:
+        if self.load.error is not None:
+            raise AssertionError(f"the load generator failed: {self.load.error!r}")
+        if self._prometheus is not None and self._prometheus.poll() is not None:
+            raise AssertionError(f"prometheus exited:\n{self.prometheus_log()}")
+
+    def appended(self) -> int:
+        """Events in the store (the ground truth the metrics must match)."""
+        with connect(self.db_url, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM events").fetchone()
+        return int(row[0]) if row else 0
+
+    def metrics_text(self, worker_id: int, *, openmetrics: bool = True) -> str:
+        """The raw ``/metrics`` page of one worker."""
+        headers = {"Accept": "application/openmetrics-text; version=1.0.0"} if openmetrics else {}
+        status, body = http_get(f"http://127.0.0.1:{self.workers[worker_id].port}/metrics", headers=headers)
+        assert status == 200, body
+        return body.decode()
+
+    def prometheus_log(self) -> str:
+        path = self.workdir / "prometheus.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def prometheus_stack(pg_server: Server) -> Iterator[PrometheusStack]:
+    """Real workers + load + a real Prometheus, shared by the session (see the module docstring)."""
+    name = f"prom_{uuid.uuid4().hex[:12]}"
+    with pg_server.admin() as admin:
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    # Create the read model once, so the workers do not race to create it.
+    with connect(pg_server.url_for(name), autocommit=True) as conn:
+        ScalableProjection().setup(conn)
+    workdir = Path(tempfile.mkdtemp(prefix="projectionist-prometheus-"))
+    stack = PrometheusStack(pg_server.url_for(name), workdir)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+        with pg_server.admin() as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        shutil.rmtree(workdir, ignore_errors=True)

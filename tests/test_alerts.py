@@ -1,0 +1,108 @@
+"""The shipped alert rules: valid for Prometheus, unit-tested with promtool, and complete."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
+RULES = RULES_DIR / "projectionist-alerts.yml"
+RULE_TESTS = RULES_DIR / "projectionist-alerts.test.yml"
+
+# The alerts issue 3 asks for, by what they detect.
+REQUIRED_ALERTS = {
+    "ProjectionistWorkerDown",  # worker down
+    "ProjectionistWorkersAbsent",  # worker absent
+    "ProjectionistLagHigh",  # lag seconds above a threshold for 5 minutes
+    "ProjectionistLagGrowing",  # lag growing
+    "ProjectionistWorkerStalled",  # lag > 0 and no progress
+    "ProjectionistPartitionUncovered",  # coverage below TOTAL_WORKERS
+    "ProjectionistErrorsRising",  # errors rising
+    "ProjectionistOldestTransactionTooOld",  # oldest open transaction too old
+}
+
+
+def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    assert binary is not None, "promtool is missing: `apt-get install prometheus` (.ci/run does)"
+    return subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_promtool_check_rules_accepts_the_rules() -> None:
+    result = promtool("check", "rules", RULES.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_pass() -> None:
+    result = promtool("test", "rules", RULE_TESTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_required_alert_exists_and_tells_the_operator_what_to_do() -> None:
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} == REQUIRED_ALERTS
+    for rule in rules:
+        annotations = rule.get("annotations", {})
+        assert annotations.get("summary"), f"{rule['alert']} has no summary"
+        description = annotations.get("description", "")
+        # "What to do": every description names an action for the operator.
+        assert len(description) > 120, f"{rule['alert']} description is too thin"
+        assert any(
+            verb in description for verb in ("Start", "start", "Check", "check", "Fix", "Find", "restart")
+        ), f"{rule['alert']} description does not say what to do"
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule.get("for"), f"{rule['alert']} fires on a single evaluation"
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    assert firing == REQUIRED_ALERTS, f"no firing case for {REQUIRED_ALERTS - firing}"
+    assert quiet == REQUIRED_ALERTS, f"no quiet case for {REQUIRED_ALERTS - quiet}"
+
+
+@pytest.mark.parametrize("mutation", ["> 60", "for: 5m"])
+def test_unit_tests_catch_a_broken_rule(tmp_path: Path, mutation: str) -> None:
+    """The unit tests are not vacuous: loosening one rule makes them fail."""
+    broken = RULES.read_text()
+    replacement = {"> 60": "> 6000", "for: 5m": "for: 50m"}[mutation]
+    assert mutation in broken
+    (tmp_path / RULES.name).write_text(broken.replace(mutation, replacement, 1))
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    result = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout + result.stderr
+
+
+def test_compose_prometheus_loads_the_rules_directory_cleanly(tmp_path: Path) -> None:
+    """compose/prometheus.yml mounts this directory at rules/: every file it selects must be a rule file.
+
+    A glob like ``rules/*.yml`` would also pick up the promtool test file,
+    which Prometheus refuses to load, so the whole server would not start.
+    """
+    compose_config = ROOT / "compose" / "prometheus.yml"
+    assert compose_config.exists()
+    shutil.copy(compose_config, tmp_path / "prometheus.yml")
+    (tmp_path / "rules").symlink_to(RULES_DIR, target_is_directory=True)
+    result = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert RULES.name in output, f"compose does not load {RULES.name}:\n{output}"
