@@ -64,10 +64,11 @@ def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
     print("rows fetched per worker:", per_partition, "of", sum(per_partition))
 
 
-def test_read_query_plan_is_an_ordered_index_scan(conn: Connection) -> None:
+@pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
+def test_read_query_plan_is_an_ordered_index_scan(conn: Connection, partition: Partition) -> None:
     _load(conn, 20000, 50)
     conn.execute("ANALYZE events")
-    query = build_read_query(Partition(1, 4)).as_string(conn)
+    query = build_read_query(partition).as_string(conn)
     params = {"txid": "0", "pos": 0, "window": 2000, "limit": 500}
     # Both the custom plan and the generic plan psycopg gets after 5 runs.
     for mode in ("force_custom_plan", "force_generic_plan"):

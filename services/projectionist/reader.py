@@ -114,7 +114,24 @@ def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
     ).format(rows=rows)
 
 
-def build_read_query(partition: Partition, layers: tuple[MarkLayer, ...] = ()) -> sql.Composed:
+# With one partition and no skip marks every row is ours: no window, no marker.
+_SINGLE_PARTITION_QUERY = sql.SQL(
+    """
+    SELECT true AS mine, e.global_position, e.transaction_id::text AS txid, e.event_id,
+           e.aggregate_id, e.aggregate_version, e.event_type, e.payload, e.metadata::text,
+           e.created_at
+    FROM events e
+    WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+      AND (e.transaction_id, e.global_position) > (%(txid)s::text::xid8, %(pos)s)
+    ORDER BY e.transaction_id, e.global_position
+    LIMIT %(limit)s
+    """
+)
+
+
+def build_read_query(partition: Partition, layers: tuple[MarkLayer, ...] = ()) -> sql.SQL | sql.Composed:
+    if partition.total_workers == 1 and not layers:
+        return _SINGLE_PARTITION_QUERY
     # ORDER BY uses the CTE's own columns: the text-cast output column is
     # aliased "txid" so it cannot shadow transaction_id and sort as text.
     return sql.SQL(
@@ -130,7 +147,7 @@ def build_read_query(partition: Partition, layers: tuple[MarkLayer, ...] = ()) -
             LIMIT %(window)s
         )
         (SELECT true AS mine, w.global_position, w.transaction_id::text AS txid, w.event_id,
-                w.aggregate_id, w.aggregate_version, w.event_type, w.payload, w.metadata,
+                w.aggregate_id, w.aggregate_version, w.event_type, w.payload, w.metadata::text,
                 w.created_at, NULL::bigint AS window_rows
          FROM w WHERE {filter} AND {skip}
          ORDER BY w.transaction_id, w.global_position
@@ -153,7 +170,7 @@ class PartitionReader:
         self.batch_size = batch_size
         self.window = min(MAX_WINDOW, max(batch_size, batch_size * partition.total_workers))
         self.layers = layers
-        self._query = build_read_query(partition, layers)
+        self._query: sql.SQL | sql.Composed = build_read_query(partition, layers)
         #: Event rows received from the server; each read also gets one marker row.
         self.rows_fetched = 0
 
@@ -175,6 +192,13 @@ class PartitionReader:
         ).fetchall()
         if not rows:
             return Batch([], None, False)
+        if self._query is _SINGLE_PARTITION_QUERY:
+            events = [to_recorded(row[1:10]) for row in rows]
+            self.rows_fetched += len(events)
+            last = events[-1]
+            return Batch(
+                events, Position(last.transaction_id, last.global_position), len(rows) >= self.batch_size
+            )
         events = [to_recorded(row[1:10]) for row in rows if row[0]]
         marker = next(row for row in rows if not row[0])
         self.rows_fetched += len(events)

@@ -40,9 +40,12 @@ MAX_AGGREGATE_ID_LENGTH = 255
 #: What the ``*_async`` functions take: an asyncio connection, e.g. from an AsyncConnectionPool.
 AsyncConnection = psycopg.AsyncConnection[TupleRow]
 
-# How often an ANY append re-reads the version after losing a race (possible
-# only against an exact-version writer, which does not take the stream lock).
-_ANY_RETRIES = 3
+# How often an ANY append re-reads the version after losing a race. The first
+# attempts take the one-statement path (no stream lock, see below), the rest
+# the locked path; a locked writer can still lose to a one-statement writer,
+# so there are several of those too.
+_ANY_ATTEMPTS = 10
+_ONE_STATEMENT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,52 @@ _INSERT = sql.SQL(
 ).format(channel=sql.Literal(NOTIFY_CHANNEL))
 
 
+# The fast path, for when the store owns the transaction (an autocommit
+# connection with nothing open): one statement reads the current versions,
+# checks every expected version, inserts and notifies, so an append is one
+# round trip and one implicit transaction. Nothing is inserted when any check
+# fails; the rows marked ok = false then name the conflicts. No ordering
+# guard is needed: the statement's transaction gets its id at the INSERT,
+# after its snapshot saw the previous append committed. No stream lock either:
+# a concurrent ANY writer makes the INSERT hit the unique constraint, and the
+# retry then takes the locked path below.
+_APPEND_ONE_STATEMENT = sql.SQL(
+    """
+    WITH wanted AS (
+        SELECT x.aggregate_id, x.expected, coalesce(l.aggregate_version, 0) AS version
+        FROM unnest(%s::text[], %s::int8[]) AS x(aggregate_id, expected)
+        LEFT JOIN LATERAL (
+            SELECT e.aggregate_version FROM events e
+            WHERE e.aggregate_id = x.aggregate_id
+            ORDER BY e.aggregate_version DESC
+            LIMIT 1
+        ) l ON true
+    ), conflicts AS (
+        SELECT w.aggregate_id, w.expected, w.version FROM wanted w
+        WHERE w.expected IS NOT NULL AND w.expected <> w.version
+    ), ins AS (
+        INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
+                            event_type, payload, metadata)
+        SELECT r.event_id, r.aggregate_id, w.version + r.version_offset, r.partition_hash,
+               r.event_type, r.payload, r.metadata
+        FROM unnest(%s::uuid[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::jsonb[], %s::jsonb[])
+             WITH ORDINALITY AS r(event_id, aggregate_id, version_offset, partition_hash,
+                                  event_type, payload, metadata, n)
+        JOIN wanted w ON w.aggregate_id = r.aggregate_id
+        WHERE NOT EXISTS (SELECT 1 FROM conflicts)
+        ORDER BY r.n
+        RETURNING global_position, aggregate_id, aggregate_version
+    ), notified AS (
+        SELECT pg_notify({channel}, '')
+    )
+    SELECT true AS ok, ins.global_position, ins.aggregate_id, ins.aggregate_version
+    FROM ins, notified
+    UNION ALL
+    SELECT false, c.expected, c.aggregate_id, c.version FROM conflicts c
+    """
+).format(channel=sql.Literal(NOTIFY_CHANNEL))
+
+
 def append(
     conn: Connection,
     aggregate_id: str,
@@ -149,6 +198,10 @@ def append_many(
     context, attempts = _prepare(appends, correlation_id, causation_id)
     for attempt in range(attempts):
         try:
+            if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
+                conn.autocommit, conn.info.transaction_status
+            ):
+                return _execute(conn, _plan_one_statement(appends, context))
             with _atomic(conn):
                 return _execute(conn, _plan_append(appends, context))
         except ConcurrencyError:
@@ -189,6 +242,10 @@ async def append_many_async(
     context, attempts = _prepare(appends, correlation_id, causation_id)
     for attempt in range(attempts):
         try:
+            if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
+                conn.autocommit, conn.info.transaction_status
+            ):
+                return await _execute_async(conn, _plan_one_statement(appends, context))
             if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
                 await conn.execute("SELECT 1")  # see _atomic
             async with conn.transaction():
@@ -219,7 +276,12 @@ def _prepare(
         context["causation_id"] = causation_id
 
     retry_any = all(a.expected_version is ANY for a in appends)
-    return context, _ANY_RETRIES if retry_any else 1
+    return context, _ANY_ATTEMPTS if retry_any else 1
+
+
+def _owns_transaction(autocommit: bool, status: TransactionStatus) -> bool:
+    """Nothing is open on an autocommit connection: one statement is the whole transaction."""
+    return autocommit and status == TransactionStatus.IDLE
 
 
 def _needs_implicit_begin(autocommit: bool, status: TransactionStatus) -> bool:
@@ -328,14 +390,53 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any]) -> _P
     try:
         rows = yield _Statement(_INSERT, columns)
     except pg_errors.UniqueViolation as e:
-        constraint = e.diag.constraint_name or ""
-        if "event_id" in constraint:
-            raise ValueError(f"an event id was already stored: {e.diag.message_detail}") from e
-        agg = _conflicting_aggregate(e, appends)
-        raise ConcurrencyError(
-            agg, _expected_of(appends, agg), None, "a concurrent append took the version"
-        ) from e
+        raise _unique_violation(e, appends) from e
+    return _results(appends, rows)
 
+
+def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]) -> _Plan:
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+    for a in appends:
+        partition_hash = fnv1a_32(a.aggregate_id)
+        for offset, event in enumerate(a.events, start=1):
+            columns[0].append(event.event_id)
+            columns[1].append(a.aggregate_id)
+            columns[2].append(offset)
+            columns[3].append(partition_hash)
+            columns[4].append(event.type)
+            columns[5].append(Jsonb(event.payload))
+            columns[6].append(Jsonb({**context, **event.metadata}))
+    expected = [_expected_number(a.expected_version) for a in appends]
+    try:
+        rows = yield _Statement(
+            _APPEND_ONE_STATEMENT, ([a.aggregate_id for a in appends], expected, *columns)
+        )
+    except pg_errors.UniqueViolation as e:
+        raise _unique_violation(e, appends) from e
+    for ok, _, agg, version in rows:
+        if not ok:
+            raise ConcurrencyError(agg, _expected_of(appends, agg), version)
+    return _results(appends, [(position, agg, version) for _, position, agg, version in rows])
+
+
+def _expected_number(expected: ExpectedVersion) -> int | None:
+    if expected is ANY:
+        return None
+    if expected is NO_STREAM:
+        return 0
+    assert isinstance(expected, int)
+    return expected
+
+
+def _unique_violation(e: pg_errors.UniqueViolation, appends: Sequence[StreamAppend]) -> Exception:
+    constraint = e.diag.constraint_name or ""
+    if "event_id" in constraint:
+        return ValueError(f"an event id was already stored: {e.diag.message_detail}")
+    agg = _conflicting_aggregate(e, appends)
+    return ConcurrencyError(agg, _expected_of(appends, agg), None, "a concurrent append took the version")
+
+
+def _results(appends: Sequence[StreamAppend], rows: Sequence[tuple[int, str, int]]) -> list[AppendResult]:
     positions: dict[str, list[int]] = {a.aggregate_id: [] for a in appends}
     last_version: dict[str, int] = {}
     for position, agg, version in sorted(rows):
@@ -394,7 +495,7 @@ async def stream_version_async(conn: AsyncConnection, aggregate_id: str) -> int:
 
 _EVENT_COLUMNS = sql.SQL(
     "e.global_position, e.transaction_id::text AS txid, e.event_id, e.aggregate_id, "
-    "e.aggregate_version, e.event_type, e.payload, e.metadata, e.created_at"
+    "e.aggregate_version, e.event_type, e.payload, e.metadata::text, e.created_at"
 )
 
 
@@ -428,7 +529,7 @@ def to_recorded(row: Sequence[Any]) -> RecordedEvent:
         aggregate_version=row[4],
         event_type=row[5],
         payload=row[6],
-        metadata=row[7],
+        metadata_json=row[7],
         created_at=row[8],
     )
 
