@@ -112,11 +112,11 @@ _INSERT = sql.SQL(
         ORDER BY r.n
         RETURNING global_position, aggregate_id, aggregate_version
     ), notified AS (
-        SELECT pg_notify({channel}, '')
+        SELECT {notify}
     )
     SELECT ins.global_position, ins.aggregate_id, ins.aggregate_version FROM ins, notified
     """
-).format(channel=sql.Literal(NOTIFY_CHANNEL))
+)
 
 
 # The fast path, for when the store owns the transaction (an autocommit
@@ -155,14 +155,28 @@ _APPEND_ONE_STATEMENT = sql.SQL(
         ORDER BY r.n
         RETURNING global_position, aggregate_id, aggregate_version
     ), notified AS (
-        SELECT pg_notify({channel}, '')
+        SELECT {notify}
     )
     SELECT true AS ok, ins.global_position, ins.aggregate_id, ins.aggregate_version
     FROM ins, notified
     UNION ALL
     SELECT false, c.expected, c.aggregate_id, c.version FROM conflicts c
     """
-).format(channel=sql.Literal(NOTIFY_CHANNEL))
+)
+
+
+# NOTIFY inside the append transaction is exact (delivered at commit, never
+# before the rows are visible) but PostgreSQL serialises the commits of all
+# notifying transactions, WAL flush included, which halves the throughput of
+# many concurrent small appends. notify=False leaves waking the workers to the
+# caller, typically a coalescing Notifier (notifier.py) poked after commit.
+def _with_notify(template: sql.SQL, notify: bool) -> sql.Composed:
+    call = sql.SQL("pg_notify({}, '')").format(sql.Literal(NOTIFY_CHANNEL)) if notify else sql.SQL("1")
+    return template.format(notify=call)
+
+
+_INSERTS = {notify: _with_notify(_INSERT, notify) for notify in (True, False)}
+_ONE_STATEMENT_APPENDS = {notify: _with_notify(_APPEND_ONE_STATEMENT, notify) for notify in (True, False)}
 
 
 def append(
@@ -173,17 +187,20 @@ def append(
     expected_version: ExpectedVersion = ANY,
     correlation_id: str | None = None,
     causation_id: str | None = None,
+    notify: bool = True,
 ) -> AppendResult:
     """Append ``events`` to one aggregate's stream.
 
     ``expected_version`` is :data:`ANY`, :data:`NO_STREAM`, or the exact current
     version; a mismatch raises :class:`ConcurrencyError` and writes nothing.
+    ``notify`` sends the workers' wake-up NOTIFY in the append's transaction.
     """
     return append_many(
         conn,
         [StreamAppend(aggregate_id, events, expected_version)],
         correlation_id=correlation_id,
         causation_id=causation_id,
+        notify=notify,
     )[0]
 
 
@@ -193,6 +210,7 @@ def append_many(
     *,
     correlation_id: str | None = None,
     causation_id: str | None = None,
+    notify: bool = True,
 ) -> list[AppendResult]:
     """Append to many aggregates in one transaction (bulk loading). All or nothing."""
     context, attempts = _prepare(appends, correlation_id, causation_id)
@@ -201,9 +219,9 @@ def append_many(
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
                 conn.autocommit, conn.info.transaction_status
             ):
-                return _execute(conn, _plan_one_statement(appends, context))
+                return _execute(conn, _plan_one_statement(appends, context, notify))
             with _atomic(conn):
-                return _execute(conn, _plan_append(appends, context))
+                return _execute(conn, _plan_append(appends, context, notify))
         except ConcurrencyError:
             # Under ANY a conflict only means another writer took the version we
             # computed; the savepoint is gone, so re-read and try again.
@@ -220,6 +238,7 @@ async def append_async(
     expected_version: ExpectedVersion = ANY,
     correlation_id: str | None = None,
     causation_id: str | None = None,
+    notify: bool = True,
 ) -> AppendResult:
     """:func:`append` on an asyncio connection: same checks, same SQL, same result."""
     results = await append_many_async(
@@ -227,6 +246,7 @@ async def append_async(
         [StreamAppend(aggregate_id, events, expected_version)],
         correlation_id=correlation_id,
         causation_id=causation_id,
+        notify=notify,
     )
     return results[0]
 
@@ -237,6 +257,7 @@ async def append_many_async(
     *,
     correlation_id: str | None = None,
     causation_id: str | None = None,
+    notify: bool = True,
 ) -> list[AppendResult]:
     """:func:`append_many` on an asyncio connection. All or nothing."""
     context, attempts = _prepare(appends, correlation_id, causation_id)
@@ -245,11 +266,11 @@ async def append_many_async(
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
                 conn.autocommit, conn.info.transaction_status
             ):
-                return await _execute_async(conn, _plan_one_statement(appends, context))
+                return await _execute_async(conn, _plan_one_statement(appends, context, notify))
             if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
                 await conn.execute("SELECT 1")  # see _atomic
             async with conn.transaction():
-                return await _execute_async(conn, _plan_append(appends, context))
+                return await _execute_async(conn, _plan_append(appends, context, notify))
         except ConcurrencyError:
             if attempt == attempts - 1:  # see append_many
                 raise
@@ -349,7 +370,7 @@ async def _execute_async(conn: AsyncConnection, plan: _Plan) -> list[AppendResul
         return result
 
 
-def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any]) -> _Plan:
+def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
     unversioned = [a.aggregate_id for a in appends if a.expected_version is ANY]
     if unversioned:
         yield _Statement(_LOCK_STREAMS, (unversioned,))
@@ -388,13 +409,13 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any]) -> _P
             columns[6].append(Jsonb({**context, **event.metadata}))
 
     try:
-        rows = yield _Statement(_INSERT, columns)
+        rows = yield _Statement(_INSERTS[notify], columns)
     except pg_errors.UniqueViolation as e:
         raise _unique_violation(e, appends) from e
     return _results(appends, rows)
 
 
-def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]) -> _Plan:
+def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
     columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
     for a in appends:
         partition_hash = fnv1a_32(a.aggregate_id)
@@ -409,7 +430,7 @@ def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]
     expected = [_expected_number(a.expected_version) for a in appends]
     try:
         rows = yield _Statement(
-            _APPEND_ONE_STATEMENT, ([a.aggregate_id for a in appends], expected, *columns)
+            _ONE_STATEMENT_APPENDS[notify], ([a.aggregate_id for a in appends], expected, *columns)
         )
     except pg_errors.UniqueViolation as e:
         raise _unique_violation(e, appends) from e

@@ -1,0 +1,70 @@
+"""The coalescing Notifier wakes workers for appends made with notify=False."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from projectionist.db import NOTIFY_CHANNEL, connect
+from projectionist.notifier import Notifier
+from projectionist.reader import Partition
+from projectionist.records import NewEvent
+from projectionist.store import append
+from projectionist.worker import Worker
+from tests.projections import Recorder, verify_exactly_once
+from tests.test_worker import Collect
+
+pytestmark = pytest.mark.integration
+
+
+def test_append_without_notify_sends_nothing_and_the_notifier_coalesces(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as listener, connect(db_url, autocommit=True) as conn:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        append(conn, "a", [NewEvent("E", {})], notify=False)
+        assert list(listener.notifies(timeout=0.3)) == []
+        append(conn, "a", [NewEvent("E", {})])  # the default notifies, at commit
+        assert len(list(listener.notifies(timeout=1, stop_after=1))) == 1
+
+        with Notifier(db_url, min_interval=0.05) as notifier:
+            for _ in range(200):
+                notifier.poke()
+            received = list(listener.notifies(timeout=1.0))
+            # Two hundred pokes in a burst become a handful of notifications,
+            # and at least one arrives after the last poke.
+            assert 1 <= len(received) <= 5
+            assert notifier.sent == len(received)
+
+
+def test_worker_wakes_promptly_from_the_notifier(db_url: str) -> None:
+    hooks = Collect()
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)
+    with Notifier(db_url) as notifier, connect(db_url, autocommit=True) as conn:
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not hooks.states or hooks.states[-1].value != "live":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            writers = [threading.Thread(target=_append_some, args=(db_url, notifier, k)) for k in range(4)]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join()
+            # The poll interval is 30 s: only the notifier can explain this.
+            while conn.execute("SELECT count(*) FROM applied_events").fetchone() != (80,):
+                assert time.monotonic() < deadline, "events not applied: notifier did not wake the worker"
+                time.sleep(0.05)
+            assert "notify" in hooks.wakeups and "poll" not in hooks.wakeups
+            assert verify_exactly_once(conn)["lost"] == 0
+        finally:
+            worker.stop()
+            worker.join(timeout=10)
+
+
+def _append_some(db_url: str, notifier: Notifier, k: int) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        for i in range(20):
+            append(conn, f"agg-{k}", [NewEvent("E", {"i": i})], notify=False)
+            notifier.poke()
