@@ -40,12 +40,11 @@ MAX_AGGREGATE_ID_LENGTH = 255
 #: What the ``*_async`` functions take: an asyncio connection, e.g. from an AsyncConnectionPool.
 AsyncConnection = psycopg.AsyncConnection[TupleRow]
 
-# How often an ANY append re-reads the version after losing a race. The first
-# attempts take the one-statement path (no stream lock, see below), the rest
-# the locked path; a locked writer can still lose to a one-statement writer,
-# so there are several of those too.
-_ANY_ATTEMPTS = 10
-_ONE_STATEMENT_ATTEMPTS = 3
+# How often an ANY append re-reads the version after losing a race: the first
+# attempt may take the one-statement path, the others the locked path, where a
+# loss is only possible against an exact-version writer (which takes no lock).
+_ANY_ATTEMPTS = 5
+_ONE_STATEMENT_ATTEMPTS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +124,18 @@ _INSERT = sql.SQL(
 # round trip and one implicit transaction. Nothing is inserted when any check
 # fails; the rows marked ok = false then name the conflicts. No ordering
 # guard is needed: the statement's transaction gets its id at the INSERT,
-# after its snapshot saw the previous append committed. No stream lock either:
-# a concurrent ANY writer makes the INSERT hit the unique constraint, and the
-# retry then takes the locked path below.
+# after its snapshot saw the previous append committed.
+# An ANY append cannot wait for the stream lock here (the snapshot is already
+# taken), so it only *tries* it: if another writer holds it, nothing is
+# inserted and the retry takes the locked path; if it gets it, it holds it to
+# commit, so writers on the locked path queue behind it instead of losing the
+# version race to it over and over.
 _APPEND_ONE_STATEMENT = sql.SQL(
     """
     WITH wanted AS (
-        SELECT x.aggregate_id, x.expected, coalesce(l.aggregate_version, 0) AS version
+        SELECT x.aggregate_id, x.expected, coalesce(l.aggregate_version, 0) AS version,
+               x.expected IS NOT NULL
+               OR pg_try_advisory_xact_lock(hashtextextended(x.aggregate_id, 0)) AS locked
         FROM unnest(%s::text[], %s::int8[]) AS x(aggregate_id, expected)
         LEFT JOIN LATERAL (
             SELECT e.aggregate_version FROM events e
@@ -142,6 +146,8 @@ _APPEND_ONE_STATEMENT = sql.SQL(
     ), conflicts AS (
         SELECT w.aggregate_id, w.expected, w.version FROM wanted w
         WHERE w.expected IS NOT NULL AND w.expected <> w.version
+        UNION ALL
+        SELECT w.aggregate_id, NULL, NULL FROM wanted w WHERE NOT w.locked
     ), ins AS (
         INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
                             event_type, payload, metadata)
@@ -436,7 +442,8 @@ def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]
         raise _unique_violation(e, appends) from e
     for ok, _, agg, version in rows:
         if not ok:
-            raise ConcurrencyError(agg, _expected_of(appends, agg), version)
+            detail = "" if version is not None else "another append to the stream is in progress"
+            raise ConcurrencyError(agg, _expected_of(appends, agg), version, detail)
     return _results(appends, [(position, agg, version) for _, position, agg, version in rows])
 
 
