@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 .PHONY: up down ps logs scale-workers dashboards
 .PHONY: bench bench-quick
 .PHONY: load scale-experiment
+.PHONY: chaos chaos-quick
 
 help:
 	@echo "make demo   - replay the seed's 1 -> 4 workers scaling live (embedded PostgreSQL, no Docker)"
@@ -17,6 +18,7 @@ help:
 	@echo "make bench-quick - the same on small sizes, no thresholds (a smoke test, under 2 minutes)"
 	@echo "make load   - headless Locust against the API (LOAD_* env; reports in loadtest/out/, exit 1 past thresholds)"
 	@echo "make scale-experiment - add/remove workers under steady load; results in docs/results/"
+	@echo "make chaos  - fault injection under load: kill -9, DB restart, dropped connections, ... (docs/results/chaos.md)"
 	@echo "make up     - the full stack in Docker: PostgreSQL, API, 4 workers, Prometheus, Grafana, traces"
 	@echo "make down / ps / logs [SERVICE=worker-0] / scale-workers N=... / dashboards"
 
@@ -33,11 +35,12 @@ demo: venv
 	$(BIN)/projectionist demo
 
 lint: venv
-	$(BIN)/ruff check services tests dashboards bench examples loadtest
-	$(BIN)/ruff format --check services tests dashboards bench examples loadtest
+	$(BIN)/ruff check services tests dashboards bench examples loadtest chaos
+	$(BIN)/ruff format --check services tests dashboards bench examples loadtest chaos
 	$(BIN)/mypy
 	$(BIN)/mypy --strict dashboards
 	$(BIN)/mypy --strict loadtest
+	$(BIN)/mypy --strict chaos
 
 test: venv lint
 	$(BIN)/python -m pytest -q
@@ -52,6 +55,14 @@ load: venv
 # About 3 minutes; ARGS="--step-seconds 30 --rate 3000 --distribution zipf" etc.
 scale-experiment: venv
 	$(BIN)/python -m projectionist.experiment.scale $(ARGS)
+
+# The fault-injection suite (chaos/), about 4 minutes; exit 1 if a scenario fails.
+# ARGS="--scenario 'kill -9'" runs one. CI runs the trimmed timings: tests/test_chaos.py.
+chaos: venv
+	$(BIN)/python -m chaos --output docs/results/chaos.md $(ARGS)
+
+chaos-quick: venv
+	$(BIN)/python -m chaos --quick $(ARGS)
 
 clean:
 	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache

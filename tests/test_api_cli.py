@@ -1,0 +1,100 @@
+"""``projectionist api`` as a real process: start-up migrations, configuration errors, exported traces."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from projectionist.db import connect
+from tests.conftest import Server, run_cli
+from tests.fix_api import free_port, start_api_process, stop_process, wait_until_serving
+from tests.fix_otlp import OtlpReceiver, otlp_receiver  # noqa: F401  (a fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def empty_db(pg_server: Server) -> Iterator[str]:
+    """A database without any migration applied."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with pg_server.admin() as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield pg_server.url_for(name)
+    finally:
+        with pg_server.admin() as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
+    empty_db: str,
+    otlp_receiver: OtlpReceiver,  # noqa: F811
+) -> None:
+    port = free_port()
+    proc = start_api_process(
+        empty_db,
+        port,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, url)
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        r = httpx.post(
+            f"{url}/streams/traced/events",
+            json={"events": [{"type": "T", "data": {}}]},
+            headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
+            timeout=10,
+        )
+        assert r.status_code == 201
+        (server_span,) = otlp_receiver.wait_for(lambda s: s.span.kind == s.span.SPAN_KIND_SERVER)
+        (producer,) = otlp_receiver.wait_for(lambda s: s.span.kind == s.span.SPAN_KIND_PRODUCER)
+    finally:
+        err = stop_process(proc)
+    assert proc.returncode == 0, err
+    assert server_span.name == "POST /streams/{aggregate_id}/events"
+    assert server_span.resource["service.name"] == "projectionist-api"
+    assert server_span.span.trace_id.hex() == CALLER_TRACE
+    assert server_span.span.parent_span_id.hex() == CALLER_SPAN
+    assert producer.span.parent_span_id == server_span.span.span_id
+    assert producer.attributes["messaging.system"] == "projectionist"
+    assert producer.attributes["messaging.batch.message_count"] == 1
+    with connect(empty_db) as conn:
+        row = conn.execute("SELECT metadata->>'traceparent' FROM events").fetchone()
+    # The stored context is the producer span: what a worker's batch span links to.
+    assert row == (f"00-{CALLER_TRACE}-{producer.span.span_id.hex()}-01",)
+
+
+def test_no_migrate_leaves_an_empty_database_not_ready(empty_db: str) -> None:
+    port = free_port()
+    proc = start_api_process(empty_db, port, "--no-migrate")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, url)
+        r = httpx.get(f"{url}/readyz", timeout=10)
+        assert r.status_code == 503
+        assert r.json()["detail"] == "not migrated"
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"API_PORT": "http"}, "API_PORT='http' is not an integer"),
+        ({"API_PORT": "70000"}, "API_PORT=70000 is not a TCP port"),
+        ({"API_MAX_BODY_BYTES": "0"}, "API_MAX_BODY_BYTES='0' must be at least 1"),
+        ({"API_TOKEN": "   "}, "API_TOKEN must not be blank"),
+    ],
+)
+def test_invalid_settings_exit_2_naming_the_variable(db_url: str, env: dict[str, str], message: str) -> None:
+    result = run_cli("api", db_url=db_url, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
