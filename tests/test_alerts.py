@@ -26,6 +26,8 @@ REQUIRED_ALERTS = {
     "ProjectionistPartitionUncovered",  # coverage below TOTAL_WORKERS
     "ProjectionistErrorsRising",  # errors rising
     "ProjectionistOldestTransactionTooOld",  # oldest open transaction too old
+    "ProjectionistWorkerFailing",  # held in front of a poison event (POISON_POLICY=stop)
+    "ProjectionistEventsParked",  # dead letters waiting (POISON_POLICY=park)
 }
 
 

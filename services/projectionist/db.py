@@ -57,4 +57,10 @@ def connect(url: str, *, application_name: str = "projectionist", autocommit: bo
         keepalives_interval=2,
         keepalives_count=3,
         connect_timeout=5,
+        # And the server side: a worker whose machine or network vanished
+        # (no FIN, unlike kill -9) would keep its session, hence its
+        # partition's ownership lock, for the server's two-hour keepalive
+        # default; these let a standby take over within about 15 s.
+        options="-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+        "-c tcp_keepalives_count=3 -c tcp_user_timeout=10000",
     )

@@ -167,6 +167,19 @@ def request_retry(conn: Connection, letter_id: int) -> int:
             raise ConfigError(f"dead letter {letter_id} does not exist")
         # Every open letter of the aggregate goes back together: retrying only
         # a later one would apply it before the earlier ones.
+        # Lock them first, in a statement of its own. A batch that is parking
+        # this aggregate's next event holds these rows (open_letters), so this
+        # waits for it to commit; the UPDATE below then takes a new snapshot
+        # that includes the letter it added. A lone UPDATE would wait too, but
+        # READ COMMITTED re-checks only the rows of its older snapshot: the
+        # new letter would stay 'parked', and a partly retried aggregate is
+        # never retried (open_letters). Later batches wait for our commit.
+        # Version order, as open_letters locks them: no deadlock with a batch.
+        conn.execute(
+            "SELECT id FROM dead_letters WHERE projection_name = %s AND aggregate_id = %s "
+            "AND status IN ('parked', 'retry') ORDER BY aggregate_version FOR UPDATE",
+            (letter.projection, letter.aggregate_id),
+        )
         cur = conn.execute(
             "UPDATE dead_letters SET status = 'retry', updated_at = now() "
             "WHERE projection_name = %s AND aggregate_id = %s AND status = 'parked'",
