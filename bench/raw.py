@@ -1,0 +1,130 @@
+"""The physical limit: plain psycopg on a table of exactly projectionist's shape.
+
+The table is created by projectionist's own migration, so columns, defaults,
+constraints and indexes match to the letter. Raw does none of the store's
+work: versions come from a client-side counter (no read, no lock, no check),
+and the scan pages through the primary key with no gap fence and no partition
+filter. It does decode every payload (jsonb to dict), as any consumer must;
+metadata comes back as text, undecoded, as projectionist's reader returns it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from bench.contestants import Contestant, Writer
+from bench.data import (
+    EVENT_TYPE,
+    PEER_CHECKPOINT_DDL,
+    PEER_CHECKPOINT_SAVE,
+    READ_MODEL_DDL,
+    READ_MODEL_UPSERT,
+    Event,
+    coalesce,
+)
+from projectionist.migrate import migrate
+from projectionist.partitioning import fnv1a_32
+
+_INSERT = (
+    "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
+    "payload, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+# The same columns, in the same form, as projectionist's reader returns, in primary-key order.
+_SCAN = (
+    "SELECT global_position, transaction_id::text AS txid, event_id, aggregate_id, aggregate_version, "
+    "event_type, payload, metadata::text AS metadata, created_at FROM events WHERE global_position > %s "
+    "ORDER BY global_position LIMIT %s"
+)
+
+
+class _Versions:
+    """Client-side version counters and cached partition hashes: what raw skips asking the server."""
+
+    def __init__(self) -> None:
+        self.version: dict[str, int] = {}
+        self.hash: dict[str, int] = {}
+
+    def next(self, agg: str) -> tuple[int, int]:
+        v = self.version.get(agg, 0) + 1
+        self.version[agg] = v
+        h = self.hash.get(agg)
+        if h is None:
+            h = self.hash[agg] = fnv1a_32(agg)
+        return v, h
+
+    def row(self, agg: str, body: dict[str, Any]) -> tuple[Any, ...]:
+        v, h = self.next(agg)
+        return (uuid.uuid4(), agg, v, h, EVENT_TYPE, Jsonb(body), Jsonb({}))
+
+
+class _RawWriter(Writer):
+    def __init__(self, raw: Raw) -> None:
+        self.conn = raw.connect()
+        self.versions = _Versions()
+
+    def write(self, aggregate: str, body: dict[str, Any]) -> None:
+        # Autocommit: one INSERT is one transaction, one round trip.
+        self.conn.execute(_INSERT, self.versions.row(aggregate, body))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Raw(Contestant):
+    key = "raw"
+    label = "raw psycopg"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.versions = _Versions()
+
+    def setup(self) -> None:
+        with self.connect() as conn:
+            migrate(conn)
+            conn.execute(READ_MODEL_DDL)
+            conn.execute(PEER_CHECKPOINT_DDL)
+
+    def reset(self) -> None:
+        with self.connect() as conn:
+            conn.execute("TRUNCATE events, bench_read_model, bench_checkpoint RESTART IDENTITY")
+        self.versions = _Versions()
+
+    def events_table(self) -> str:
+        return "events"
+
+    def append_batches(self, transactions: list[list[Event]]) -> float:
+        with self.connect() as conn:
+            started = time.perf_counter()
+            for txn in transactions:
+                with conn.transaction(), conn.cursor() as cur:
+                    # executemany pipelines the INSERTs: one round trip per batch.
+                    cur.executemany(_INSERT, [self.versions.row(agg, body) for agg, body in txn])
+            return time.perf_counter() - started
+
+    def writer(self, thread: int, events: list[Event]) -> Writer:
+        return _RawWriter(self)
+
+    def catch_up(self, *, read_model: bool, batch_size: int, name: str) -> tuple[int, float]:
+        with self.connect() as conn:
+            started = time.perf_counter()
+            position = 0
+            total = 0
+            while True:
+                if read_model:
+                    with conn.transaction():
+                        rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
+                        if rows:
+                            with conn.cursor() as cur:
+                                cur.executemany(READ_MODEL_UPSERT, coalesce([(r[3], r[0]) for r in rows]))
+                            conn.execute(PEER_CHECKPOINT_SAVE, (name, rows[-1][0]))
+                else:
+                    rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
+                if not rows:
+                    break
+                total += len(rows)
+                position = rows[-1][0]
+            return total, time.perf_counter() - started

@@ -1,0 +1,391 @@
+"""What a run measured, the targets it is judged by, and the one Markdown report.
+
+The console shows exactly the Markdown written to ``bench/results/``. Every
+target is listed with its measured ratio and ``ok`` or ``MISS``; a target whose
+inputs were not measured says ``not measured`` and why, never ``ok``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+CONTESTANTS = [
+    "raw",
+    "projectionist",
+    "projectionist_exact",
+    "projectionist_notifier",
+    "eventsourcing",
+    "messagedb",
+]
+LABELS = {
+    "raw": "raw psycopg",
+    "projectionist": "projectionist",
+    "projectionist_exact": "projectionist (exact version)",
+    "projectionist_notifier": "projectionist (Notifier)",
+    "eventsourcing": "eventsourcing",
+    "messagedb": "Message DB",
+}
+
+THROUGHPUT_WORKLOADS = {
+    "batched_append": "1. Batched append (100 events/txn, 10 aggregates/txn)",
+    "concurrent_append": "2. Concurrent single-event appends (8 threads)",
+    "catch_up_noop": "3a. Catch-up, no-op projection, 1 worker",
+    "catch_up_read_model": "3b. Catch-up, read-model projection (upsert per aggregate), 1 worker",
+}
+
+
+@dataclass
+class Cell:
+    """One contestant's result on one throughput workload: events/s per repetition, or why not."""
+
+    samples: list[float] = field(default_factory=list)
+    reason: str | None = None
+    events: int = 0
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+
+@dataclass
+class PartitionedRun:
+    wall_seconds: float
+    events: int
+    rows_fetched: int | None
+    reads: int | None
+    server_rows_read: int | None
+
+
+@dataclass
+class PartitionedCell:
+    runs: list[PartitionedRun] = field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def median_wall(self) -> float | None:
+        return statistics.median(r.wall_seconds for r in self.runs) if self.runs else None
+
+    @property
+    def last(self) -> PartitionedRun | None:
+        return self.runs[-1] if self.runs else None
+
+
+@dataclass
+class LatencyRun:
+    target_rate: float
+    achieved_rate: float
+    samples: int
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+
+@dataclass
+class Results:
+    quick: bool
+    sizes: dict[str, int]
+    reps: int
+    header: list[str] = field(default_factory=list)
+    throughput: dict[tuple[str, str], Cell] = field(default_factory=dict)
+    partitioned: dict[tuple[str, int], PartitionedCell] = field(default_factory=dict)
+    latency: dict[float, list[LatencyRun]] = field(default_factory=dict)
+    latency_method: str = ""
+    latency_reason: str | None = None
+    telemetry: dict[str, Cell] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def cell(self, workload: str, contestant: str) -> Cell:
+        return self.throughput.setdefault((workload, contestant), Cell())
+
+    def median(self, workload: str, contestant: str) -> float | None:
+        c = self.throughput.get((workload, contestant))
+        return c.median if c else None
+
+    def reason(self, workload: str, contestant: str) -> str | None:
+        c = self.throughput.get((workload, contestant))
+        if c is None:
+            return "not run"
+        return c.reason
+
+
+# -- targets -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    measured: str
+    target: str
+    result: str  # "ok", "MISS" or "not measured: <why>"
+
+
+def _ratio_target(results: Results, name: str, workload: str, num: str, den: str, minimum: float) -> Verdict:
+    a, b = results.median(workload, num), results.median(workload, den)
+    target = f"≥ {minimum:g}\N{MULTIPLICATION SIGN}"
+    if a is None or b is None:
+        why = results.reason(workload, num) if a is None else results.reason(workload, den)
+        return Verdict(name, "—", target, f"not measured: {why or 'no samples'}")
+    ratio = a / b
+    return Verdict(name, f"{ratio:.2f}\N{MULTIPLICATION SIGN}", target, "ok" if ratio >= minimum else "MISS")
+
+
+def verdicts(results: Results) -> list[Verdict]:
+    out = [
+        _ratio_target(results, "Batched append vs raw", "batched_append", "projectionist", "raw", 0.8),
+        _ratio_target(
+            results,
+            "Concurrent single-event appends vs raw",
+            "concurrent_append",
+            "projectionist",
+            "raw",
+            0.9,
+        ),
+        _ratio_target(
+            results, "1-worker catch-up (no-op) vs raw scan", "catch_up_noop", "projectionist", "raw", 0.7
+        ),
+    ]
+    for n in (1, 2, 4):
+        cell = results.partitioned.get(("projectionist", n))
+        run = cell.last if cell else None
+        name = f"Rows fetched by {n} worker{'s' if n > 1 else ''} together vs events"
+        # One marker row per read says where the read window ended; 1% covers it.
+        target = "1.0\N{MULTIPLICATION SIGN} (≤ 1.01\N{MULTIPLICATION SIGN} with marker rows)"
+        if run is None or run.rows_fetched is None:
+            why = (cell.reason if cell else None) or "pg_stat_statements unavailable"
+            out.append(Verdict(name, "—", target, f"not measured: {why}"))
+        else:
+            ratio = run.rows_fetched / max(run.events, 1)
+            out.append(
+                Verdict(
+                    name, f"{ratio:.3f}\N{MULTIPLICATION SIGN}", target, "ok" if ratio <= 1.01 else "MISS"
+                )
+            )
+    one, two = results.partitioned.get(("projectionist", 1)), results.partitioned.get(("projectionist", 2))
+    if one and two and one.median_wall and two.median_wall:
+        speedup = one.median_wall / two.median_wall
+        out.append(
+            Verdict(
+                "2-worker catch-up vs 1 worker",
+                f"{speedup:.2f}\N{MULTIPLICATION SIGN}",
+                "≥ 1.6\N{MULTIPLICATION SIGN}",
+                "ok" if speedup >= 1.6 else "MISS",
+            )
+        )
+    else:
+        why = (one.reason if one else None) or (two.reason if two else None) or "not run"
+        out.append(
+            Verdict(
+                "2-worker catch-up vs 1 worker", "—", "≥ 1.6\N{MULTIPLICATION SIGN}", f"not measured: {why}"
+            )
+        )
+    runs = results.latency.get(500.0)
+    if runs:
+        p99 = statistics.median(r.p99 for r in runs) * 1000
+        out.append(
+            Verdict(
+                "Append-to-applied p99 at 500 events/s",
+                f"{p99:.1f} ms",
+                "< 100 ms",
+                "ok" if p99 < 100 else "MISS",
+            )
+        )
+    else:
+        out.append(
+            Verdict(
+                "Append-to-applied p99 at 500 events/s",
+                "—",
+                "< 100 ms",
+                f"not measured: {results.latency_reason or 'not run'}",
+            )
+        )
+    for workload, label in [
+        ("batched_append", "Batched append vs eventsourcing"),
+        ("concurrent_append", "Concurrent appends vs eventsourcing"),
+        ("catch_up_noop", "Catch-up vs eventsourcing"),
+    ]:
+        out.append(_ratio_target(results, label, workload, "projectionist", "eventsourcing", 2.0))
+    with_t, without = results.telemetry.get("with"), results.telemetry.get("without")
+    name = "Catch-up with telemetry vs without (issue 3)"
+    if with_t and without and with_t.median and without.median:
+        ratio = with_t.median / without.median
+        out.append(
+            Verdict(
+                name,
+                f"{ratio:.2f}\N{MULTIPLICATION SIGN}",
+                "≥ 0.9\N{MULTIPLICATION SIGN}",
+                "ok" if ratio >= 0.9 else "MISS",
+            )
+        )
+    else:
+        why = (with_t.reason if with_t else None) or (without.reason if without else None) or "not run"
+        out.append(Verdict(name, "—", "≥ 0.9\N{MULTIPLICATION SIGN}", f"not measured: {why}"))
+    return out
+
+
+# -- rendering -----------------------------------------------------------------
+
+
+def _rate(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.0f}"
+
+
+def _spread(samples: list[float]) -> str:
+    """Half the min-max range as a percentage of the median: how noisy the repetitions were."""
+    if len(samples) < 2:
+        return ""
+    median = statistics.median(samples)
+    return f" ±{(max(samples) - min(samples)) / 2 / median * 100:.0f}%" if median else ""
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}\N{MULTIPLICATION SIGN}"
+
+
+def render(results: Results) -> str:
+    lines: list[str] = []
+    mode = "quick smoke run (no thresholds apply)" if results.quick else "full run"
+    lines.append(f"# projectionist benchmark: {mode}")
+    lines.append("")
+    lines += [f"- {h}" for h in results.header]
+    sizes = ", ".join(f"{k}={v:,}" for k, v in results.sizes.items())
+    lines.append(f"- Sizes: {sizes}; median of {results.reps} repetition(s) after a warm-up run")
+    lines.append("")
+
+    lines.append("## Targets")
+    lines.append("")
+    v = verdicts(results)
+    lines += _table(
+        ["Target", "Measured", "Target", "Result"], [[x.name, x.measured, x.target, x.result] for x in v]
+    )
+    misses = [x.name for x in v if x.result == "MISS"]
+    lines.append("")
+    lines.append(f"**{len(misses)} miss(es)**: {', '.join(misses)}" if misses else "**No misses.**")
+    lines.append("")
+
+    lines.append("## Throughput (events/s: median ± half the min-max spread of the repetitions)")
+    lines.append("")
+    present = [c for c in CONTESTANTS if any(k[1] == c for k in results.throughput)]
+    headers = [
+        "Workload",
+        *[LABELS[c] for c in present],
+        "projectionist ÷ raw",
+        "÷ eventsourcing",
+        "÷ Message DB",
+    ]
+    rows = []
+    for workload, label in THROUGHPUT_WORKLOADS.items():
+        row = [label]
+        for c in present:
+            cell = results.throughput.get((workload, c))
+            if cell is None:
+                row.append("—")
+            elif cell.reason:
+                row.append(f"not measured: {cell.reason}")
+            else:
+                row.append(_rate(cell.median) + _spread(cell.samples))
+        ours = results.median(workload, "projectionist")
+        row += [_ratio(ours, results.median(workload, d)) for d in ("raw", "eventsourcing", "messagedb")]
+        rows.append(row)
+    lines += _table(headers, rows)
+    lines.append("")
+
+    lines.append("## 4. Partitioned catch-up (N worker processes)")
+    lines.append("")
+    prow: list[list[str]] = []
+    base: dict[str, float] = {}
+    for contestant in ("projectionist", "messagedb"):
+        for n in (1, 2, 4):
+            pcell = results.partitioned.get((contestant, n))
+            label = f"{LABELS[contestant]}, N={n}"
+            if pcell is None:
+                continue
+            if pcell.reason or not pcell.runs:
+                prow.append([label, f"not measured: {pcell.reason}", "", "", "", "", ""])
+                continue
+            wall = pcell.median_wall
+            assert wall is not None
+            run = pcell.last
+            assert run is not None
+            if n == 1:
+                base[contestant] = wall
+            speed = f"{base[contestant] / wall:.2f}\N{MULTIPLICATION SIGN}" if contestant in base else "—"
+            fetched = "—" if run.rows_fetched is None else f"{run.rows_fetched:,}"
+            ratio = (
+                "—"
+                if run.rows_fetched is None
+                else f"{run.rows_fetched / max(run.events, 1):.3f}\N{MULTIPLICATION SIGN}"
+            )
+            scanned = (
+                "—"
+                if run.server_rows_read is None
+                else f"{run.server_rows_read / max(run.events, 1):.2f}\N{MULTIPLICATION SIGN}"
+            )
+            prow.append([label, f"{wall:.2f}", _rate(run.events / wall), speed, fetched, ratio, scanned])
+    lines += _table(
+        [
+            "Contestant",
+            "Wall time (s)",
+            "events/s",
+            "Speed-up vs N=1",
+            "Rows sent to workers",
+            "Rows sent ÷ events",
+            "Rows the server read ÷ events",
+        ],
+        prow,
+    )
+    lines.append("")
+
+    lines.append("## 5. Append-to-applied latency, 4 workers live (projectionist)")
+    lines.append("")
+    if results.latency:
+        lrows = []
+        for rate, runs in sorted(results.latency.items()):
+            med = statistics.median
+            lrows.append(
+                [
+                    f"{rate:,.0f}",
+                    f"{med(r.achieved_rate for r in runs):,.0f}",
+                    f"{sum(r.samples for r in runs):,}",
+                    f"{med(r.p50 for r in runs) * 1000:.1f}",
+                    f"{med(r.p95 for r in runs) * 1000:.1f}",
+                    f"{med(r.p99 for r in runs) * 1000:.1f}",
+                    f"{max(r.max for r in runs) * 1000:.1f}",
+                ]
+            )
+        lines += _table(
+            ["Target events/s", "Achieved", "Samples", "p50 (ms)", "p95 (ms)", "p99 (ms)", "max (ms)"], lrows
+        )
+        lines.append("")
+        lines.append(f"Measured as: {results.latency_method}")
+    else:
+        lines.append(f"not measured: {results.latency_reason or 'not run'}")
+    lines.append("")
+
+    lines.append("## Telemetry cost (issue 3): 1-worker no-op catch-up, projectionist")
+    lines.append("")
+    trows = []
+    for key, label in (("without", "hooks=WorkerHooks() (none)"), ("with", "telemetry HookChain")):
+        cell = results.telemetry.get(key)
+        if cell is None:
+            trows.append([label, "not run"])
+        elif cell.reason:
+            trows.append([label, f"not measured: {cell.reason}"])
+        else:
+            trows.append([label, _rate(cell.median) + _spread(cell.samples)])
+    lines += _table(["Hooks", "events/s"], trows)
+    lines.append("")
+
+    if results.notes:
+        lines.append("## Notes")
+        lines.append("")
+        lines += [f"- {n}" for n in results.notes]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,318 @@
+"""Orchestrates a benchmark run: server, contestants, the five workloads, the report.
+
+``make bench`` runs ``python -m bench``; ``make bench-quick`` adds ``--quick``
+(small sizes, 1 repetition, no thresholds: it exits 0 unless the benchmark
+itself breaks). A peer that cannot be installed is reported as "not measured"
+with the reason; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.contestants import Contestant, Unavailable
+from bench.data import batched_plan, concurrent_plan, payload_size
+from bench.results import Results, render
+from bench.server import BenchServer
+from bench.throughput import Failures, batched_append, catch_up, concurrent_append, one_line, telemetry_cost
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Smoke runs go to the git-ignored bench/out/, never over the published numbers.
+QUICK_DIR = Path(__file__).resolve().parent / "out"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    append_events: int
+    warmup_events: int
+    concurrent_events: int
+    concurrent_warmup: int
+    threads: int
+    batch_size: int
+    partition_counts: tuple[int, ...]
+    latency_rates: tuple[float, ...]
+    latency_seconds: float
+    reps: int
+
+
+FULL = Sizes(
+    append_events=100_000,
+    warmup_events=10_000,
+    concurrent_events=4_000,
+    concurrent_warmup=800,
+    threads=8,
+    batch_size=500,
+    partition_counts=(1, 2, 4),
+    latency_rates=(200.0, 500.0, 2000.0),
+    latency_seconds=5.0,
+    reps=3,
+)
+QUICK = Sizes(
+    append_events=5_000,
+    warmup_events=1_000,
+    concurrent_events=800,
+    concurrent_warmup=160,
+    threads=8,
+    batch_size=500,
+    partition_counts=(1, 2, 4),
+    latency_rates=(200.0, 500.0, 2000.0),
+    latency_seconds=1.5,
+    reps=1,
+)
+
+ALL_WORKLOADS = ("append", "concurrent", "catchup", "telemetry", "partitioned", "latency")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition (the CI smoke test)")
+    p.add_argument("--reps", type=int, help="timed repetitions per measurement (default 3, quick 1)")
+    p.add_argument("--events", type=int, help="events for workloads 1, 3 and 4 (default 100000)")
+    p.add_argument(
+        "--only",
+        default=",".join(ALL_WORKLOADS),
+        help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (catch-up needs append's data)",
+    )
+    p.add_argument("--no-peers", action="store_true", help="skip eventsourcing and Message DB")
+    p.add_argument(
+        "--exact-versions",
+        action="store_true",
+        help="also run projectionist appends with exact expected versions",
+    )
+    p.add_argument(
+        "--notifier",
+        action="store_true",
+        help="also run projectionist appends with notify=False and a coalescing Notifier",
+    )
+    p.add_argument("--output", type=Path, default=RESULTS_DIR, help="where to write <date>.md and latest.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(
+        **{
+            **base.__dict__,
+            "reps": args.reps or base.reps,
+            "append_events": args.events or base.append_events,
+        }
+    )
+    only = {w.strip() for w in args.only.split(",") if w.strip()}
+    if only & {"catchup", "telemetry", "partitioned"}:
+        only.add("append")  # they read what workload 1 wrote
+    started = time.monotonic()
+    url = os.environ.get("BENCH_DATABASE_URL") or None
+    log(
+        f"projectionist bench ({'quick' if args.quick else 'full'}): "
+        f"{'BENCH_DATABASE_URL' if url else 'starting embedded PostgreSQL'}"
+    )
+    failures = Failures(log)
+    with BenchServer(url) as server:
+        machine = server.machine()
+        results = Results(
+            quick=args.quick,
+            sizes={
+                "append/catch-up events": sizes.append_events,
+                "concurrent events": sizes.concurrent_events,
+                "threads": sizes.threads,
+                "batch size": sizes.batch_size,
+                "payload bytes": payload_size(),
+            },
+            reps=sizes.reps,
+        )
+        now = dt.datetime.now(dt.UTC).astimezone()
+        results.header = [f"Date: {now:%Y-%m-%d %H:%M %Z}", *machine.describe()]
+        contestants, unavailable = build_contestants(server, args)
+        for key, reason in unavailable.items():
+            for workload in ("batched_append", "concurrent_append", "catch_up_noop", "catch_up_read_model"):
+                results.cell(workload, key).reason = reason
+        run_workloads(server, contestants, unavailable, sizes, only, results, failures)
+        for c in contestants:
+            try:
+                c.close()
+            except Exception as e:
+                log(f"closing {c.label}: {one_line(e)}")
+        load_after = os.getloadavg()
+        results.header.append(
+            "Load average when the run ended: "
+            + ", ".join(f"{x:.2f}" for x in load_after)
+            + (
+                " (busy machine: treat the numbers as noisy)"
+                if machine.load_before[0] > 0.5 * machine.cores
+                else ""
+            )
+        )
+    elapsed = time.monotonic() - started
+    results.header.append(f"Run time: {elapsed:.0f} s")
+    report = render(results)
+    print()
+    print(report)
+    write_report(report, args.output, quick=args.quick)
+    if failures.fatal:
+        print("\nthe benchmark itself failed:", file=sys.stderr)
+        for f in failures.fatal:
+            print(f"  {f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_report(report: str, out: Path, *, quick: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if quick:
+        # A smoke run must not overwrite the published numbers.
+        path = QUICK_DIR / "quick-latest.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report + "\n")
+        log(f"\nwrote {path}")
+        return
+    dated = out / f"{dt.date.today().isoformat()}.md"
+    for path in (dated, out / "latest.md"):
+        path.write_text(report + "\n")
+    log(f"\nwrote {dated} and {out / 'latest.md'}")
+
+
+def build_contestants(
+    server: BenchServer, args: argparse.Namespace
+) -> tuple[list[Contestant], dict[str, str]]:
+    from bench.ours import Projectionist
+    from bench.raw import Raw
+
+    contestants: list[Contestant] = []
+    unavailable: dict[str, str] = {}
+    contestants.append(Raw(server.fresh_database("bench_raw")))
+    ours_url = server.fresh_database("bench_projectionist")
+    contestants.append(Projectionist(ours_url))
+    if args.exact_versions:
+        contestants.append(
+            Projectionist(server.fresh_database("bench_projectionist_exact"), exact_versions=True)
+        )
+    if args.notifier:
+        try:
+            contestants.append(
+                Projectionist(server.fresh_database("bench_projectionist_notifier"), notifier=True)
+            )
+        except ImportError as e:
+            log(f"--notifier: not measured: {e}")
+    if args.no_peers:
+        unavailable["eventsourcing"] = unavailable["messagedb"] = "skipped (--no-peers)"
+    else:
+        for key, factory in (("eventsourcing", _eventsourcing), ("messagedb", _messagedb)):
+            try:
+                contestants.append(factory(server))
+            except Unavailable as e:
+                unavailable[key] = str(e)
+                log(f"{key}: not measured: {e}")
+            except Exception as e:
+                unavailable[key] = f"setup failed: {one_line(e)}"
+                log(f"{key}: not measured: setup failed: {one_line(e)}")
+    for c in list(contestants):
+        if c.key in unavailable:
+            continue
+        try:
+            c.setup()
+        except Unavailable as e:
+            unavailable[c.key] = str(e)
+            contestants.remove(c)
+            log(f"{c.key}: not measured: {e}")
+        except Exception as e:
+            if c.key in ("raw", "projectionist"):
+                raise
+            unavailable[c.key] = f"setup failed: {one_line(e)}"
+            contestants.remove(c)
+            log(f"{c.key}: not measured: setup failed: {one_line(e)}")
+    return contestants, unavailable
+
+
+def _eventsourcing(server: BenchServer) -> Contestant:
+    from bench.es import EventSourcing
+
+    return EventSourcing(server.fresh_database("bench_es"))
+
+
+def _messagedb(server: BenchServer) -> Contestant:
+    from bench.mdb import MessageDB
+
+    return MessageDB(server.fresh_database("bench_mdb"), "bench_mdb")
+
+
+def run_workloads(
+    server: BenchServer,
+    contestants: list[Contestant],
+    unavailable: dict[str, str],
+    sizes: Sizes,
+    only: set[str],
+    results: Results,
+    failures: Failures,
+) -> None:
+    by_key = {c.key: c for c in contestants}
+    if "concurrent" in only:
+        plan = concurrent_plan(sizes.concurrent_events, sizes.threads)
+        warmup = concurrent_plan(sizes.concurrent_warmup, sizes.threads, seed=3)
+        concurrent_append(contestants, plan, warmup, sizes.reps, results, failures, log)
+    if "append" in only:
+        plan_b = batched_plan(sizes.append_events)
+        warm_b = batched_plan(sizes.warmup_events, seed=4)
+        batched_append(contestants, plan_b, warm_b, sizes.reps, results, failures, log)
+        for c in contestants:
+            try:
+                c.vacuum_analyze()
+            except Exception as e:
+                log(f"  {c.label}: VACUUM ANALYZE failed: {one_line(e)}")
+    readers = [c for c in contestants if c.key not in ("projectionist_exact", "projectionist_notifier")]
+    if "catchup" in only:
+        catch_up(readers, sizes.batch_size, sizes.reps, results, failures, log)
+    if "telemetry" in only and "projectionist" in by_key:
+        telemetry_cost(by_key["projectionist"], sizes.batch_size, sizes.reps, results, failures, log)
+    if "partitioned" in only and "projectionist" in by_key:
+        from bench.partitioned import partitioned
+
+        mdb = by_key.get("messagedb")
+        partitioned(
+            ours_url=by_key["projectionist"].url,
+            ours_db="bench_projectionist",
+            ours_events=by_key["projectionist"].count(),
+            mdb_url=mdb.url if mdb else None,
+            mdb_db="bench_mdb",
+            mdb_unavailable=unavailable.get("messagedb") or (None if mdb else "not set up"),
+            counts=sizes.partition_counts,
+            batch_size=sizes.batch_size,
+            reps=sizes.reps,
+            pg_stat_statements=server.has_pg_stat_statements(),
+            results=results,
+            failures=failures,
+            log=log,
+        )
+    if "latency" in only:
+        from bench.latency import latency
+        from projectionist.db import connect
+        from projectionist.migrate import migrate
+
+        latency_url = server.fresh_database("bench_latency")
+        with connect(latency_url, autocommit=True) as conn:
+            migrate(conn)
+        with tempfile.TemporaryDirectory(prefix="projectionist-bench-latency-") as tmp:
+            latency(
+                url=latency_url,
+                rates=sizes.latency_rates,
+                seconds=sizes.latency_seconds,
+                reps=sizes.reps,
+                batch_size=sizes.batch_size,
+                log_dir=Path(tmp),
+                results=results,
+                failures=failures,
+                log=log,
+            )
+    else:
+        results.latency_reason = "skipped (--only)"

@@ -1,0 +1,97 @@
+"""The benchmark's bookkeeping: plans have the promised shape, and a miss is never reported as ok.
+
+No timing here (``make bench-quick`` in CI runs the workloads themselves); these
+tests pin the parts whose bugs would make the published table lie.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
+from bench.latency import percentile
+from bench.results import Cell, LatencyRun, PartitionedCell, PartitionedRun, Results, render, verdicts
+
+
+def test_payload_is_about_200_bytes() -> None:
+    assert 180 <= payload_size() <= 260
+    body = payload(random.Random(1), aggregate_id(7))
+    assert json.loads(json.dumps(body)) == body
+
+
+def test_batched_plan_is_100_events_over_10_aggregates_per_transaction() -> None:
+    plan = batched_plan(10_000)
+    assert plan.events == 10_000
+    assert len(plan.transactions) == 100
+    for txn in plan.transactions:
+        assert len(txn) == 100
+        assert len(grouped(txn)) == 10
+    # Events of one aggregate sit together, so append_many and raw insert the same order.
+    first = plan.transactions[0]
+    assert [agg for agg, _ in first] == [agg for agg, evs in grouped(first).items() for _ in evs]
+
+
+def test_concurrent_plan_gives_each_thread_its_own_aggregates() -> None:
+    plan = concurrent_plan(4000, 8)
+    assert [len(p) for p in plan] == [500] * 8
+    owners = [{agg for agg, _ in p} for p in plan]
+    for i, mine in enumerate(owners):
+        for j, theirs in enumerate(owners):
+            if i != j:
+                assert not mine & theirs
+
+
+def test_coalesce_one_row_per_aggregate_with_count_and_last_position() -> None:
+    assert coalesce([("a", 1), ("b", 2), ("a", 3)]) == [("a", 2, 3), ("b", 1, 2)]
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([3.0], 0.99) == 3.0
+
+
+def _results() -> Results:
+    r = Results(quick=False, sizes={"events": 100}, reps=3)
+    for workload, raw, ours, es in [
+        ("batched_append", 1000.0, 700.0, 300.0),  # 0.70x raw: a miss
+        ("concurrent_append", 1000.0, 950.0, 100.0),
+        ("catch_up_noop", 1000.0, 800.0, 200.0),
+    ]:
+        r.cell(workload, "raw").samples[:] = [raw, raw * 1.1, raw * 0.9]
+        r.cell(workload, "projectionist").samples[:] = [ours]
+        r.cell(workload, "eventsourcing").samples[:] = [es]
+    r.cell("catch_up_noop", "messagedb").reason = "npm is not installed"
+    r.partitioned[("projectionist", 1)] = PartitionedCell([PartitionedRun(2.0, 100, 101, 1, 100)])
+    r.partitioned[("projectionist", 2)] = PartitionedCell([PartitionedRun(1.5, 100, 150, 2, 200)])
+    r.partitioned[("projectionist", 4)] = PartitionedCell(reason="error: boom")
+    r.latency[500.0] = [LatencyRun(500, 498, 1000, 0.01, 0.02, 0.12, 0.2)]
+    r.telemetry["without"] = Cell([1000.0])
+    r.telemetry["with"] = Cell([950.0])
+    return r
+
+
+def test_every_target_is_judged_and_misses_are_shown() -> None:
+    by_name = {v.name: v for v in verdicts(_results())}
+    assert by_name["Batched append vs raw"].result == "MISS"
+    assert by_name["Batched append vs raw"].measured == "0.70\N{MULTIPLICATION SIGN}"
+    assert by_name["Concurrent single-event appends vs raw"].result == "ok"
+    assert by_name["1-worker catch-up (no-op) vs raw scan"].result == "ok"
+    assert by_name["Rows fetched by 1 worker together vs events"].result == "ok"
+    assert by_name["Rows fetched by 2 workers together vs events"].result == "MISS"  # 1.5x
+    assert by_name["Rows fetched by 4 workers together vs events"].result.startswith("not measured")
+    assert by_name["2-worker catch-up vs 1 worker"].result == "MISS"  # 1.33x
+    assert by_name["Append-to-applied p99 at 500 events/s"].result == "MISS"  # 120 ms
+    assert by_name["Batched append vs eventsourcing"].result == "ok"
+    assert by_name["Catch-up with telemetry vs without (issue 3)"].result == "ok"
+
+
+def test_not_measured_is_never_ok_and_the_report_names_the_misses() -> None:
+    r = Results(quick=True, sizes={}, reps=1)
+    assert all(v.result.startswith("not measured") for v in verdicts(r))
+    report = render(_results())
+    assert "| Batched append vs raw | 0.70\N{MULTIPLICATION SIGN} |" in report
+    assert "miss(es)" in report and "Batched append vs raw" in report.split("miss(es)")[1].splitlines()[0]
+    assert "not measured: npm is not installed" in report
