@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import psycopg
@@ -110,16 +111,17 @@ class Processor:
             if batch.end is None:
                 return BatchOutcome(0, False, False)
             end = batch.end
-            with self.hooks.batch_scope(self.info, batch.events):
+            # A window of other partitions' rows only moves the checkpoint: no span for it.
+            scope = self.hooks.batch_scope(self.info, batch.events) if batch.events else nullcontext()
+            with scope:
                 if isolate:
-                    end, stopped_by = self._apply_isolated(conn, tx, batch.events, blocked, end)
+                    end, applied, stopped_by = self._apply_isolated(conn, tx, batch.events, blocked, end)
                 else:
-                    self._apply(self._park_blocked(conn, batch.events, blocked), tx)
+                    to_apply = self._park_blocked(conn, batch.events, blocked)
+                    self._apply(to_apply, tx)
+                    applied = len(to_apply)
             if end != self.position:
-                save_checkpoint(
-                    conn, self.projection.name, self.partition, self.position, end, len(batch.events)
-                )
-        applied = len(batch.events) if stopped_by is None else stopped_by.applied_before
+                save_checkpoint(conn, self.projection.name, self.partition, self.position, end, applied)
         if end != self.position:
             self.position = end
             self.reader.forget_passed_marks(end)
@@ -203,10 +205,12 @@ class Processor:
         events: Sequence[RecordedEvent],
         blocked: set[str],
         end: Position,
-    ) -> tuple[Position, PoisonEventError | None]:
+    ) -> tuple[Position, int, PoisonEventError | None]:
+        """Apply one by one; return where the checkpoint may move, events applied, and a stop."""
         previous = self.position
         assert previous is not None
-        for index, event in enumerate(events):
+        applied = 0
+        for event in events:
             if event.aggregate_id in blocked:
                 self._park_blocked(conn, [event], blocked)
                 previous = Position(event.transaction_id, event.global_position)
@@ -214,6 +218,7 @@ class Processor:
             try:
                 with conn.transaction():  # a savepoint: a failure undoes only this event
                     self._apply([event], tx)
+                applied += 1
             except ProjectionError as e:
                 cause = e.__cause__ or e
                 if self.policy is PoisonPolicy.PARK:
@@ -230,6 +235,6 @@ class Processor:
                     self.hooks.on_error(self.info, "parked", cause)
                 else:
                     # stop: keep what precedes the poison event, never move past it.
-                    return previous, PoisonEventError(event, cause, applied_before=index)
+                    return previous, applied, PoisonEventError(event, cause, applied_before=applied)
             previous = Position(event.transaction_id, event.global_position)
-        return end, None
+        return end, applied, None
