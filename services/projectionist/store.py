@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +171,39 @@ _APPEND_ONE_STATEMENT = sql.SQL(
 )
 
 
+# The same for the common case of a single stream: a scalar lookup instead
+# of unnest + lateral join + conflict CTE, which halves the server's work.
+_APPEND_ONE_STREAM = sql.SQL(
+    """
+    WITH cur AS (
+        SELECT coalesce((
+                   SELECT e.aggregate_version FROM events e
+                   WHERE e.aggregate_id = %(agg)s
+                   ORDER BY e.aggregate_version DESC
+                   LIMIT 1
+               ), 0) AS version,
+               %(expected)s::int8 IS NOT NULL
+               OR pg_try_advisory_xact_lock(hashtextextended(%(agg)s, 0)) AS locked
+    ), ins AS (
+        INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
+                            event_type, payload, metadata)
+        SELECT r.event_id, %(agg)s, cur.version + r.n, %(hash)s, r.event_type, r.payload, r.metadata
+        FROM cur, unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::jsonb[], %(metas)b::jsonb[])
+             WITH ORDINALITY AS r(event_id, event_type, payload, metadata, n)
+        WHERE cur.locked AND (%(expected)s::int8 IS NULL OR cur.version = %(expected)s::int8)
+        ORDER BY r.n
+        RETURNING global_position, aggregate_version
+    ), notified AS (
+        SELECT {notify}
+    )
+    SELECT true AS ok, ins.global_position, ins.aggregate_version FROM ins, notified
+    UNION ALL
+    SELECT false, cur.locked::int, cur.version FROM cur
+    WHERE NOT cur.locked OR (%(expected)s::int8 IS NOT NULL AND cur.version <> %(expected)s::int8)
+    """
+)
+
+
 # NOTIFY inside the append transaction is exact (delivered at commit, never
 # before the rows are visible) but PostgreSQL serialises the commits of all
 # notifying transactions, WAL flush included, which halves the throughput of
@@ -187,6 +220,9 @@ def _with_notify(template: sql.SQL, notify: bool) -> sql.Composed:
 _INSERTS = {notify: sql.SQL(_with_notify(_INSERT, notify).as_string()) for notify in (True, False)}
 _ONE_STATEMENT_APPENDS = {
     notify: sql.SQL(_with_notify(_APPEND_ONE_STATEMENT, notify).as_string()) for notify in (True, False)
+}
+_ONE_STREAM_APPENDS = {
+    notify: sql.SQL(_with_notify(_APPEND_ONE_STREAM, notify).as_string()) for notify in (True, False)
 }
 
 
@@ -230,7 +266,7 @@ def append_many(
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
                 conn.autocommit, conn.info.transaction_status
             ):
-                return _execute(conn, _plan_one_statement(appends, context, notify))
+                return _execute(conn, _plan_fast(appends, context, notify))
             with _atomic(conn):
                 return _execute(conn, _plan_append(appends, context, notify))
         except ConcurrencyError:
@@ -277,7 +313,7 @@ async def append_many_async(
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
                 conn.autocommit, conn.info.transaction_status
             ):
-                return await _execute_async(conn, _plan_one_statement(appends, context, notify))
+                return await _execute_async(conn, _plan_fast(appends, context, notify))
             if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
                 await conn.execute("SELECT 1")  # see _atomic
             async with conn.transaction():
@@ -342,7 +378,7 @@ def _atomic(conn: Connection) -> Iterator[None]:
 @dataclass(frozen=True, slots=True)
 class _Statement:
     query: sql.SQL | sql.Composed
-    params: Sequence[Any]
+    params: Sequence[Any] | Mapping[str, Any]
 
 
 _Rows = list[tuple[Any, ...]]
@@ -424,6 +460,36 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
     except pg_errors.UniqueViolation as e:
         raise _unique_violation(e, appends) from e
     return _results(appends, rows)
+
+
+def _plan_fast(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
+    if len(appends) == 1:
+        return _plan_one_stream(appends[0], context, notify)
+    return _plan_one_statement(appends, context, notify)
+
+
+def _plan_one_stream(a: StreamAppend, context: dict[str, Any], notify: bool) -> _Plan:
+    params = {
+        "agg": a.aggregate_id,
+        "expected": _expected_number(a.expected_version),
+        "hash": fnv1a_32(a.aggregate_id),
+        "ids": [e.event_id for e in a.events],
+        "types": [e.type for e in a.events],
+        "payloads": [Jsonb(e.payload) for e in a.events],
+        "metas": [Jsonb({**context, **e.metadata}) for e in a.events],
+    }
+    try:
+        rows = yield _Statement(_ONE_STREAM_APPENDS[notify], params)
+    except pg_errors.UniqueViolation as e:
+        raise _unique_violation(e, [a]) from e
+    for ok, locked, version in rows:
+        if not ok:
+            if not locked:
+                raise ConcurrencyError(
+                    a.aggregate_id, a.expected_version, None, "another append to the stream is in progress"
+                )
+            raise ConcurrencyError(a.aggregate_id, a.expected_version, version)
+    return _results([a], [(position, a.aggregate_id, version) for _, position, version in rows])
 
 
 def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
