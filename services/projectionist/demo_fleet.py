@@ -33,7 +33,7 @@ sys.exit(main(sys.argv[2:]))
 
 # Settings a user may have exported that would make the demo's workers run
 # something else, or fight over one metrics port.
-_ENV_DROPPED = ("WORKER_ID", "TOTAL_WORKERS", "PROJECTION", "PROJECTION_NAME", "METRICS_PORT")
+_ENV_DROPPED = ("WORKER_ID", "TOTAL_WORKERS", "PROJECTION", "METRICS_PORT")
 
 
 class Fleet:

@@ -17,7 +17,6 @@ from projectionist.errors import ConfigError
 
 # A StatefulSet pod is named <statefulset>-<ordinal>; the ordinal is the worker id.
 _POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(?P<ordinal>\d+)$")
-_PROJECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def parse_worker_id(raw: str, name: str = "WORKER_ID") -> int:
@@ -55,14 +54,6 @@ def parse_positive_float(raw: str, name: str) -> float:
     if not number > 0:
         raise ConfigError(f"{name}={raw!r} must be greater than 0")
     return number
-
-
-def validate_projection_name(name: str) -> str:
-    if not _PROJECTION_NAME.match(name):
-        raise ConfigError(
-            f"PROJECTION_NAME={name!r} must be an identifier (letters, digits, underscore, at most 63)"
-        )
-    return name
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from projectionist.errors import ProjectionistError
 
 # Settings a user may have exported that would change what the children run.
-_ENV_DROPPED = ("WORKER_ID", "TOTAL_WORKERS", "PROJECTION", "PROJECTION_NAME", "METRICS_PORT", "API_PORT")
+_ENV_DROPPED = ("WORKER_ID", "TOTAL_WORKERS", "PROJECTION", "METRICS_PORT", "API_PORT")
 _PR_SET_PDEATHSIG = 1
 
 
