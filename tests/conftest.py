@@ -6,6 +6,7 @@ server is used and each test gets its own database created on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -76,17 +77,24 @@ def pg_server() -> Iterator[Server]:
             embedded.destroy()  # type: ignore[attr-defined]
 
 
+@contextlib.contextmanager
+def fresh_database(server: Server, template: str | None = TEMPLATE_DB) -> Iterator[str]:
+    """A new database (a copy of ``template``, or empty), dropped afterwards; yields its URL."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with server.admin() as admin:
+        admin.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    try:
+        yield server.url_for(name)
+    finally:
+        with server.admin() as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def db_url(pg_server: Server) -> Iterator[str]:
     """A freshly migrated database of its own for this test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-    try:
-        yield pg_server.url_for(name)
-    finally:
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture

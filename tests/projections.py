@@ -61,6 +61,15 @@ class Recorder(BaseProjection):
             time.sleep(self.sleep)
 
 
+def applied_count(conn: Connection) -> int:
+    """Applications recorded so far; 0 before the first worker created the table."""
+    exists = conn.execute("SELECT to_regclass('applied_events') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = conn.execute("SELECT count(*) FROM applied_events").fetchone()
+    return int(row[0]) if row else 0
+
+
 def verify_exactly_once(conn: Connection, projection: str = "recorder") -> dict[str, int]:
     """Compare what was applied with the events table: counts of lost, duplicated, misordered."""
     lost = conn.execute(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from projectionist.db import connect
-from tests.conftest import Server, run_cli
+from tests.conftest import Server, fresh_database, run_cli
 from tests.fix_api import free_port, start_api_process, stop_process, wait_until_serving
 from tests.fix_otlp import OtlpReceiver, otlp_receiver  # noqa: F401  (a fixture)
 
@@ -22,14 +21,8 @@ CALLER_SPAN = "00f067aa0ba902b7"
 @pytest.fixture
 def empty_db(pg_server: Server) -> Iterator[str]:
     """A database without any migration applied."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield pg_server.url_for(name)
-    finally:
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_database(pg_server, template=None) as url:
+        yield url
 
 
 def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(

@@ -13,7 +13,7 @@ import pytest
 from projectionist.appender import append_sample_events
 from projectionist.db import connect
 from tests.conftest import ROOT
-from tests.projections import verify_exactly_once
+from tests.projections import applied_count, verify_exactly_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,11 +49,7 @@ def _start_worker(db_url: str, worker_id: int, total: int, sleep: float) -> subp
 
 def _applied(db_url: str) -> int:
     with connect(db_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT to_regclass('applied_events') IS NOT NULL").fetchone()
-        if not exists or not exists[0]:
-            return 0
-        row = conn.execute("SELECT count(*) FROM applied_events").fetchone()
-    return int(row[0]) if row else 0
+        return applied_count(conn)
 
 
 def test_sigkill_mid_batch_then_restart_applies_each_event_once(db_url: str) -> None:

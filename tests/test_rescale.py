@@ -15,7 +15,7 @@ from projectionist.reader import Partition
 from projectionist.records import NewEvent
 from projectionist.store import append
 from projectionist.worker import Worker
-from tests.projections import Recorder, verify_exactly_once
+from tests.projections import Recorder, applied_count, verify_exactly_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,25 +69,17 @@ def _stop(workers: list[Worker]) -> None:
 
 def _stop_staggered(conn: Connection, workers: list[Worker]) -> None:
     _stop(workers[:1])
-    _wait_applied(conn, _applied(conn) + 200)
+    _wait_applied(conn, applied_count(conn) + 200)
     _stop(workers[1:])
-
-
-def _applied(conn: Connection) -> int:
-    exists = conn.execute("SELECT to_regclass('applied_events') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
-        return 0
-    row = conn.execute("SELECT count(*) FROM applied_events").fetchone()
-    return int(row[0]) if row else 0
 
 
 def _wait_applied(conn: Connection, at_least: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _applied(conn) >= at_least:
+        if applied_count(conn) >= at_least:
             return
         time.sleep(0.1)
-    raise AssertionError(f"only {_applied(conn)} of {at_least} events applied")
+    raise AssertionError(f"only {applied_count(conn)} of {at_least} events applied")
 
 
 def test_rescale_4_to_3_live_then_to_6_offline_under_load(db_url: str) -> None:
@@ -122,7 +114,7 @@ def _rescale_4_3_6(db_url: str, load: Appender, started: list[Worker]) -> None:
         while conn.execute("SELECT total_workers FROM projection_groups").fetchone() != (3,):
             assert time.monotonic() < deadline, "the 3-group never took over"
             time.sleep(0.1)
-        _wait_applied(conn, _applied(conn) + 300)
+        _wait_applied(conn, applied_count(conn) + 300)
 
         # Documented offline procedure: stop the old group, then switch to 6.
         _stop_staggered(conn, three)
@@ -136,7 +128,7 @@ def _rescale_4_3_6(db_url: str, load: Appender, started: list[Worker]) -> None:
         assert start is not None and start[0] > 0, "a rescale must not replay from position 0"
         six = _group(db_url, 6)
         started += six
-        _wait_applied(conn, _applied(conn) + 300)
+        _wait_applied(conn, applied_count(conn) + 300)
 
         load.halt.set()
         load.join(timeout=10)
