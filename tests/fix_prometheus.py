@@ -31,7 +31,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,7 @@ from opentelemetry.trace import SpanKind
 
 from projectionist.appender import append_sample_events
 from projectionist.db import connect
-from projectionist.sample import ScalableProjection
-from tests.conftest import ROOT, TEMPLATE_DB, Server
+from tests.conftest import ROOT, Server, fresh_database
 from tests.fix_otlp import OtlpReceiver
 
 RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "projectionist-alerts.yml"
@@ -408,19 +406,12 @@ class PrometheusStack:
 @pytest.fixture(scope="session")
 def prometheus_stack(pg_server: Server) -> Iterator[PrometheusStack]:
     """Real workers + load + a real Prometheus, shared by the session (see the module docstring)."""
-    name = f"prom_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-    # Create the read model once, so the workers do not race to create it.
-    with connect(pg_server.url_for(name), autocommit=True) as conn:
-        ScalableProjection().setup(conn)
-    workdir = Path(tempfile.mkdtemp(prefix="projectionist-prometheus-"))
-    stack = PrometheusStack(pg_server.url_for(name), workdir)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.close()
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        shutil.rmtree(workdir, ignore_errors=True)
+    with fresh_database(pg_server) as url:
+        workdir = Path(tempfile.mkdtemp(prefix="projectionist-prometheus-"))
+        stack = PrometheusStack(url, workdir)
+        try:
+            stack.start()
+            yield stack
+        finally:
+            stack.close()
+            shutil.rmtree(workdir, ignore_errors=True)

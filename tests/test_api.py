@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from projectionist.api import ApiSettings, build_openapi, create_app
 from projectionist.db import Connection, connect
-from tests.conftest import TEMPLATE_DB, Server
+from tests.conftest import Server, fresh_database
 from tests.fix_api import ServedApp
 
 pytestmark = pytest.mark.integration
@@ -67,14 +67,8 @@ def secured(db_url: str) -> Iterator[Api]:
 def shared(pg_server: Server) -> Iterator[Api]:
     """One server for the many requests that must be refused: each test checks that
     the number of stored events did not change, so they need no database each."""
-    name = f"t_api_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-    try:
-        yield from _serve(pg_server.url_for(name), SETTINGS)
-    finally:
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_database(pg_server) as url:
+        yield from _serve(url, SETTINGS)
 
 
 def event(n: int = 0, **extra: Any) -> dict[str, Any]:
@@ -422,18 +416,12 @@ def test_readyz_is_503_when_the_database_is_unreachable_and_appends_too(pg_serve
 
 
 def test_readyz_is_503_on_an_unmigrated_database(pg_server: Any) -> None:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        app = create_app(pg_server.url_for(name), registry=CollectorRegistry())
+    with fresh_database(pg_server, template=None) as url:
+        app = create_app(url, registry=CollectorRegistry())
         with ServedApp(app) as served:
             r = httpx.get(f"{served.url}/readyz", timeout=30)
         assert r.status_code == 503
         assert r.json() == {"status": "not_ready", "detail": "not migrated"}
-    finally:
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_metrics_use_route_templates_never_raw_paths(api: Api) -> None:

@@ -9,7 +9,6 @@ exactly the events it sent.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 
 from projectionist.api import ApiSettings, build_openapi, create_app
 from projectionist.db import Connection, connect
-from tests.conftest import TEMPLATE_DB, Server
+from tests.conftest import Server, fresh_database
 from tests.fix_api import ServedApp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,21 +56,14 @@ class Target:
 def target(pg_server: Server) -> Iterator[Target]:
     # One server and database for the module: hypothesis runs hundreds of
     # examples per test, far too many for a database each.
-    name = f"t_fuzz_{uuid.uuid4().hex[:8]}"
-    with pg_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-    url = pg_server.url_for(name)
-    app = create_app(url, SETTINGS, registry=CollectorRegistry())
-    try:
+    with fresh_database(pg_server) as url:
+        app = create_app(url, SETTINGS, registry=CollectorRegistry())
         with (
             ServedApp(app) as served,
             connect(url, autocommit=True) as conn,
             requests.Session() as session,
         ):
             yield Target(served.url, conn, session)
-    finally:
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _sent_events(case: Case) -> int:

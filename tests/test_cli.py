@@ -13,7 +13,7 @@ import pytest
 
 from projectionist.db import connect
 from projectionist.migrate import available_migrations
-from tests.conftest import ROOT, Server, run_cli
+from tests.conftest import ROOT, Server, fresh_database, run_cli
 from tests.projections import verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -97,12 +97,7 @@ def test_first_signal_stops_gracefully_with_exit_0(db_url: str, sig: signal.Sign
 
 
 def test_migrate_is_idempotent_and_safe_in_parallel(pg_server: Server) -> None:
-    name = f"t_migrate_{os.getpid()}"
-    with pg_server.admin() as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        admin.execute(f"CREATE DATABASE {name}")
-    url = pg_server.url_for(name)
-    try:
+    with fresh_database(pg_server, template=None) as url:
         env = {**os.environ, "DATABASE_URL": url}
         procs = [
             subprocess.Popen(
@@ -123,9 +118,6 @@ def test_migrate_is_idempotent_and_safe_in_parallel(pg_server: Server) -> None:
         with connect(url) as conn:
             versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
         assert versions == [(m.version,) for m in available_migrations()]
-    finally:
-        with pg_server.admin() as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_append_then_pool_then_status(db_url: str) -> None:
