@@ -92,8 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--notifier",
-        action="store_true",
-        help="also run projectionist appends with notify=False and a coalescing Notifier",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run projectionist appends with notify=False and a coalescing Notifier (default: on)",
     )
     p.add_argument("--output", type=Path, default=RESULTS_DIR, help="where to write <date>.md and latest.md")
     return p.parse_args(argv)

@@ -84,14 +84,16 @@ def test_conflict_inside_callers_transaction_keeps_it_usable(conn: Connection) -
     assert stream_version(conn, "other") == 1
 
 
-def test_concurrent_any_appends_never_lose_or_duplicate_versions(db_url: str) -> None:
+# One event and several take different one-statement paths (scalar vs arrays).
+@pytest.mark.parametrize("per_append", [1, 3])
+def test_concurrent_any_appends_never_lose_or_duplicate_versions(db_url: str, per_append: int) -> None:
     errors: list[BaseException] = []
 
     def writer() -> None:
         try:
             with connect(db_url, autocommit=True) as c:
                 for i in range(25):
-                    append(c, "hot", [ev(i)], expected_version=ANY)
+                    append(c, "hot", [ev(i) for _ in range(per_append)], expected_version=ANY)
         except BaseException as e:  # reported below
             errors.append(e)
 
@@ -106,10 +108,11 @@ def test_concurrent_any_appends_never_lose_or_duplicate_versions(db_url: str) ->
             r[0]
             for r in c.execute("SELECT aggregate_version FROM events WHERE aggregate_id = 'hot' ORDER BY 1")
         ]
-    assert versions == list(range(1, 151))
+    assert versions == list(range(1, 150 * per_append + 1))
 
 
-def test_exact_version_race_has_one_winner(db_url: str) -> None:
+@pytest.mark.parametrize("per_append", [1, 3])
+def test_exact_version_race_has_one_winner(db_url: str, per_append: int) -> None:
     with connect(db_url, autocommit=True) as c:
         append(c, "race", [ev()])
     outcomes: list[str] = []
@@ -119,7 +122,7 @@ def test_exact_version_race_has_one_winner(db_url: str) -> None:
         with connect(db_url, autocommit=True) as c:
             barrier.wait()
             try:
-                append(c, "race", [ev()], expected_version=1)
+                append(c, "race", [ev(n) for n in range(per_append)], expected_version=1)
                 outcomes.append("ok")
             except ConcurrencyError:
                 outcomes.append("conflict")

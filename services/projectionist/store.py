@@ -47,6 +47,10 @@ _ANY_ATTEMPTS = 5
 _ONE_STATEMENT_ATTEMPTS = 1
 
 
+class _Declined(Exception):
+    """The one-statement path inserted nothing: the locked path decides, and reports why."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamAppend:
     """One aggregate's share of a bulk :func:`append_many`."""
@@ -171,35 +175,51 @@ _APPEND_ONE_STATEMENT = sql.SQL(
 )
 
 
-# The same for the common case of a single stream: a scalar lookup instead
-# of unnest + lateral join + conflict CTE, which halves the server's work.
+# The same for the common case of a single stream, as one plain INSERT ...
+# SELECT: a scalar version lookup, no conflict report. When it inserts nothing
+# (the expected version did not match, or an ANY append found the stream lock
+# taken) the caller falls back to the locked path, which waits for the lock
+# and reports the exact conflict. Conflicts are rare, so reporting them
+# costs a second round trip instead of every append carrying the UNION that
+# would report them here.
+# Only ANY appends try the lock: an exact expected version is its own guard,
+# and a race between two of them ends in the unique index.
+_CURRENT_VERSION = """(SELECT coalesce((
+            SELECT e.aggregate_version FROM events e
+            WHERE e.aggregate_id = %(agg)s
+            ORDER BY e.aggregate_version DESC
+            LIMIT 1
+        ), 0) AS version) cur"""
+_ONE_STREAM_GUARD = """CASE WHEN %(expected)s::int8 IS NULL
+                   THEN pg_try_advisory_xact_lock(hashtextextended(%(agg)s, 0))
+                   ELSE cur.version = %(expected)s::int8 END"""
 _APPEND_ONE_STREAM = sql.SQL(
+    f"""
+    WITH notified AS (SELECT {{notify}})
+    INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
+                        event_type, payload, metadata)
+    SELECT r.event_id, %(agg)s, cur.version + r.n, %(hash)s, r.event_type, r.payload, r.metadata
+    FROM unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::jsonb[], %(metas)b::jsonb[])
+         WITH ORDINALITY AS r(event_id, event_type, payload, metadata, n),
+         {_CURRENT_VERSION}, notified
+    WHERE {_ONE_STREAM_GUARD}
+    ORDER BY r.n
+    RETURNING global_position, aggregate_version
     """
-    WITH cur AS (
-        SELECT coalesce((
-                   SELECT e.aggregate_version FROM events e
-                   WHERE e.aggregate_id = %(agg)s
-                   ORDER BY e.aggregate_version DESC
-                   LIMIT 1
-               ), 0) AS version,
-               %(expected)s::int8 IS NOT NULL
-               OR pg_try_advisory_xact_lock(hashtextextended(%(agg)s, 0)) AS locked
-    ), ins AS (
-        INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
-                            event_type, payload, metadata)
-        SELECT r.event_id, %(agg)s, cur.version + r.n, %(hash)s, r.event_type, r.payload, r.metadata
-        FROM cur, unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::jsonb[], %(metas)b::jsonb[])
-             WITH ORDINALITY AS r(event_id, event_type, payload, metadata, n)
-        WHERE cur.locked AND (%(expected)s::int8 IS NULL OR cur.version = %(expected)s::int8)
-        ORDER BY r.n
-        RETURNING global_position, aggregate_version
-    ), notified AS (
-        SELECT {notify}
-    )
-    SELECT true AS ok, ins.global_position, ins.aggregate_version FROM ins, notified
-    UNION ALL
-    SELECT false, cur.locked::int, cur.version FROM cur
-    WHERE NOT cur.locked OR (%(expected)s::int8 IS NOT NULL AND cur.version <> %(expected)s::int8)
+)
+
+# One event to one stream, the commonest append of all, with scalar
+# parameters: building and dumping four one-element arrays was most of an
+# append's client CPU, and unnest + ordinality a good part of the server's.
+_APPEND_ONE_EVENT = sql.SQL(
+    f"""
+    WITH notified AS (SELECT {{notify}})
+    INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
+                        event_type, payload, metadata)
+    SELECT %(id)s, %(agg)s, cur.version + 1, %(hash)s, %(type)s, %(payload)s, %(meta)s
+    FROM {_CURRENT_VERSION}, notified
+    WHERE {_ONE_STREAM_GUARD}
+    RETURNING global_position, aggregate_version
     """
 )
 
@@ -223,6 +243,9 @@ _ONE_STATEMENT_APPENDS = {
 }
 _ONE_STREAM_APPENDS = {
     notify: sql.SQL(_with_notify(_APPEND_ONE_STREAM, notify).as_string()) for notify in (True, False)
+}
+_ONE_EVENT_APPENDS = {
+    notify: sql.SQL(_with_notify(_APPEND_ONE_EVENT, notify).as_string()) for notify in (True, False)
 }
 
 
@@ -266,7 +289,8 @@ def append_many(
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
                 conn.autocommit, conn.info.transaction_status
             ):
-                return _execute(conn, _plan_fast(appends, context, notify))
+                with contextlib.suppress(_Declined):
+                    return _execute(conn, _plan_fast(appends, context, notify))
             with _atomic(conn):
                 return _execute(conn, _plan_append(appends, context, notify))
         except ConcurrencyError:
@@ -313,7 +337,8 @@ async def append_many_async(
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
                 conn.autocommit, conn.info.transaction_status
             ):
-                return await _execute_async(conn, _plan_fast(appends, context, notify))
+                with contextlib.suppress(_Declined):
+                    return await _execute_async(conn, _plan_fast(appends, context, notify))
             if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
                 await conn.execute("SELECT 1")  # see _atomic
             async with conn.transaction():
@@ -469,27 +494,36 @@ def _plan_fast(appends: Sequence[StreamAppend], context: dict[str, Any], notify:
 
 
 def _plan_one_stream(a: StreamAppend, context: dict[str, Any], notify: bool) -> _Plan:
-    params = {
+    query, params = _one_stream_statement(a, context, notify)
+    try:
+        rows = yield _Statement(query, params)
+    except pg_errors.UniqueViolation as e:
+        raise _unique_violation(e, [a]) from e
+    if not rows:
+        raise _Declined
+    return _results([a], [(position, a.aggregate_id, version) for position, version in rows])
+
+
+def _one_stream_statement(
+    a: StreamAppend, context: dict[str, Any], notify: bool
+) -> tuple[sql.SQL, dict[str, Any]]:
+    params: dict[str, Any] = {
         "agg": a.aggregate_id,
         "expected": _expected_number(a.expected_version),
         "hash": fnv1a_32(a.aggregate_id),
-        "ids": [e.event_id for e in a.events],
-        "types": [e.type for e in a.events],
-        "payloads": [Jsonb(e.payload) for e in a.events],
-        "metas": [Jsonb({**context, **e.metadata}) for e in a.events],
     }
-    try:
-        rows = yield _Statement(_ONE_STREAM_APPENDS[notify], params)
-    except pg_errors.UniqueViolation as e:
-        raise _unique_violation(e, [a]) from e
-    for ok, locked, version in rows:
-        if not ok:
-            if not locked:
-                raise ConcurrencyError(
-                    a.aggregate_id, a.expected_version, None, "another append to the stream is in progress"
-                )
-            raise ConcurrencyError(a.aggregate_id, a.expected_version, version)
-    return _results([a], [(position, a.aggregate_id, version) for _, position, version in rows])
+    if len(a.events) == 1:
+        e = a.events[0]
+        params["id"] = e.event_id
+        params["type"] = e.type
+        params["payload"] = Jsonb(e.payload)
+        params["meta"] = Jsonb({**context, **e.metadata})
+        return _ONE_EVENT_APPENDS[notify], params
+    params["ids"] = [e.event_id for e in a.events]
+    params["types"] = [e.type for e in a.events]
+    params["payloads"] = [Jsonb(e.payload) for e in a.events]
+    params["metas"] = [Jsonb({**context, **e.metadata}) for e in a.events]
+    return _ONE_STREAM_APPENDS[notify], params
 
 
 def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
