@@ -31,7 +31,7 @@ class BatchOutcome(NamedTuple):
     applied: int
     """Events of this partition applied and committed."""
     more: bool
-    """The server had more rows than one window: read again without waiting."""
+    """The batch was full: read again without waiting."""
     visible: bool
     """Any new row at all was visible, ours or another partition's."""
 
@@ -111,7 +111,7 @@ class Processor:
             if batch.end is None:
                 return BatchOutcome(0, False, False)
             end = batch.end
-            # A window of other partitions' rows only moves the checkpoint: no span for it.
+            # A read that found only other partitions' rows just moves the checkpoint: no span for it.
             scope = self.hooks.batch_scope(self.info, batch.events) if batch.events else nullcontext()
             with scope:
                 if isolate:
@@ -136,7 +136,7 @@ class Processor:
             )
         if stopped_by is not None:
             raise stopped_by
-        return BatchOutcome(applied, batch.window_full, True)
+        return BatchOutcome(applied, batch.more, True)
 
     def _apply(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
         if not events:

@@ -11,15 +11,19 @@ which is the order of ``events_transaction_position_idx``, and the checkpoint
 stores both. Nothing is ever skipped on a timer: a long-running writer stalls
 readers (and the oldest-open-transaction gauge shows why) but loses nothing.
 
-**Partition filtering on the server.** The inner query takes a window of the
-next rows in index order, with no partition predicate, so the planner always
-picks the ordered index scan (a ``partition_hash % N = k`` predicate in the
-same query has no statistics, and the planner then switched to a sequential
-scan plus sort per batch, which made catch-up quadratic). The outer query keeps
-only this worker's rows, so other partitions' rows never cross the wire. One
-extra marker row reports where the window ended: when the window holds fewer
-of our rows than the batch limit, the checkpoint can jump to the window's end,
-past other partitions' rows, so an idle partition never rescans them.
+**Partition filtering in the index scan.** The filter ``partition_hash % N = k``
+runs inside the ordered scan of ``events_transaction_position_idx``: other
+partitions' rows are skipped where they lie, never copied, never sent. The
+filter is written so that the planner cannot estimate it. Written plainly,
+an expression without statistics gets PostgreSQL's 0.5% guess for equality,
+and the planner then chose a sequential scan plus a sort for every batch,
+which made catch-up quadratic. Wrapped in a CASE it gets the default
+estimate of one half instead, and the ordered index scan is then always the
+cheapest plan, which it is in fact too: the scan stops after one batch of
+our rows. One extra marker row reports the newest visible row: when fewer
+than a batch of ours came back, every row of ours up to it has been read, so
+the checkpoint moves there and an idle partition neither rescans other
+partitions' rows nor shows lag for them.
 """
 
 from __future__ import annotations
@@ -31,9 +35,6 @@ from psycopg import sql
 from projectionist.db import Connection
 from projectionist.records import Position, RecordedEvent
 from projectionist.store import to_recorded
-
-# Bounds the rows a window materialises on the server when N is large.
-MAX_WINDOW = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +74,13 @@ class MarkLayer:
 class Batch:
     """This partition's next events, and where the checkpoint may move after them.
 
-    ``end`` is ``None`` when nothing new is visible. ``window_full`` says the
-    server had more rows than one window, so the caller should read again
-    without waiting.
+    ``end`` is ``None`` when nothing new is visible. ``more`` says the batch
+    was full, so the caller should read again without waiting.
     """
 
     events: list[RecordedEvent]
     end: Position | None
-    window_full: bool
+    more: bool
 
 
 def partition_filter(partition: Partition) -> sql.Composable:
@@ -94,11 +94,19 @@ def partition_filter(partition: Partition) -> sql.Composable:
 
 
 def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
-    """Drop rows a retired group already applied (see migrations/0002_rescale.sql)."""
+    """Drop rows a retired group already applied (see migrations/0002_rescale.sql).
+
+    A plain OR of literal conditions, one per old partition: a NOT EXISTS over
+    a VALUES list would be an anti-join, and a hash anti-join loses the scan's
+    order, putting a sort of everything after the checkpoint under each batch.
+    """
     if not layers:
-        return sql.SQL("true")
-    rows = sql.SQL(", ").join(
-        sql.SQL("({n}, {k}, {tx}::xid8, {pos}::bigint)").format(
+        return sql.SQL("false")
+    return sql.SQL(" OR ").join(
+        sql.SQL(
+            "(w.partition_hash %% {n} = {k}"
+            " AND (w.transaction_id, w.global_position) <= ({tx}::xid8, {pos}::bigint))"
+        ).format(
             n=sql.Literal(layer.total_workers),
             k=sql.Literal(k),
             tx=sql.Literal(str(mark.transaction_id)),
@@ -107,11 +115,6 @@ def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
         for layer in layers
         for k, mark in enumerate(layer.marks)
     )
-    return sql.SQL(
-        "NOT EXISTS (SELECT 1 FROM (VALUES {rows}) AS m(n, k, tx, pos)"
-        " WHERE w.partition_hash %% m.n = m.k"
-        " AND (w.transaction_id, w.global_position) <= (m.tx, m.pos))"
-    ).format(rows=rows)
 
 
 # With one partition and no skip marks every row is ours: no window, no marker.
@@ -132,31 +135,25 @@ _SINGLE_PARTITION_QUERY = sql.SQL(
 def build_read_query(partition: Partition, layers: tuple[MarkLayer, ...] = ()) -> sql.SQL | sql.Composed:
     if partition.total_workers == 1 and not layers:
         return _SINGLE_PARTITION_QUERY
-    # ORDER BY uses the CTE's own columns: the text-cast output column is
-    # aliased "txid" so it cannot shadow transaction_id and sort as text.
+    # The CASE is what keeps the plan an ordered index scan (see the module
+    # docstring); test_worker checks the plan in both plan-cache modes.
     return sql.SQL(
         """
-        WITH w AS (
-            SELECT e.global_position, e.transaction_id, e.partition_hash, e.event_id,
-                   e.aggregate_id, e.aggregate_version, e.event_type, e.payload,
-                   e.metadata, e.created_at
-            FROM events e
-            WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-              AND (e.transaction_id, e.global_position) > (%(txid)s::text::xid8, %(pos)s)
-            ORDER BY e.transaction_id, e.global_position
-            LIMIT %(window)s
-        )
         (SELECT true AS mine, w.global_position, w.transaction_id::text AS txid, w.event_id,
                 w.aggregate_id, w.aggregate_version, w.event_type, w.payload, w.metadata::text,
-                w.created_at, NULL::bigint AS window_rows
-         FROM w WHERE {filter} AND {skip}
+                w.created_at
+         FROM events w
+         WHERE w.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+           AND (w.transaction_id, w.global_position) > (%(txid)s::text::xid8, %(pos)s)
+           AND CASE WHEN ({filter}) AND NOT ({skip}) THEN true ELSE false END
          ORDER BY w.transaction_id, w.global_position
          LIMIT %(limit)s)
         UNION ALL
-        (SELECT false, w.global_position, w.transaction_id::text, NULL, NULL, NULL, NULL,
-                NULL, NULL, NULL, (SELECT count(*) FROM w)
-         FROM w
-         ORDER BY w.transaction_id DESC, w.global_position DESC
+        (SELECT false, h.global_position, h.transaction_id::text, NULL, NULL, NULL, NULL,
+                NULL, NULL, NULL
+         FROM events h
+         WHERE h.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY h.transaction_id DESC, h.global_position DESC
          LIMIT 1)
         """
     ).format(filter=partition_filter(partition), skip=skip_filter(layers))
@@ -168,7 +165,6 @@ class PartitionReader:
     def __init__(self, partition: Partition, batch_size: int, layers: tuple[MarkLayer, ...] = ()) -> None:
         self.partition = partition
         self.batch_size = batch_size
-        self.window = min(MAX_WINDOW, max(batch_size, batch_size * partition.total_workers))
         self.layers = layers
         self._query: sql.SQL | sql.Composed = build_read_query(partition, layers)
         #: Event rows received from the server; each read also gets one marker row.
@@ -183,12 +179,7 @@ class PartitionReader:
     def read(self, conn: Connection, after: Position) -> Batch:
         rows = conn.execute(
             self._query,
-            {
-                "txid": str(after.transaction_id),
-                "pos": after.global_position,
-                "window": self.window,
-                "limit": self.batch_size,
-            },
+            {"txid": str(after.transaction_id), "pos": after.global_position, "limit": self.batch_size},
         ).fetchall()
         if not rows:
             return Batch([], None, False)
@@ -200,11 +191,18 @@ class PartitionReader:
                 events, Position(last.transaction_id, last.global_position), len(rows) >= self.batch_size
             )
         events = [to_recorded(row[1:10]) for row in rows if row[0]]
-        marker = next(row for row in rows if not row[0])
         self.rows_fetched += len(events)
-        window_full = marker[10] >= self.window
         if len(events) >= self.batch_size:
-            # More of ours may remain inside the window: stop at the last one read.
+            # More of ours may follow: stop at the last one read.
             last = events[-1]
             return Batch(events, Position(last.transaction_id, last.global_position), True)
-        return Batch(events, Position(int(marker[2]), marker[1]), window_full)
+        # Every row of ours up to the newest visible row has been read; the
+        # marker is missing only when no row at all is visible.
+        marker = next((row for row in rows if not row[0]), None)
+        head = None if marker is None else Position(int(marker[2]), marker[1])
+        if head is None or head <= after:
+            if not events:
+                return Batch([], None, False)
+            last = events[-1]  # unreachable while the marker is the newest visible row; kept safe
+            return Batch(events, Position(last.transaction_id, last.global_position), False)
+        return Batch(events, head, False)
