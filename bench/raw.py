@@ -4,12 +4,16 @@ The table is created by projectionist's own migration, so columns, defaults,
 constraints and indexes match to the letter. Raw does none of the store's
 work: versions come from a client-side counter (no read, no lock, no check),
 and the scan pages through the primary key with no gap fence and no partition
-filter. It does decode every payload (jsonb to dict), as any consumer must;
-metadata comes back as text, undecoded, as projectionist's reader returns it.
+filter. It does decode every payload (JSON to dict), as any consumer must, and
+the fastest way plain psycopg offers: the payload fetched as text and given to
+``json.loads`` (psycopg's own jsonb loader takes about twice as long per row),
+the same way projectionist's reader decodes it. Metadata comes back as text,
+undecoded, as projectionist's reader returns it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -36,7 +40,8 @@ _INSERT = (
 # The same columns, in the same form, as projectionist's reader returns, in primary-key order.
 _SCAN = (
     "SELECT global_position, transaction_id::text AS txid, event_id, aggregate_id, aggregate_version, "
-    "event_type, payload, metadata::text AS metadata, created_at FROM events WHERE global_position > %s "
+    "event_type, payload::text AS payload, metadata::text AS metadata, created_at FROM events "
+    "WHERE global_position > %s "
     "ORDER BY global_position LIMIT %s"
 )
 
@@ -117,14 +122,20 @@ class Raw(Contestant):
                 if read_model:
                     with conn.transaction():
                         rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
+                        _decode(rows)
                         if rows:
                             with conn.cursor() as cur:
                                 cur.executemany(READ_MODEL_UPSERT, coalesce([(r[3], r[0]) for r in rows]))
                             conn.execute(PEER_CHECKPOINT_SAVE, (name, rows[-1][0]))
                 else:
                     rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
+                    _decode(rows)
                 if not rows:
                     break
                 total += len(rows)
                 position = rows[-1][0]
             return total, time.perf_counter() - started
+
+
+def _decode(rows: list[tuple[Any, ...]]) -> list[Any]:
+    return [json.loads(r[6]) for r in rows]

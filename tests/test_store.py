@@ -162,3 +162,24 @@ def test_metadata_keeps_correlation_and_causation(conn: Connection) -> None:
     append(conn, "m", [NewEvent("E", {}, {"user": "u1"})], correlation_id="c-1", causation_id="k-1")
     (stored,) = read_stream(conn, "m")
     assert stored.metadata == {"user": "u1", "correlation_id": "c-1", "causation_id": "k-1"}
+
+
+def test_recorded_event_fast_constructor_matches_the_dataclass() -> None:
+    # recorded_event sets RecordedEvent's slots by position: a field added or
+    # reordered without it would shift values silently, so compare field by field.
+    import dataclasses
+    import uuid
+    from datetime import UTC, datetime
+
+    from projectionist.records import RecordedEvent, recorded_event
+
+    assert RecordedEvent.__slots__ == tuple(f.name for f in dataclasses.fields(RecordedEvent))
+    values = (7, 9, uuid.uuid4(), "agg", 3, "Type", {"a": 1}, '{"m": 2}', datetime.now(UTC))
+    fast, slow = recorded_event(*values), RecordedEvent(*values)
+    assert fast == slow
+    assert [getattr(fast, f.name) for f in dataclasses.fields(RecordedEvent)] == [
+        getattr(slow, f.name) for f in dataclasses.fields(RecordedEvent)
+    ]
+    assert fast.metadata == {"m": 2}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.payload = {}  # type: ignore[misc]

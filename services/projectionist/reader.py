@@ -121,7 +121,7 @@ def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
 _SINGLE_PARTITION_QUERY = sql.SQL(
     """
     SELECT true AS mine, e.global_position, e.transaction_id::text AS txid, e.event_id,
-           e.aggregate_id, e.aggregate_version, e.event_type, e.payload, e.metadata::text,
+           e.aggregate_id, e.aggregate_version, e.event_type, e.payload::text, e.metadata::text,
            e.created_at
     FROM events e
     WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
@@ -140,7 +140,7 @@ def build_read_query(partition: Partition, layers: tuple[MarkLayer, ...] = ()) -
     return sql.SQL(
         """
         (SELECT true AS mine, w.global_position, w.transaction_id::text AS txid, w.event_id,
-                w.aggregate_id, w.aggregate_version, w.event_type, w.payload, w.metadata::text,
+                w.aggregate_id, w.aggregate_version, w.event_type, w.payload::text, w.metadata::text,
                 w.created_at
          FROM events w
          WHERE w.transaction_id < pg_snapshot_xmin(pg_current_snapshot())

@@ -67,6 +67,41 @@ class RecordedEvent:
         return self._metadata
 
 
+# The member descriptors of RecordedEvent's slots, in field order. The reader
+# builds one RecordedEvent per event read; a frozen dataclass's __init__ sets
+# each field through object.__setattr__ and took a fifth of a no-op
+# catch-up's client time. Setting the slots directly does the same in 40%.
+_RECORDED_SLOTS = tuple(getattr(RecordedEvent, name).__set__ for name in RecordedEvent.__slots__)
+_new_object = object.__new__
+
+
+def recorded_event(
+    global_position: int,
+    transaction_id: int,
+    event_id: uuid.UUID,
+    aggregate_id: str,
+    aggregate_version: int,
+    event_type: str,
+    payload: dict[str, Any],
+    metadata_json: str | dict[str, Any],
+    created_at: datetime,
+) -> RecordedEvent:
+    """``RecordedEvent(...)`` with the same fields, built faster (the reader's hot path)."""
+    event = _new_object(RecordedEvent)
+    s = _RECORDED_SLOTS
+    s[0](event, global_position)
+    s[1](event, transaction_id)
+    s[2](event, event_id)
+    s[3](event, aggregate_id)
+    s[4](event, aggregate_version)
+    s[5](event, event_type)
+    s[6](event, payload)
+    s[7](event, metadata_json)
+    s[8](event, created_at)
+    s[9](event, None)
+    return event
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Position:
     """A point in the gap-safe read order: (transaction id, global position)."""
