@@ -4,7 +4,9 @@ Catch-up is what a consumer process does, so every catch-up (workload 3 and
 the telemetry comparison) runs in a process of its own, started for that one
 run: no contestant inherits the benchmark's heap, threads or another library's
 connection pools, and each starts as a real worker would. The clock covers the
-catch-up loop only, not the process start. The result is one JSON line:
+catch-up loop only, not the process start. Every contestant's process runs
+with the garbage-collector settings of ``projectionist worker``
+(projectionist.gc_tuning). The result is one JSON line:
 ``{"events": n, "seconds": s, "cpu": c}``.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 
 from bench.contestants import Contestant
 from bench.procs import ROOT, child_env
+from projectionist.gc_tuning import tune_for_throughput
 
 
 def build(spec: dict[str, Any]) -> Contestant:
@@ -90,6 +93,9 @@ def main(argv: list[str]) -> int:
         catch_up(spec["name"] + "_warm")
         with contestant.connect() as conn:
             conn.execute("TRUNCATE bench_read_model")
+        # The collector settings `projectionist worker` runs with, for every
+        # contestant alike: what is compared is the stores, not GC settings.
+        tune_for_throughput()
         cpu_started = time.process_time()
         events, seconds = catch_up(spec["name"])
         cpu = time.process_time() - cpu_started

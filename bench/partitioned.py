@@ -12,7 +12,8 @@ read; Message DB's top-level ``get_category_messages`` call) is the number of
 rows the server sent back, whatever the client then did with them. It is the
 most honest count: a client-side counter could only count what the client
 chose to count. projectionist's read returns one extra marker row per read
-(where the read window ended), so the ratio is a little above 1.0.
+(the newest visible row, where an idle partition's checkpoint may move), so the
+ratio is a little above 1.0.
 
 **Rows the server read** (from ``pg_stat_user_tables``: heap tuples fetched by
 index scans plus sequential-scan tuples) shows the other side: each partition

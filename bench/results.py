@@ -165,7 +165,7 @@ def verdicts(results: Results) -> list[Verdict]:
         cell = results.partitioned.get(("projectionist", n))
         run = cell.last if cell else None
         name = f"Rows fetched by {n} worker{'s' if n > 1 else ''} together vs events"
-        # One marker row per read says where the read window ended; 1% covers it.
+        # One marker row per read (the newest visible row); 1% covers it.
         target = "1.0\N{MULTIPLICATION SIGN} (≤ 1.01\N{MULTIPLICATION SIGN} with marker rows)"
         if run is None or run.rows_fetched is None:
             why = (cell.reason if cell else None) or "pg_stat_statements unavailable"

@@ -318,6 +318,7 @@ def _telemetry_options(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.gc_tuning import tune_for_throughput
     from projectionist.reader import Partition
     from projectionist.runtime import build_hooks, build_telemetry
     from projectionist.worker import Worker
@@ -343,11 +344,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # The port is up before the loop starts, so a slow start reads as not ready, not as down.
     with telemetry:
         _GracefulStop(worker.stop).install()
+        tune_for_throughput()
         worker.run()
     return EXIT_OK
 
 
 def cmd_pool(args: argparse.Namespace, settings: Settings) -> int:
+    from projectionist.gc_tuning import tune_for_throughput
     from projectionist.pool import WorkerPool
     from projectionist.projection import load_projection
     from projectionist.runtime import build_hooks, build_telemetry
@@ -372,6 +375,7 @@ def cmd_pool(args: argparse.Namespace, settings: Settings) -> int:
         telemetry.register(worker.info)
     with telemetry:
         _GracefulStop(pool.stop).install()
+        tune_for_throughput()
         pool.run()
     return EXIT_OK
 

@@ -139,20 +139,31 @@ class TracingHooks(WorkerHooks):
             raise ValueError("max_links must not be negative")
         self.tracer = tracer
         self.max_links = max_links
+        self._static: dict[WorkerInfo, tuple[str, dict[str, Any]]] = {}
+
+    def _worker_attributes(self, info: WorkerInfo) -> tuple[str, dict[str, Any]]:
+        """The span name and the attributes that stay the same for every batch of this worker."""
+        found = self._static.get(info)
+        if found is None:
+            found = self._static[info] = (
+                f"process {info.projection}",
+                {
+                    "messaging.system": MESSAGING_SYSTEM,
+                    "messaging.operation.type": "process",
+                    "messaging.operation.name": "process",
+                    "messaging.destination.name": info.projection,
+                    "messaging.consumer.group.name": info.projection,
+                    "messaging.destination.partition.id": str(info.worker_id),
+                    "projectionist.total_workers": info.total_workers,
+                },
+            )
+        return found
 
     @contextmanager
     def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:
         links, dropped = batch_links(events, self.max_links)
-        attributes: dict[str, Any] = {
-            "messaging.system": MESSAGING_SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": info.projection,
-            "messaging.consumer.group.name": info.projection,
-            "messaging.destination.partition.id": str(info.worker_id),
-            "messaging.batch.message_count": len(events),
-            "projectionist.total_workers": info.total_workers,
-        }
+        name, static = self._worker_attributes(info)
+        attributes = {**static, "messaging.batch.message_count": len(events)}
         if events:
             attributes["projectionist.position.first"] = events[0].global_position
             attributes["projectionist.position.last"] = events[-1].global_position
@@ -161,7 +172,7 @@ class TracingHooks(WorkerHooks):
         # start_as_current_span records an exception raised by the projection
         # and sets the span's status to ERROR before re-raising it.
         with self.tracer.start_as_current_span(
-            f"process {info.projection}", kind=SpanKind.CONSUMER, links=links, attributes=attributes
+            name, kind=SpanKind.CONSUMER, links=links, attributes=attributes
         ):
             yield
 
