@@ -386,6 +386,10 @@ def render(results: Results) -> str:
 
     lines.append("## Telemetry cost (issue 3): 1-worker no-op catch-up, projectionist")
     lines.append("")
+    pairs = max((len(c.samples) for c in results.telemetry.values()), default=0)
+    if pairs:
+        lines.append(f"Median of {pairs} runs each, with and without taking turns, each in a fresh process.")
+        lines.append("")
     trows = []
     for key, label in (("without", "hooks=WorkerHooks() (none)"), ("with", "telemetry HookChain")):
         cell = results.telemetry.get(key)

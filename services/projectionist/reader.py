@@ -117,7 +117,7 @@ def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
     )
 
 
-# With one partition and no skip marks every row is ours: no window, no marker.
+# With one partition and no skip marks every row is ours: no filter, no marker.
 _SINGLE_PARTITION_QUERY = sql.SQL(
     """
     SELECT true AS mine, e.global_position, e.transaction_id::text AS txid, e.event_id,
@@ -211,8 +211,8 @@ class PartitionReader:
 def _rendered(query: sql.SQL | sql.Composed) -> sql.SQL:
     """The query as one SQL string, composed once.
 
-    psycopg renders a Composed on every execute, and so does the traced
-    cursor for its span: together a quarter of a batch's client time at N > 1.
+    psycopg renders a Composed again on every execute, and the traced cursor
+    renders it once more for its span's query text.
     """
     if isinstance(query, sql.SQL):
         return query
