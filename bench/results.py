@@ -149,7 +149,7 @@ def verdicts(results: Results) -> list[Verdict]:
         out.append(
             _ratio_target(
                 results,
-                "Concurrent single-event appends vs raw, notify=False + Notifier (the API's setup)",
+                "Concurrent single-event appends vs raw (notify=False + Notifier: the API's setup)",
                 "concurrent_append",
                 "projectionist_notifier",
                 "raw",
@@ -282,7 +282,7 @@ def render(results: Results) -> str:
     )
     misses = [x.name for x in v if x.result == "MISS"]
     lines.append("")
-    lines.append(f"**{len(misses)} miss(es)**: {', '.join(misses)}" if misses else "**No misses.**")
+    lines.append(f"**{len(misses)} miss(es)**: {'; '.join(misses)}" if misses else "**No misses.**")
     lines.append("")
 
     lines.append("## Throughput (events/s: median ± half the min-max spread of the repetitions)")
