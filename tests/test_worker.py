@@ -65,7 +65,7 @@ def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
 
 
 @pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
-@pytest.mark.parametrize("marks", [False, True], ids=["", "skip-marks"])
+@pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
 def test_read_query_plan_is_an_ordered_index_scan(
     conn: Connection, partition: Partition, marks: bool
 ) -> None:
