@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 
 from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
 from projectionist.db import Connection, connect
 from projectionist.partitioning import fnv1a_32
+from projectionist.records import RecordedEvent, recorded_event
 from projectionist.store import append, append_many, head_position, read_stream, stream_version
 
 pytestmark = pytest.mark.integration
@@ -167,12 +171,6 @@ def test_metadata_keeps_correlation_and_causation(conn: Connection) -> None:
 def test_recorded_event_fast_constructor_matches_the_dataclass() -> None:
     # recorded_event sets RecordedEvent's slots by position: a field added or
     # reordered without it would shift values silently, so compare field by field.
-    import dataclasses
-    import uuid
-    from datetime import UTC, datetime
-
-    from projectionist.records import RecordedEvent, recorded_event
-
     assert RecordedEvent.__slots__ == tuple(f.name for f in dataclasses.fields(RecordedEvent))
     values = (7, 9, uuid.uuid4(), "agg", 3, "Type", {"a": 1}, '{"m": 2}', datetime.now(UTC))
     fast, slow = recorded_event(*values), RecordedEvent(*values)

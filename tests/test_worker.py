@@ -64,6 +64,35 @@ def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
     print("rows fetched per worker:", per_partition, "of", sum(per_partition))
 
 
+def test_idle_partitions_checkpoints_move_to_the_newest_visible_row(conn: Connection) -> None:
+    _load(conn, 2000, 40)
+    processors = [Processor(Recorder(), Partition(k, 4), batch_size=100) for k in range(4)]
+    for processor in processors:
+        processor.start(conn)
+        while processor.run_batch(conn).more:
+            pass
+    # New events for partition 0 only: the others have nothing to apply, yet
+    # their checkpoints still reach the head, so their lag reads zero and
+    # their next read starts after the rows they skipped.
+    hot = next(f"hot-{i}" for i in range(100) if partition_of(f"hot-{i}", 4) == 0)
+    for i in range(30):
+        append(conn, hot, [NewEvent("E", {"i": i})])
+    head = conn.execute("SELECT max(global_position) FROM events").fetchone()
+    assert head is not None
+    fetched_before = [p.reader.rows_fetched for p in processors]
+    for processor in processors:
+        while processor.run_batch(conn).more:
+            pass
+        assert processor.position is not None and processor.position.global_position == head[0]
+    assert [p.reader.rows_fetched - before for p, before in zip(processors, fetched_before, strict=True)] == [
+        30,
+        0,
+        0,
+        0,
+    ]
+    assert verify_exactly_once(conn) == {"lost": 0, "duplicated": 0, "misordered": 0, "wrong_worker": 0}
+
+
 @pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
 @pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
 def test_read_query_plan_is_an_ordered_index_scan(
