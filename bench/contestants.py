@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from bench.data import Event
+from bench.data import PEER_CHECKPOINT_SAVE, READ_MODEL_UPSERT, Event, coalesce
 
 
 class Unavailable(Exception):
@@ -84,3 +84,44 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     started = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - started
+
+
+Row = tuple[Any, ...]
+
+
+def paged_catch_up(
+    conn: psycopg.Connection[Any],
+    *,
+    read_model: bool,
+    name: str,
+    first: int,
+    read_page: Callable[[int], list[Row]],
+    position_of: Callable[[Row], int],
+    next_from: Callable[[Row], int],
+    model_rows: Callable[[list[Row]], list[tuple[str, int]]],
+) -> tuple[int, float]:
+    """The plain consumers' catch-up loop (raw psycopg and Message DB): page by position.
+
+    ``read_page(p)`` returns the next decoded rows from position ``p``, which
+    starts at ``first`` and moves to ``next_from(last row)``. With a read model,
+    each page's upserts (``model_rows``: aggregate and position per row) and a
+    checkpoint at ``position_of(last row)`` commit in the page's transaction.
+    Returns (rows read, seconds).
+    """
+    started = time.perf_counter()
+    position = first
+    total = 0
+    while True:
+        if read_model:
+            with conn.transaction():
+                rows = read_page(position)
+                if rows:
+                    with conn.cursor() as cur:
+                        cur.executemany(READ_MODEL_UPSERT, coalesce(model_rows(rows)))
+                    conn.execute(PEER_CHECKPOINT_SAVE, (name, position_of(rows[-1])))
+        else:
+            rows = read_page(position)
+        if not rows:
+            return total, time.perf_counter() - started
+        total += len(rows)
+        position = next_from(rows[-1])

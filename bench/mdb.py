@@ -28,16 +28,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench.contestants import Contestant, Unavailable, Writer
+from bench.contestants import Contestant, Unavailable, Writer, paged_catch_up
 from bench.data import (
     EVENT_TYPE,
     MDB_CATEGORY,
     PEER_CHECKPOINT_DDL,
-    PEER_CHECKPOINT_SAVE,
     READ_MODEL_DDL,
-    READ_MODEL_UPSERT,
     Event,
-    coalesce,
 )
 
 PACKAGE = "@eventide/message-db"
@@ -206,23 +203,13 @@ class MessageDB(Contestant):
 
     def catch_up(self, *, read_model: bool, batch_size: int, name: str) -> tuple[int, float]:
         with self.connect() as conn:
-            started = time.perf_counter()
-            position = 1
-            total = 0
-            while True:
-                if read_model:
-                    with conn.transaction():
-                        rows = [decode(r) for r in conn.execute(READ, (MDB_CATEGORY, position, batch_size))]
-                        if rows:
-                            with conn.cursor() as cur:
-                                cur.executemany(
-                                    READ_MODEL_UPSERT, coalesce([(r[1].split("-", 1)[1], r[4]) for r in rows])
-                                )
-                            conn.execute(PEER_CHECKPOINT_SAVE, (name, rows[-1][4]))
-                else:
-                    rows = [decode(r) for r in conn.execute(READ, (MDB_CATEGORY, position, batch_size))]
-                if not rows:
-                    break
-                total += len(rows)
-                position = rows[-1][4] + 1
-            return total, time.perf_counter() - started
+            return paged_catch_up(
+                conn,
+                read_model=read_model,
+                name=name,
+                first=1,
+                read_page=lambda p: [decode(r) for r in conn.execute(READ, (MDB_CATEGORY, p, batch_size))],
+                position_of=lambda r: int(r[4]),
+                next_from=lambda r: int(r[4]) + 1,
+                model_rows=lambda rows: [(r[1].split("-", 1)[1], r[4]) for r in rows],
+            )

@@ -22,15 +22,12 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from bench.contestants import Contestant, Writer
+from bench.contestants import Contestant, Writer, paged_catch_up
 from bench.data import (
     EVENT_TYPE,
     PEER_CHECKPOINT_DDL,
-    PEER_CHECKPOINT_SAVE,
     READ_MODEL_DDL,
-    READ_MODEL_UPSERT,
     Event,
-    coalesce,
 )
 from projectionist.migrate import migrate
 from projectionist.partitioning import fnv1a_32
@@ -117,26 +114,22 @@ class Raw(Contestant):
 
     def catch_up(self, *, read_model: bool, batch_size: int, name: str) -> tuple[int, float]:
         with self.connect() as conn:
-            started = time.perf_counter()
-            position = 0
-            total = 0
-            while True:
-                if read_model:
-                    with conn.transaction():
-                        rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
-                        _decode(rows)
-                        if rows:
-                            with conn.cursor() as cur:
-                                cur.executemany(READ_MODEL_UPSERT, coalesce([(r[3], r[0]) for r in rows]))
-                            conn.execute(PEER_CHECKPOINT_SAVE, (name, rows[-1][0]))
-                else:
-                    rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
-                    _decode(rows)
-                if not rows:
-                    break
-                total += len(rows)
-                position = rows[-1][0]
-            return total, time.perf_counter() - started
+
+            def read_page(position: int) -> list[tuple[Any, ...]]:
+                rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
+                _decode(rows)
+                return rows
+
+            return paged_catch_up(
+                conn,
+                read_model=read_model,
+                name=name,
+                first=0,
+                read_page=read_page,
+                position_of=lambda r: int(r[0]),
+                next_from=lambda r: int(r[0]),
+                model_rows=lambda rows: [(r[3], r[0]) for r in rows],
+            )
 
 
 _raw_decode = json.JSONDecoder().raw_decode

@@ -63,27 +63,18 @@ def batched_append(
 ) -> None:
     """Workload 1. Leaves every store holding ``plan``'s events (plus eventsourcing's Created events)."""
     log(f"1. batched append: {plan.events:,} events, {len(plan.transactions):,} transactions")
-    live = list(contestants)
-    for c in list(live):
-        try:
-            c.reset()
-            c.append_batches(warmup.transactions)
-        except Exception as e:
-            failures.record(c, "batched append (warm-up)", e, results.cell("batched_append", c.key))
-            live.remove(c)
-    for rep in range(reps):
-        for c in rotated(live, rep):
-            cell = results.cell("batched_append", c.key)
-            if cell.reason:
-                continue
-            try:
-                c.reset()
-                seconds = c.append_batches(plan.transactions)
-                cell.samples.append(plan.events / seconds)
-                cell.events = plan.events
-                log(f"  rep {rep + 1}: {c.label:<40} {plan.events / seconds:>10,.0f} events/s")
-            except Exception as e:
-                failures.record(c, "batched append", e, cell)
+    _warm_then_time(
+        contestants,
+        "batched_append",
+        "batched append",
+        plan.events,
+        reps,
+        lambda c: c.append_batches(warmup.transactions),
+        lambda c: c.append_batches(plan.transactions),
+        results,
+        failures,
+        log,
+    )
 
 
 def concurrent_append(
@@ -98,25 +89,59 @@ def concurrent_append(
     """Workload 2: one thread per plan entry, each with its own connection, one event per transaction."""
     total = sum(len(p) for p in plan)
     log(f"2. concurrent single-event appends: {len(plan)} threads, {total:,} events")
+    _warm_then_time(
+        contestants,
+        "concurrent_append",
+        "concurrent append",
+        total,
+        reps,
+        lambda c: _run_threads(c, warmup),
+        lambda c: _run_threads(c, plan),
+        results,
+        failures,
+        log,
+    )
+
+
+def _warm_then_time(
+    contestants: Sequence[Contestant],
+    workload: str,
+    label: str,
+    events: int,
+    reps: int,
+    warm_up: Callable[[Contestant], object],
+    timed: Callable[[Contestant], float],
+    results: Results,
+    failures: Failures,
+    log: Log,
+) -> None:
+    """One untimed warm-up per contestant, then ``reps`` timed rounds in rotating order.
+
+    ``timed`` returns the seconds it took for ``events`` events; the store is
+    reset before every run. A contestant whose warm-up failed is not timed.
+    """
+    live = []
     for c in contestants:
         try:
             c.reset()
-            _run_threads(c, warmup)
+            warm_up(c)
         except Exception as e:
-            failures.record(c, "concurrent append (warm-up)", e, results.cell("concurrent_append", c.key))
+            failures.record(c, f"{label} (warm-up)", e, results.cell(workload, c.key))
+        else:
+            live.append(c)
     for rep in range(reps):
-        for c in rotated(contestants, rep):
-            cell = results.cell("concurrent_append", c.key)
+        for c in rotated(live, rep):
+            cell = results.cell(workload, c.key)
             if cell.reason:
                 continue
             try:
                 c.reset()
-                seconds = _run_threads(c, plan)
-                cell.samples.append(total / seconds)
-                cell.events = total
-                log(f"  rep {rep + 1}: {c.label:<40} {total / seconds:>10,.0f} events/s")
+                seconds = timed(c)
+                cell.samples.append(events / seconds)
+                cell.events = events
+                log(f"  rep {rep + 1}: {c.label:<40} {events / seconds:>10,.0f} events/s")
             except Exception as e:
-                failures.record(c, "concurrent append", e, cell)
+                failures.record(c, label, e, cell)
 
 
 def _run_threads(c: Contestant, plan: list[list[Event]]) -> float:
