@@ -113,7 +113,7 @@ def test_read_query_plan_is_an_ordered_index_scan(
         conn.execute(f"SET plan_cache_mode = {mode}")
         for txid, pos in (("0", 0), (str(middle[0]), middle[1])):
             params = {"txid": txid, "pos": pos, "limit": 500}
-            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, params))
+            plan = _plan(conn, query, params)
             assert "Index Scan using events_transaction_position_idx" in plan, plan
             assert "Seq Scan" not in plan and "Sort" not in plan, plan
 
@@ -127,8 +127,12 @@ def test_a_plain_partition_filter_would_tip_the_plan_into_a_sort(conn: Connectio
     query = build_read_query(Partition(1, 4)).as_string(conn)
     plain = query.replace("CASE WHEN (", "(").replace(") THEN true ELSE false END", ")")
     assert plain != query
-    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + plain, {"txid": "0", "pos": 0, "limit": 500}))
+    plan = _plan(conn, plain, {"txid": "0", "pos": 0, "limit": 500})
     assert "Sort" in plan, plan
+
+
+def _plan(conn: Connection, query: str, params: dict[str, object]) -> str:
+    return "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, params))
 
 
 def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) -> None:
