@@ -10,7 +10,7 @@ to ``json.JSONDecoder().raw_decode`` (psycopg's own jsonb loader takes about
 twice as long per row, and ``json.loads`` adds checks that jsonb's canonical
 text never needs), so the ratio measures the store's own work, not the choice
 of decoder. Metadata comes back as text, undecoded, as projectionist's reader
-returns it.
+returns it. Results come in binary, and created_at in UTC, as the reader gets them.
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ class Raw(Contestant):
 
     def catch_up(self, *, read_model: bool, batch_size: int, name: str) -> tuple[int, float]:
         with self.connect() as conn:
+            # The worker's session setting, so created_at comes back in the same form.
+            conn.execute("SET TimeZone = 'UTC'")
 
             def read_page(position: int) -> list[tuple[Any, ...]]:
-                rows = conn.execute(_SCAN, (position, batch_size)).fetchall()
+                rows = conn.execute(_SCAN, (position, batch_size), binary=True).fetchall()
                 _decode(rows)
                 return rows
 

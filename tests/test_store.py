@@ -12,7 +12,7 @@ import pytest
 from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
 from projectionist.db import Connection, connect
 from projectionist.partitioning import fnv1a_32
-from projectionist.records import RecordedEvent, recorded_event
+from projectionist.records import RecordedEvent, recorded_event_from_row
 from projectionist.store import append, append_many, head_position, read_stream, stream_version
 
 pytestmark = pytest.mark.integration
@@ -168,16 +168,23 @@ def test_metadata_keeps_correlation_and_causation(conn: Connection) -> None:
     assert stored.metadata == {"user": "u1", "correlation_id": "c-1", "causation_id": "k-1"}
 
 
-def test_recorded_event_fast_constructor_matches_the_dataclass() -> None:
-    # recorded_event sets RecordedEvent's slots by position: a field added or
-    # reordered without it would shift values silently, so compare field by field.
+def test_record_built_from_a_row_matches_the_dataclass() -> None:
+    # recorded_event_from_row fills a layout twin of RecordedEvent by field
+    # name and then gives it RecordedEvent's class: a field added to one and
+    # not the other must fail here, not shift values silently.
     assert RecordedEvent.__slots__ == tuple(f.name for f in dataclasses.fields(RecordedEvent))
-    values = (7, 9, uuid.uuid4(), "agg", 3, "Type", {"a": 1}, '{"m": 2}', datetime.now(UTC))
-    fast, slow = recorded_event(*values), RecordedEvent(*values)
+    event_id, created = uuid.uuid4(), datetime.now(UTC)
+    row = (7, "9", event_id, "agg", 3, "Type", '{"a": [1, 2.5, "x"]}', '{"m": 2}', created, True)
+    fast = recorded_event_from_row(row)
+    slow = RecordedEvent(7, 9, event_id, "agg", 3, "Type", {"a": [1, 2.5, "x"]}, '{"m": 2}', created)
+    assert type(fast) is RecordedEvent
     assert fast == slow
     assert [getattr(fast, f.name) for f in dataclasses.fields(RecordedEvent)] == [
         getattr(slow, f.name) for f in dataclasses.fields(RecordedEvent)
     ]
     assert fast.metadata == {"m": 2}
+    assert hash(fast.event_id) == hash(event_id)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.payload = {}  # type: ignore[misc]
+    # A text event id (as from a connection without psycopg's uuid loader) is parsed.
+    assert recorded_event_from_row((7, "9", str(event_id), *row[3:])).event_id == event_id

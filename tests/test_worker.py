@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,6 +14,7 @@ from projectionist.db import Connection, connect
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import partition_of
 from projectionist.processor import Processor
+from projectionist.projection import Tx
 from projectionist.reader import MarkLayer, Partition, build_read_query
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.store import append
@@ -95,6 +97,39 @@ def test_idle_partitions_checkpoints_move_to_the_newest_visible_row(conn: Connec
 
 @pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
 @pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
+class _DayBook(Recorder):
+    """Notes the session's time zone and the calendar day SQL gives each event."""
+
+    def __init__(self) -> None:
+        super().__init__("day_book")
+        self.seen: list[tuple[str, str, RecordedEvent]] = []
+
+    def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        for e in events:
+            zone, day = tx.execute(
+                "SELECT current_setting('TimeZone'), (%s::timestamptz)::date::text", (e.created_at,)
+            ).fetchone()
+            self.seen.append((zone, day, e))
+
+
+def test_projections_see_utc_whatever_the_servers_time_zone(conn: Connection) -> None:
+    # 23:30 UTC is already the next day in Tokyo: a read model cut by day must
+    # not depend on which server (or session default) it was rebuilt on.
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET TimeZone = 'Asia/Tokyo'")
+    append(conn, "tz-1", [NewEvent("E", {})])
+    conn.execute("UPDATE events SET created_at = '2026-03-01 23:30:00+00'")
+    with connect(conn.info.dsn, autocommit=True) as worker_conn:
+        assert worker_conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+        projection = _DayBook()
+        processor = Processor(projection, Partition(0, 1), batch_size=10)
+        processor.start(worker_conn)
+        processor.run_batch(worker_conn)
+    ((zone, day, event),) = projection.seen
+    assert (zone, day) == ("UTC", "2026-03-01")
+    assert event.created_at == datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
+    assert event.created_at.utcoffset() == timedelta(0)
+
+
 def test_read_query_plan_is_an_ordered_index_scan(
     conn: Connection, partition: Partition, marks: bool
 ) -> None:

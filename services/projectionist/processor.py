@@ -68,6 +68,12 @@ class Processor:
 
         ``layers`` are the skip marks of retired groups after a rescale.
         """
+        # Projections see one clock whatever the server's default time zone:
+        # a read model rebuilt on another server comes out the same (dates
+        # cut with date_trunc or ::date included), and created_at arrives as
+        # a UTC datetime, which psycopg builds without a zoneinfo lookup per
+        # row (about a tenth of reading a row under a named zone).
+        conn.execute("SET TimeZone = 'UTC'")
         with conn.transaction():
             # Workers of one projection start together and would race on
             # CREATE TABLE IF NOT EXISTS (it is not atomic against a concurrent

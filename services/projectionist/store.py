@@ -9,8 +9,6 @@ only the append.
 from __future__ import annotations
 
 import contextlib
-import json
-import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +31,7 @@ from projectionist.records import (
     NewEvent,
     RecordedEvent,
     StreamState,
-    recorded_event,
+    recorded_event_from_row,
 )
 from projectionist.telemetry_context import inject_trace_context
 
@@ -659,28 +657,8 @@ async def read_stream_async(
     return [to_recorded(row) for row in await cur.fetchall()]
 
 
-# raw_decode, not json.loads: loads wraps it in two whitespace regex matches
-# that jsonb's canonical text output never needs, and they were half of it.
-_decode_json = json.JSONDecoder().raw_decode
-
-
-def to_recorded(row: Sequence[Any]) -> RecordedEvent:
-    """A RecordedEvent from the nine columns of ``_EVENT_COLUMNS`` (payload and metadata as text).
-
-    Runs once per event read, hence recorded_event and positional arguments.
-    """
-    event_id = row[2]
-    return recorded_event(
-        row[0],
-        int(row[1]),
-        event_id if type(event_id) is uuid.UUID else uuid.UUID(str(event_id)),
-        row[3],
-        row[4],
-        row[5],
-        _decode_json(row[6])[0],
-        row[7],
-        row[8],
-    )
+# One RecordedEvent per row of _EVENT_COLUMNS (see recorded_event_from_row).
+to_recorded = recorded_event_from_row
 
 
 def read_events(conn: Connection, event_ids: Sequence[str]) -> list[RecordedEvent]:
