@@ -155,7 +155,7 @@ def test_older_caller_transaction_cannot_append_behind_a_newer_one(db_url: str) 
         older.commit()
 
 
-@pytest.mark.parametrize("bad", ["", "x" * 256, "tab\there", "nul\x00"])
+@pytest.mark.parametrize("bad", ["", "x" * 256, "tab\there", "nul\x00", "del\x7f", "us\x1f", "end\n"])
 def test_bad_aggregate_ids_are_rejected(conn: Connection, bad: str) -> None:
     with pytest.raises(ValueError):
         append(conn, bad, [ev()])
