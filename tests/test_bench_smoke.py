@@ -88,6 +88,18 @@ def test_every_target_is_judged_and_misses_are_shown() -> None:
     assert by_name["Catch-up with telemetry vs without (issue 3)"].result == "ok"
 
 
+def test_a_ratio_just_below_its_target_is_not_rounded_up_to_it() -> None:
+    r = _results()
+    r.cell("catch_up_noop", "raw").samples[:] = [291_554.0]
+    r.cell("catch_up_noop", "projectionist").samples[:] = [204_013.0]  # 0.69975x
+    by_name = {v.name: v for v in verdicts(r)}
+    caught_up = by_name["1-worker catch-up (no-op) vs raw scan"]
+    assert (caught_up.measured, caught_up.result) == ("0.6997\N{MULTIPLICATION SIGN}", "MISS")
+    r.cell("catch_up_noop", "projectionist").samples[:] = [204_100.0]  # 0.70005x
+    caught_up = {v.name: v for v in verdicts(r)}["1-worker catch-up (no-op) vs raw scan"]
+    assert (caught_up.measured, caught_up.result) == ("0.70\N{MULTIPLICATION SIGN}", "ok")
+
+
 def test_not_measured_is_never_ok_and_the_report_names_the_misses() -> None:
     r = Results(quick=True, sizes={}, reps=1)
     assert all(v.result.startswith("not measured") for v in verdicts(r))
