@@ -95,8 +95,6 @@ def test_idle_partitions_checkpoints_move_to_the_newest_visible_row(conn: Connec
     assert verify_exactly_once(conn) == {"lost": 0, "duplicated": 0, "misordered": 0, "wrong_worker": 0}
 
 
-@pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
-@pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
 class _DayBook(Recorder):
     """Notes the session's time zone and the calendar day SQL gives each event."""
 
@@ -130,6 +128,8 @@ def test_projections_see_utc_whatever_the_servers_time_zone(conn: Connection) ->
     assert event.created_at.utcoffset() == timedelta(0)
 
 
+@pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
+@pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
 def test_read_query_plan_is_an_ordered_index_scan(
     conn: Connection, partition: Partition, marks: bool
 ) -> None:
