@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -139,6 +140,10 @@ def test_sampler_counts_lag_of_partitions_without_a_worker(conn: Connection) -> 
     assert sampled.lag_events == 80
 
 
+def _ignore_sigint() -> None:  # runs in the child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _without_locust_tables(output: str, keep: int = 60) -> str:
     """The harness's own lines, without Locust's periodic stats tables that bury its error."""
     noise = ("Type ", "----", "POST ", "GET ", "Aggregated", "Response time", "# reqs")
@@ -165,6 +170,10 @@ def test_a_short_real_experiment_verifies_and_writes_its_results(pg_server: Serv
             capture_output=True,
             text=True,
             timeout=240,
+            # As a background job of a script (`make scale-experiment &`):
+            # SIGINT ignored, which the harness must not pass on to Locust,
+            # whose stop signal it is.
+            preexec_fn=_ignore_sigint,
         )
     finally:
         with pg_server.admin() as admin:

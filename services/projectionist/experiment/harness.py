@@ -37,6 +37,11 @@ class HarnessError(ProjectionistError):
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    # Children are stopped with SIGINT (Locust) and SIGTERM. A harness run as
+    # a background job of a non-interactive shell (`nohup ... &`) starts with
+    # SIGINT ignored, which exec passes on: Locust then ignored its stop
+    # signal until it was killed, and lost its final reports.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:
