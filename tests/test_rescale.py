@@ -73,6 +73,20 @@ def _stop_staggered(conn: Connection, workers: list[Worker]) -> None:
     _stop(workers[1:])
 
 
+def _switch_once_stopped(conn: Connection, total: int) -> GroupConfig | Draining:
+    """register_group with allow_rescale, after the old group's workers were stopped.
+
+    A stopped worker's session lock goes when its backend exits, a moment
+    after the client closed the connection: allow for that, not more.
+    """
+    deadline = time.monotonic() + 5
+    result = register_group(conn, "recorder", total, allow_rescale=True)
+    while isinstance(result, Draining) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        result = register_group(conn, "recorder", total, allow_rescale=True)
+    return result
+
+
 def _wait_applied(conn: Connection, at_least: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,8 +134,8 @@ def _rescale_4_3_6(db_url: str, load: Appender, started: list[Worker]) -> None:
         _stop_staggered(conn, three)
         with pytest.raises(ConfigError, match="projectionist rescale"):
             register_group(conn, "recorder", 6)
-        switched = register_group(conn, "recorder", 6, allow_rescale=True)
-        assert isinstance(switched, GroupConfig) and switched.generation == 3
+        switched = _switch_once_stopped(conn, 6)
+        assert isinstance(switched, GroupConfig) and switched.generation == 3, switched
         start = conn.execute(
             "SELECT min(last_global_position) FROM projection_checkpoints WHERE total_workers = 6"
         ).fetchone()
@@ -155,13 +169,7 @@ def test_old_group_worker_is_refused_after_the_switch(db_url: str) -> None:
             assert isinstance(register_group(conn, "recorder", 3, allow_rescale=True), Draining)
         finally:
             _stop(two)
-        # A stopped worker's session lock goes when its backend exits, a moment
-        # after the client closed the connection: allow for that, not more.
-        deadline = time.monotonic() + 5
-        joined = register_group(conn, "recorder", 3, allow_rescale=True)
-        while isinstance(joined, Draining) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            joined = register_group(conn, "recorder", 3, allow_rescale=True)
+        joined = _switch_once_stopped(conn, 3)
         assert isinstance(joined, GroupConfig), joined
         with pytest.raises(ConfigError, match="TOTAL_WORKERS=2 differs from the 3 partitions"):
             register_group(conn, "recorder", 2)
