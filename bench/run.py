@@ -96,7 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="also run projectionist appends with notify=False and a coalescing Notifier (default: on)",
     )
-    p.add_argument("--output", type=Path, default=RESULTS_DIR, help="where to write <date>.md and latest.md")
+    p.add_argument(
+        "--output", type=Path, default=RESULTS_DIR, help="where to write <date>-<HHMM>.md and latest.md"
+    )
     return p.parse_args(argv)
 
 
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if only & {"catchup", "telemetry", "partitioned"}:
         only.add("append")  # they read what workload 1 wrote
     started = time.monotonic()
+    now = dt.datetime.now(dt.UTC).astimezone()
     url = os.environ.get("BENCH_DATABASE_URL") or None
     log(
         f"projectionist bench ({'quick' if args.quick else 'full'}): "
@@ -133,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
             },
             reps=sizes.reps,
         )
-        now = dt.datetime.now(dt.UTC).astimezone()
         results.header = [f"Date: {now:%Y-%m-%d %H:%M %Z}", *machine.describe()]
         contestants, unavailable = build_contestants(server, args)
         for key, reason in unavailable.items():
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     report = render(results)
     print()
     print(report)
-    write_report(report, args.output, quick=args.quick)
+    write_report(report, args.output, quick=args.quick, started_at=now)
     if failures.fatal:
         print("\nthe benchmark itself failed:", file=sys.stderr)
         for f in failures.fatal:
@@ -169,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(report: str, out: Path, *, quick: bool) -> None:
+def write_report(report: str, out: Path, *, quick: bool, started_at: dt.datetime) -> None:
+    """The report as ``latest.md`` and as ``<date>-<HHMM>.md``, kept: one file per run, by start time.
+
+    Runs on a noisy machine are read together (``python -m bench.spread``),
+    so a second run the same day must not overwrite the first.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         # A smoke run must not overwrite the published numbers.
@@ -178,7 +185,7 @@ def write_report(report: str, out: Path, *, quick: bool) -> None:
         path.write_text(report + "\n")
         log(f"\nwrote {path}")
         return
-    dated = out / f"{dt.date.today().isoformat()}.md"
+    dated = out / f"{started_at:%Y-%m-%d-%H%M}.md"
     for path in (dated, out / "latest.md"):
         path.write_text(report + "\n")
     log(f"\nwrote {dated} and {out / 'latest.md'}")

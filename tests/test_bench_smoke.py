@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
 from bench.latency import percentile
 from bench.results import Cell, LatencyRun, PartitionedCell, PartitionedRun, Results, render, verdicts
+from bench.spread import ReportError, spread, targets_of
 
 
 def test_payload_is_about_200_bytes() -> None:
@@ -107,3 +109,26 @@ def test_not_measured_is_never_ok_and_the_report_names_the_misses() -> None:
     assert "| Batched append vs raw | 0.70\N{MULTIPLICATION SIGN} |" in report
     assert "miss(es)" in report and "Batched append vs raw" in report.split("miss(es)")[1].splitlines()[0]
     assert "not measured: npm is not installed" in report
+
+
+def test_spread_folds_the_targets_of_several_reports() -> None:
+    first, second = _results(), _results()
+    second.cell("batched_append", "projectionist").samples[:] = [900.0]  # 0.90x raw: ok this time
+    failed = second.cell("catch_up_noop", "eventsourcing")
+    failed.samples.clear()
+    failed.reason = "error: boom"
+    folded = {s.target: s for s in spread([("a", render(first)), ("b", render(second))])}
+    batched = folded["Batched append vs raw"]
+    x = "\N{MULTIPLICATION SIGN}"
+    assert batched.row() == ["Batched append vs raw", f"≥ 0.8{x}", f"0.70{x}", f"0.90{x}", "1 of 2", "0"]
+    catch_up_es = folded["Catch-up vs eventsourcing"]
+    assert (catch_up_es.ok, catch_up_es.not_measured, len(catch_up_es.values)) == (1, 1, 1)
+    assert folded["Append-to-applied p99 at 500 events/s"].row()[2:5] == ["120.0 ms", "120.0 ms", "0 of 2"]
+
+
+def test_spread_refuses_what_is_not_a_full_report() -> None:
+    quick = Results(quick=True, sizes={}, reps=1)
+    with pytest.raises(ReportError, match="not a full-run report"):
+        targets_of(render(quick), "quick.md")
+    with pytest.raises(ReportError, match="no Targets table"):
+        targets_of("# projectionist benchmark: full run\n\nnothing else", "cut.md")
