@@ -67,28 +67,29 @@ class HookChain(WorkerHooks):
     """Calls each hook in turn; a hook that raises is logged and skipped."""
 
     def __init__(self, hooks: Sequence[WorkerHooks] = ()) -> None:
-        self.hooks = list(hooks)
+        # A tuple: the per-step subsets below are derived from it once.
+        self.hooks = tuple(hooks)
         # Per batch, only the hooks that override the step are called: each
         # generator-based scope costs a few microseconds to enter and leave,
         # and the per-batch telemetry budget is small (see bench, issue 3).
         self._scoped = [h for h in self.hooks if type(h).batch_scope is not WorkerHooks.batch_scope]
         self._after = [h for h in self.hooks if type(h).after_batch is not WorkerHooks.after_batch]
 
-    def _each(self, method: str, *args: object) -> None:
-        for hook in self.hooks:
+    def _each(self, hooks: Sequence[WorkerHooks], method: str, *args: object) -> None:
+        for hook in hooks:
             try:
                 getattr(hook, method)(*args)
             except Exception:
                 log.exception("hook %s.%s failed", type(hook).__name__, method)
 
     def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
-        self._each("on_state", info, state, reason)
+        self._each(self.hooks, "on_state", info, state, reason)
 
     def on_tick(self, info: WorkerInfo) -> None:
-        self._each("on_tick", info)
+        self._each(self.hooks, "on_tick", info)
 
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
-        self._each("on_wakeup", info, source)
+        self._each(self.hooks, "on_wakeup", info, source)
 
     @contextlib.contextmanager
     def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:
@@ -101,11 +102,7 @@ class HookChain(WorkerHooks):
             yield
 
     def after_batch(self, info: WorkerInfo, result: BatchResult) -> None:
-        for hook in self._after:
-            try:
-                hook.after_batch(info, result)
-            except Exception:
-                log.exception("hook %s.after_batch failed", type(hook).__name__)
+        self._each(self._after, "after_batch", info, result)
 
     def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
-        self._each("on_error", info, error_type, error)
+        self._each(self.hooks, "on_error", info, error_type, error)
