@@ -101,11 +101,14 @@ class _DayBook(Recorder):
     def __init__(self) -> None:
         super().__init__("day_book")
         self.seen: list[tuple[str, str, RecordedEvent]] = []
+        self.synchronous_commit = ""
 
     def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
         for e in events:
-            zone, day = tx.execute(
-                "SELECT current_setting('TimeZone'), (%s::timestamptz)::date::text", (e.created_at,)
+            zone, day, self.synchronous_commit = tx.execute(
+                "SELECT current_setting('TimeZone'), (%s::timestamptz)::date::text,"
+                " current_setting('synchronous_commit')",
+                (e.created_at,),
             ).fetchone()
             self.seen.append((zone, day, e))
 
@@ -126,6 +129,8 @@ def test_projections_see_utc_whatever_the_servers_time_zone(conn: Connection) ->
     assert (zone, day) == ("UTC", "2026-03-01")
     assert event.created_at == datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
     assert event.created_at.utcoffset() == timedelta(0)
+    # The other session setting a worker makes: batches do not wait for their WAL flush.
+    assert projection.synchronous_commit == "off"
 
 
 @pytest.mark.parametrize("partition", [Partition(1, 4), Partition(0, 1)], ids=str)
