@@ -191,18 +191,14 @@ class PartitionReader:
         if self._query is _SINGLE_PARTITION_QUERY:
             events = [to_recorded(row) for row in rows]
             self.rows_fetched += len(events)
-            last = events[-1]
-            return Batch(
-                events, Position(last.transaction_id, last.global_position), len(rows) >= self.batch_size
-            )
+            return Batch(events, _position_of(events[-1]), len(rows) >= self.batch_size)
         # Rows are in to_recorded's column order with "mine" last, which it
         # ignores: no per-row slicing on the hot path.
         events = [to_recorded(row) for row in rows if row[9]]
         self.rows_fetched += len(events)
         if len(events) >= self.batch_size:
             # More of ours may follow: stop at the last one read.
-            last = events[-1]
-            return Batch(events, Position(last.transaction_id, last.global_position), True)
+            return Batch(events, _position_of(events[-1]), True)
         # Every row of ours up to the newest visible row has been read; the
         # marker is missing only when no row at all is visible.
         marker = next((row for row in rows if not row[9]), None)
@@ -210,9 +206,13 @@ class PartitionReader:
         if head is None or head <= after:
             if not events:
                 return Batch([], None, False)
-            last = events[-1]  # unreachable while the marker is the newest visible row; kept safe
-            return Batch(events, Position(last.transaction_id, last.global_position), False)
+            # Unreachable while the marker is the newest visible row; kept safe.
+            return Batch(events, _position_of(events[-1]), False)
         return Batch(events, head, False)
+
+
+def _position_of(event: RecordedEvent) -> Position:
+    return Position(event.transaction_id, event.global_position)
 
 
 def _rendered(query: sql.SQL | sql.Composed) -> sql.SQL:
