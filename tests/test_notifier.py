@@ -37,6 +37,20 @@ def test_append_without_notify_sends_nothing_and_the_notifier_coalesces(db_url: 
             assert notifier.sent == len(received)
 
 
+@pytest.mark.parametrize("events", [1, 3], ids=["one-event statement", "one-stream statement"])
+def test_each_single_stream_statement_notifies_only_when_asked(db_url: str, events: int) -> None:
+    def batch() -> list[NewEvent]:
+        return [NewEvent("E", {"i": i}) for i in range(events)]
+
+    with connect(db_url, autocommit=True) as listener, connect(db_url, autocommit=True) as conn:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        first = append(conn, f"s{events}", batch(), notify=False)
+        assert list(listener.notifies(timeout=0.3)) == []
+        second = append(conn, f"s{events}", batch())
+        assert len(list(listener.notifies(timeout=1, stop_after=1))) == 1
+        assert (first.version, second.version) == (events, 2 * events)
+
+
 def test_worker_wakes_promptly_from_the_notifier(db_url: str) -> None:
     hooks = Collect()
     worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)
