@@ -94,6 +94,8 @@ class Results:
     latency_method: str = ""
     latency_reason: str | None = None
     telemetry: dict[str, Cell] = field(default_factory=dict)
+    #: Workload 2's statements sent by pgbench (bench.server_only), by statement key.
+    server_only: dict[str, Cell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def cell(self, workload: str, contestant: str) -> Cell:
@@ -263,6 +265,36 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}\N{MULTIPLICATION SIGN}"
 
 
+def _server_only_section(results: Results) -> list[str]:
+    if not results.server_only:
+        return []
+    from bench.server_only import AGGREGATES_PER_CLIENT, STATEMENTS
+
+    clients = results.sizes.get("threads", "?")
+    lines = [
+        f"## 2s. Workload 2 on the server alone (pgbench: the same SQL from {clients} C clients)",
+        "",
+        "No target: this splits workload 2's ratio into the server's part and the Python client's. "
+        f"Each client appends single events to {AGGREGATES_PER_CLIENT} aggregates of its own, "
+        "one per transaction; pgbench's clients use next to no CPU.",
+        "",
+    ]
+    raw_cell = results.server_only.get("raw")
+    raw = raw_cell.median if raw_cell else None
+    rows = []
+    for key, label in STATEMENTS.items():
+        cell = results.server_only.get(key)
+        if cell is None:
+            continue
+        if cell.reason:
+            rows.append([label, f"not measured: {cell.reason}", "—"])
+            continue
+        rows.append([label, _rate(cell.median) + _spread(cell.samples), _ratio(cell.median, raw)])
+    lines += _table(["Statement", "events/s", "÷ raw"], rows)
+    lines.append("")
+    return lines
+
+
 def render(results: Results) -> str:
     lines: list[str] = []
     mode = "quick smoke run (no thresholds apply)" if results.quick else "full run"
@@ -310,6 +342,8 @@ def render(results: Results) -> str:
         rows.append(row)
     lines += _table(headers, rows)
     lines.append("")
+
+    lines += _server_only_section(results)
 
     lines.append("## 4. Partitioned catch-up (N worker processes)")
     lines.append("")

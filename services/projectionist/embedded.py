@@ -46,6 +46,15 @@ def _bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+def bundled_binary(name: str) -> Path | None:
+    """A PostgreSQL program the wheel ships (``pgbench``, ``psql``...), if it is there."""
+    try:
+        path = _bin_dir() / name
+    except EmbeddedPostgresError:
+        return None
+    return path if path.is_file() else None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
