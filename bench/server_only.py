@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psycopg
 
+# Two private names on purpose (raw's _INSERT, the store's _ONE_EVENT_APPENDS):
+# the point is to send the exact statements they run, not copies that could drift.
 from bench.data import EVENT_TYPE, aggregate_id, payload
 from bench.raw import _INSERT as RAW_INSERT
 from bench.results import Cell, Results
@@ -100,7 +102,7 @@ def _fill_positional(statement: str, values: Sequence[str]) -> str:
     parts = statement.split("%s")
     if len(parts) != len(values) + 1:
         raise ValueError(f"expected {len(values)} placeholders, found {len(parts) - 1}")
-    filled = "".join(part + value for part, value in zip(parts, values, strict=False)) + parts[-1]
+    filled = "".join(part + value for part, value in zip(parts[:-1], values, strict=True)) + parts[-1]
     return _one_line(filled)
 
 
