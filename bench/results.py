@@ -8,6 +8,7 @@ inputs were not measured says ``not measured`` and why, never ``ok``.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 CONTESTANTS = [
@@ -123,27 +124,29 @@ class Verdict:
     result: str  # "ok", "MISS" or "not measured: <why>"
 
 
-def _at_least(ratio: float, minimum: float) -> tuple[str, str]:
-    """The ratio as shown, and its verdict against ``minimum``.
+def _at_least(name: str, ratio: float | None, minimum: float, why: str | None = None) -> Verdict:
+    """The verdict on ``ratio >= minimum``, or "not measured" and ``why`` when there is no ratio.
 
-    Two decimals, or as many more as it takes for the shown value to agree
-    with the verdict: 0.6997 must not read "0.70x ... MISS" against 0.7.
+    The ratio is shown with two decimals, or as many more as it takes for the
+    shown value to agree with the verdict: 0.6997 must not read "0.70x ...
+    MISS" against 0.7.
     """
+    line = f"≥ {minimum:g}\N{MULTIPLICATION SIGN}"
+    if ratio is None:
+        return Verdict(name, "—", line, f"not measured: {why or 'no samples'}")
     ok = ratio >= minimum
     digits = 2
     while digits < 6 and (round(ratio, digits) >= minimum) != ok:
         digits += 1
-    return f"{ratio:.{digits}f}\N{MULTIPLICATION SIGN}", "ok" if ok else "MISS"
+    return Verdict(name, f"{ratio:.{digits}f}\N{MULTIPLICATION SIGN}", line, "ok" if ok else "MISS")
 
 
 def _ratio_target(results: Results, name: str, workload: str, num: str, den: str, minimum: float) -> Verdict:
     a, b = results.median(workload, num), results.median(workload, den)
-    target = f"≥ {minimum:g}\N{MULTIPLICATION SIGN}"
     if a is None or b is None:
         why = results.reason(workload, num) if a is None else results.reason(workload, den)
-        return Verdict(name, "—", target, f"not measured: {why or 'no samples'}")
-    shown, result = _at_least(a / b, minimum)
-    return Verdict(name, shown, target, result)
+        return _at_least(name, None, minimum, why)
+    return _at_least(name, a / b, minimum)
 
 
 def verdicts(results: Results) -> list[Verdict]:
@@ -194,15 +197,10 @@ def verdicts(results: Results) -> list[Verdict]:
             )
     one, two = results.partitioned.get(("projectionist", 1)), results.partitioned.get(("projectionist", 2))
     if one and two and one.median_wall and two.median_wall:
-        shown, result = _at_least(one.median_wall / two.median_wall, 1.6)
-        out.append(Verdict("2-worker catch-up vs 1 worker", shown, "≥ 1.6\N{MULTIPLICATION SIGN}", result))
+        out.append(_at_least("2-worker catch-up vs 1 worker", one.median_wall / two.median_wall, 1.6))
     else:
         why = (one.reason if one else None) or (two.reason if two else None) or "not run"
-        out.append(
-            Verdict(
-                "2-worker catch-up vs 1 worker", "—", "≥ 1.6\N{MULTIPLICATION SIGN}", f"not measured: {why}"
-            )
-        )
+        out.append(_at_least("2-worker catch-up vs 1 worker", None, 1.6, why))
     runs = results.latency.get(500.0)
     if runs:
         p99 = statistics.median(r.p99 for r in runs) * 1000
@@ -232,11 +230,10 @@ def verdicts(results: Results) -> list[Verdict]:
     with_t, without = results.telemetry.get("with"), results.telemetry.get("without")
     name = "Catch-up with telemetry vs without (issue 3)"
     if with_t and without and with_t.median and without.median:
-        shown, result = _at_least(with_t.median / without.median, 0.9)
-        out.append(Verdict(name, shown, "≥ 0.9\N{MULTIPLICATION SIGN}", result))
+        out.append(_at_least(name, with_t.median / without.median, 0.9))
     else:
         why = (with_t.reason if with_t else None) or (without.reason if without else None) or "not run"
-        out.append(Verdict(name, "—", "≥ 0.9\N{MULTIPLICATION SIGN}", f"not measured: {why}"))
+        out.append(_at_least(name, None, 0.9, why))
     return out
 
 
@@ -255,7 +252,8 @@ def _spread(samples: list[float]) -> str:
     return f" ±{(max(samples) - min(samples)) / 2 / median * 100:.0f}%" if median else ""
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines (the reports' and ``bench.spread``'s)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return lines
@@ -290,7 +288,7 @@ def _server_only_section(results: Results) -> list[str]:
             rows.append([label, f"not measured: {cell.reason}", "—"])
             continue
         rows.append([label, _rate(cell.median) + _spread(cell.samples), _ratio(cell.median, raw)])
-    lines += _table(["Statement", "events/s", "÷ raw"], rows)
+    lines += markdown_table(["Statement", "events/s", "÷ raw"], rows)
     lines.append("")
     return lines
 
@@ -308,7 +306,7 @@ def render(results: Results) -> str:
     lines.append("## Targets")
     lines.append("")
     v = verdicts(results)
-    lines += _table(
+    lines += markdown_table(
         ["Target", "Measured", "Target", "Result"], [[x.name, x.measured, x.target, x.result] for x in v]
     )
     misses = [x.name for x in v if x.result == "MISS"]
@@ -340,7 +338,7 @@ def render(results: Results) -> str:
         ours = results.median(workload, "projectionist")
         row += [_ratio(ours, results.median(workload, d)) for d in ("raw", "eventsourcing", "messagedb")]
         rows.append(row)
-    lines += _table(headers, rows)
+    lines += markdown_table(headers, rows)
     lines.append("")
 
     lines += _server_only_section(results)
@@ -377,7 +375,7 @@ def render(results: Results) -> str:
                 else f"{run.server_rows_read / max(run.events, 1):.2f}\N{MULTIPLICATION SIGN}"
             )
             prow.append([label, f"{wall:.2f}", _rate(run.events / wall), speed, fetched, ratio, scanned])
-    lines += _table(
+    lines += markdown_table(
         [
             "Contestant",
             "Wall time (s)",
@@ -408,7 +406,7 @@ def render(results: Results) -> str:
                     f"{max(r.max for r in runs) * 1000:.1f}",
                 ]
             )
-        lines += _table(
+        lines += markdown_table(
             ["Target events/s", "Achieved", "Samples", "p50 (ms)", "p95 (ms)", "p99 (ms)", "max (ms)"], lrows
         )
         lines.append("")
@@ -432,7 +430,7 @@ def render(results: Results) -> str:
             trows.append([label, f"not measured: {cell.reason}"])
         else:
             trows.append([label, _rate(cell.median) + _spread(cell.samples)])
-    lines += _table(["Hooks", "events/s"], trows)
+    lines += markdown_table(["Hooks", "events/s"], trows)
     lines.append("")
 
     if results.notes:

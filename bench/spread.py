@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.results import markdown_table
+
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -81,14 +83,7 @@ def render(spreads: Sequence[Spread], runs: int) -> str:
     rows = [s.row() for s in spreads]
     if not any(s.not_measured for s in spreads):
         header, rows = header[:-1], [r[:-1] for r in rows]
-    lines = [
-        f"Spread of {runs} full run(s):",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join([f"Spread of {runs} full run(s):", "", *markdown_table(header, rows)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from projectionist.db import Connection
-from projectionist.records import Position, RecordedEvent
-from projectionist.store import to_recorded
+from projectionist.records import Position, RecordedEvent, recorded_event_from_row
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +188,12 @@ class PartitionReader:
         if not rows:
             return Batch([], None, False)
         if self._query is _SINGLE_PARTITION_QUERY:
-            events = [to_recorded(row) for row in rows]
+            events = [recorded_event_from_row(row) for row in rows]
             self.rows_fetched += len(events)
             return Batch(events, _position_of(events[-1]), len(rows) >= self.batch_size)
-        # Rows are in to_recorded's column order with "mine" last, which it
+        # Rows are in recorded_event_from_row's column order with "mine" last, which it
         # ignores: no per-row slicing on the hot path.
-        events = [to_recorded(row) for row in rows if row[9]]
+        events = [recorded_event_from_row(row) for row in rows if row[9]]
         self.rows_fetched += len(events)
         if len(events) >= self.batch_size:
             # More of ours may follow: stop at the last one read.

@@ -237,9 +237,11 @@ _APPEND_ONE_EVENT = sql.SQL(
 # notifying transactions, WAL flush included, which halves the throughput of
 # many concurrent small appends. notify=False leaves waking the workers to the
 # caller, typically a coalescing Notifier (notifier.py) poked after commit.
+_NOTIFY_CALL = sql.SQL("pg_notify({}, '')").format(sql.Literal(NOTIFY_CHANNEL))
+
+
 def _with_notify(template: sql.SQL, notify: bool) -> sql.Composed:
-    call = sql.SQL("pg_notify({}, '')").format(sql.Literal(NOTIFY_CHANNEL)) if notify else sql.SQL("1")
-    return template.format(notify=call)
+    return template.format(notify=_NOTIFY_CALL if notify else sql.SQL("1"))
 
 
 # The one-stream statements have no other CTE, so without NOTIFY they drop
@@ -249,9 +251,7 @@ def _with_notify_cte(template: sql.SQL, notify: bool) -> sql.Composed:
     if not notify:
         return template.format(with_notified=sql.SQL(""), notified=sql.SQL(""))
     return template.format(
-        with_notified=sql.SQL("WITH notified AS (SELECT pg_notify({}, ''))\n    ").format(
-            sql.Literal(NOTIFY_CHANNEL)
-        ),
+        with_notified=sql.SQL("WITH notified AS (SELECT {})\n    ").format(_NOTIFY_CALL),
         notified=sql.SQL(", notified"),
     )
 
@@ -656,9 +656,10 @@ async def stream_version_async(conn: AsyncConnection, aggregate_id: str) -> int:
     return int(row[0]) if row else 0
 
 
-# payload comes as text and to_recorded decodes it: psycopg's jsonb loader
-# (a Python-level bytes copy, encoding detection, then json.loads) took twice
-# as long per row as json.loads on the str that the C text loader returns.
+# payload comes as text and recorded_event_from_row decodes it: psycopg's
+# jsonb loader (a Python-level bytes copy, encoding detection, then
+# json.loads) took twice as long per row as decoding the str that the C text
+# loader returns.
 # The server's work is the same either way: text output of jsonb is ::text.
 _EVENT_COLUMNS = sql.SQL(
     "e.global_position, e.transaction_id::text AS txid, e.event_id, e.aggregate_id, "
@@ -676,7 +677,10 @@ def read_stream(
     conn: Connection, aggregate_id: str, *, from_version: int = 1, limit: int = 100
 ) -> list[RecordedEvent]:
     """Events of one stream in version order, starting at ``from_version``."""
-    return [to_recorded(row) for row in conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))]
+    return [
+        recorded_event_from_row(row)
+        for row in conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))
+    ]
 
 
 async def read_stream_async(
@@ -684,11 +688,7 @@ async def read_stream_async(
 ) -> list[RecordedEvent]:
     """:func:`read_stream` on an asyncio connection."""
     cur = await conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))
-    return [to_recorded(row) for row in await cur.fetchall()]
-
-
-# One RecordedEvent per row of _EVENT_COLUMNS (see recorded_event_from_row).
-to_recorded = recorded_event_from_row
+    return [recorded_event_from_row(row) for row in await cur.fetchall()]
 
 
 def read_events(conn: Connection, event_ids: Sequence[str]) -> list[RecordedEvent]:
@@ -696,7 +696,7 @@ def read_events(conn: Connection, event_ids: Sequence[str]) -> list[RecordedEven
     query = sql.SQL("SELECT {cols} FROM events e WHERE e.event_id = ANY(%s::uuid[])").format(
         cols=_EVENT_COLUMNS
     )
-    return [to_recorded(row) for row in conn.execute(query, (list(event_ids),))]
+    return [recorded_event_from_row(row) for row in conn.execute(query, (list(event_ids),))]
 
 
 def head_position(conn: Connection) -> int:
