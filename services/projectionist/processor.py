@@ -22,9 +22,12 @@ from projectionist.errors import PoisonEventError, ProjectionError
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo
 from projectionist.partitioning import fnv1a_32
 from projectionist.projection import Projection, Tx
-from projectionist.reader import MarkLayer, Partition, PartitionReader
+from projectionist.reader import Batch, MarkLayer, Partition, PartitionReader, PendingRead
 from projectionist.records import Position, RecordedEvent
 from projectionist.store import read_events
+
+# Read-ahead needs libpq's pipeline mode (libpq 14 or later); without it every batch reads in turn.
+_PIPELINE = psycopg.Pipeline.is_supported()
 
 
 class BatchOutcome(NamedTuple):
@@ -58,6 +61,7 @@ class Processor:
         #: How often the worker retried the whole batch before isolating (for the dead letter).
         self.attempts_before_isolation = 0
         self._open_letters = False
+        self._read_ahead: PendingRead | None = None
         batch_handler = getattr(projection, "apply_batch", None)
         self._apply_batch: Callable[[Sequence[RecordedEvent], Tx], None] | None = (
             batch_handler if callable(batch_handler) else None
@@ -93,6 +97,7 @@ class Processor:
             )
             self.projection.setup(conn)
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
+        self._drop_read_ahead()
         self.reader = PartitionReader(self.partition, self.reader.batch_size, layers)
         self.reader.forget_passed_marks(self.position)
         with conn.transaction():
@@ -112,7 +117,7 @@ class Processor:
         started = time.perf_counter()
         stopped_by: PoisonEventError | None = None
         with conn.transaction():
-            batch = self.reader.read(conn, self.position)
+            batch = self._read(conn, read_ahead=not isolate)
             tx = Tx(conn, self.projection.name, self.partition.worker_id, self.partition.total_workers)
             # Retries requested by an operator run even when no new event came
             # in; they commit with this (possibly otherwise empty) transaction.
@@ -146,6 +151,42 @@ class Processor:
         if stopped_by is not None:
             raise stopped_by
         return BatchOutcome(applied, batch.more, True)
+
+    def _read(self, conn: Connection, *, read_ahead: bool) -> Batch:
+        """This batch's events; when it is full, the next batch's read is already sent.
+
+        Read-ahead: while the client turns a full batch's rows into events
+        (most of a no-op catch-up's time), the server runs the next batch's
+        query, sent in pipeline mode just before. The read-ahead is used only
+        if the next batch starts exactly where it was read from, on the same
+        connection: after a rollback, a rescale's new reader or a reconnect
+        it is dropped and read again. It runs inside this batch's transaction,
+        which changes nothing for it: events are never updated, and the fence
+        in its WHERE clause is taken from its own snapshot.
+        """
+        assert self.position is not None
+        pending = self._take_read_ahead(conn) or self.reader.send(conn, self.position)
+        start = pending.next_start() if read_ahead and _PIPELINE else None
+        if start is None:
+            return pending.batch()
+        # Only the send runs in pipeline mode: leaving it syncs (waits for
+        # the read-ahead's rows) before the projection runs, so projections
+        # always see plain, synchronous statements.
+        with conn.pipeline():
+            self._read_ahead = self.reader.send(conn, start)
+            return pending.batch()
+
+    def _take_read_ahead(self, conn: Connection) -> PendingRead | None:
+        pending, self._read_ahead = self._read_ahead, None
+        if pending is None or (pending.conn is conn and pending.after == self.position):
+            return pending
+        pending.discard()
+        return None
+
+    def _drop_read_ahead(self) -> None:
+        if self._read_ahead is not None:
+            self._read_ahead.discard()
+            self._read_ahead = None
 
     def _apply(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
         if not events:

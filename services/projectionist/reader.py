@@ -29,8 +29,9 @@ partitions' rows nor shows lag for them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from psycopg import sql
+from psycopg import Cursor, sql
 
 from projectionist.db import Connection
 from projectionist.records import Position, RecordedEvent, recorded_event_from_row
@@ -177,25 +178,71 @@ class PartitionReader:
             self._query = _rendered(build_read_query(self.partition))
 
     def read(self, conn: Connection, after: Position) -> Batch:
+        return self.send(conn, after).batch()
+
+    def send(self, conn: Connection, after: Position) -> PendingRead:
+        """Run the read; in pipeline mode this only sends it, and the rows arrive while the caller works."""
         # Binary results: psycopg parses the int8, uuid and timestamptz
         # columns faster from their binary form, about 6% of a batch's read;
         # the text columns (payload, metadata) are the same bytes either way.
-        rows = conn.execute(
+        cursor = conn.execute(
             self._query,
             {"txid": str(after.transaction_id), "pos": after.global_position, "limit": self.batch_size},
             binary=True,
-        ).fetchall()
+        )
+        return PendingRead(self, conn, cursor, after, single=self._query is _SINGLE_PARTITION_QUERY)
+
+
+class PendingRead:
+    """A read that was sent, whose rows are not yet events: see the read-ahead in processor.py."""
+
+    __slots__ = ("_cursor", "_reader", "_single", "after", "conn")
+
+    def __init__(
+        self, reader: PartitionReader, conn: Connection, cursor: Cursor[Any], after: Position, *, single: bool
+    ) -> None:
+        self.after = after
+        self.conn = conn
+        self._cursor = cursor
+        self._reader = reader
+        self._single = single
+
+    def next_start(self) -> Position | None:
+        """Where the following batch will start if this one is full, else None.
+
+        Converts only the one row that says so, so that the next read can be
+        sent before this batch's rows are decoded. A guess that disagrees with
+        :meth:`batch` costs only the read-ahead: the caller uses a read-ahead
+        only when it starts exactly at the checkpoint the batch committed.
+        """
+        size = self._reader.batch_size
+        rows = self._rows_received()
+        # The partitioned read returns at most a batch of ours plus one marker
+        # row, ours first (UNION ALL keeps its branches' order), so only a
+        # result longer than a batch is full; the single-partition read has
+        # no marker.
+        if rows < size or (not self._single and rows <= size):
+            return None
+        self._cursor.scroll(size - 1, "absolute")
+        row = self._cursor.fetchone()
+        self._cursor.scroll(0, "absolute")
+        if row is None or not (self._single or row[9]):
+            return None
+        return Position(int(row[1]), row[0])
+
+    def batch(self) -> Batch:
+        after, size, rows = self.after, self._reader.batch_size, self._cursor.fetchall()
         if not rows:
             return Batch([], None, False)
-        if self._query is _SINGLE_PARTITION_QUERY:
+        if self._single:
             events = [recorded_event_from_row(row) for row in rows]
-            self.rows_fetched += len(events)
-            return Batch(events, _position_of(events[-1]), len(rows) >= self.batch_size)
+            self._reader.rows_fetched += len(events)
+            return Batch(events, _position_of(events[-1]), len(rows) >= size)
         # Rows are in recorded_event_from_row's column order with "mine" last, which it
         # ignores: no per-row slicing on the hot path.
         events = [recorded_event_from_row(row) for row in rows if row[9]]
-        self.rows_fetched += len(events)
-        if len(events) >= self.batch_size:
+        self._reader.rows_fetched += len(events)
+        if len(events) >= size:
             # More of ours may follow: stop at the last one read.
             return Batch(events, _position_of(events[-1]), True)
         # Every row of ours up to the newest visible row has been read; the
@@ -208,6 +255,16 @@ class PartitionReader:
             # Unreachable while the marker is the newest visible row; kept safe.
             return Batch(events, _position_of(events[-1]), False)
         return Batch(events, head, False)
+
+    def discard(self) -> None:
+        """Drop a read-ahead that will not be used, still counting the event rows it received."""
+        rows = self._rows_received()
+        self._reader.rows_fetched += rows if self._single or rows == 0 else rows - 1
+        self._cursor.close()
+
+    def _rows_received(self) -> int:
+        result = self._cursor.pgresult
+        return 0 if result is None else result.ntuples
 
 
 def _position_of(event: RecordedEvent) -> Position:
