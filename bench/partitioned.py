@@ -34,7 +34,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench.procs import GATE_KEY, Children, Gate, child_env, worker_args
+from bench.procs import GATE_KEY, Children, Gate, backend_pids, child_env, cpu_seconds, worker_args
 from bench.results import PartitionedCell, PartitionedRun, Results
 from bench.throughput import Failures, one_line
 
@@ -110,7 +110,15 @@ def _settle_stats() -> None:
 
 
 def run_ours(
-    url: str, n: int, name: str, expected: int, batch_size: int, stats: StatementStats, log_dir: Path
+    url: str,
+    n: int,
+    name: str,
+    expected: int,
+    batch_size: int,
+    stats: StatementStats,
+    log_dir: Path,
+    *,
+    local_server: bool = False,
 ) -> PartitionedRun:
     stats.reset()
     before = server_rows_read(url, "events")
@@ -123,8 +131,13 @@ def run_ours(
                     worker_args(k, n, "bench.projections:NoopProjection", batch_size), env, f"{name}-{k}"
                 )
             gate.wait_for(f"projectionist:{name}:", n, children)
-            started = gate.open()
             with psycopg.connect(url, autocommit=True) as conn:
+                # Backend process ids name local processes only when the server is local.
+                busy = [proc.pid for proc in children.running()]
+                if local_server:
+                    busy += backend_pids(conn, f"projectionist:{name}:")
+                cpu_before = cpu_seconds(busy)
+                started = gate.open()
                 deadline = time.monotonic() + 600
                 while True:
                     row = conn.execute(
@@ -135,6 +148,7 @@ def run_ours(
                     done = int(row[0]) if row else 0
                     if done >= expected:
                         finished = time.time()
+                        cpu_after = cpu_seconds(busy)
                         break
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{done} of {expected} events applied after 600 s")
@@ -144,7 +158,10 @@ def run_ours(
         gate.close()
     _settle_stats()
     rows, calls = stats.rows(OUR_READ)
-    return PartitionedRun(finished - started, done, rows, calls, server_rows_read(url, "events") - before)
+    cpu = None if cpu_before is None or cpu_after is None or not local_server else cpu_after - cpu_before
+    return PartitionedRun(
+        finished - started, done, rows, calls, server_rows_read(url, "events") - before, cpu
+    )
 
 
 def run_mdb(
@@ -207,6 +224,7 @@ def partitioned(
     batch_size: int,
     reps: int,
     pg_stat_statements: bool,
+    local_server: bool,
     results: Results,
     failures: Failures,
     log: Log,
@@ -224,7 +242,9 @@ def partitioned(
         contestants.append(
             (
                 "projectionist",
-                lambda n, name: run_ours(ours_url, n, name, ours_events, batch_size, ours_stats, log_dir),
+                lambda n, name: run_ours(
+                    ours_url, n, name, ours_events, batch_size, ours_stats, log_dir, local_server=local_server
+                ),
             )
         )
         if mdb_url is not None and mdb_unavailable is None:

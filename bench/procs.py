@@ -48,6 +48,9 @@ class Children:
             if proc.poll() is not None:
                 raise RuntimeError(f"{path.stem} exited with {proc.returncode}: {tail(path)}")
 
+    def running(self) -> list[subprocess.Popen[bytes]]:
+        return [proc for proc, _, _ in self.procs if proc.poll() is None]
+
     def output(self, proc: subprocess.Popen[bytes]) -> str:
         for p, path, out in self.procs:
             if p is proc:
@@ -83,6 +86,32 @@ def tail(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1].strip() if lines else "(no output)"
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User plus system CPU these processes have used so far, or None where /proc cannot tell."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            # The command name (field 2) may hold spaces, so count fields from its closing parenthesis.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def backend_pids(conn: psycopg.Connection[Any], app_prefix: str) -> list[int]:
+    """Server processes of the connections whose application name starts with ``app_prefix``."""
+    return [
+        int(row[0])
+        for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE %s",
+            (app_prefix + "%",),
+        )
+    ]
 
 
 def worker_args(worker_id: int, total: int, projection: str, batch_size: int) -> list[str]:

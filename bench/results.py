@@ -56,6 +56,8 @@ class PartitionedRun:
     rows_fetched: int | None
     reads: int | None
     server_rows_read: int | None
+    cpu_seconds: float | None = None
+    """CPU the workers and their server backends used while timed (None: the server is not local)."""
 
 
 @dataclass
@@ -66,6 +68,11 @@ class PartitionedCell:
     @property
     def median_wall(self) -> float | None:
         return statistics.median(r.wall_seconds for r in self.runs) if self.runs else None
+
+    @property
+    def median_cores_busy(self) -> float | None:
+        busy = [r.cpu_seconds / r.wall_seconds for r in self.runs if r.cpu_seconds is not None]
+        return statistics.median(busy) if busy else None
 
     @property
     def last(self) -> PartitionedRun | None:
@@ -354,7 +361,7 @@ def render(results: Results) -> str:
             if pcell is None:
                 continue
             if pcell.reason or not pcell.runs:
-                prow.append([label, f"not measured: {pcell.reason}", "", "", "", "", ""])
+                prow.append([label, f"not measured: {pcell.reason}", "", "", "", "", "", ""])
                 continue
             wall = pcell.median_wall
             assert wall is not None
@@ -374,18 +381,29 @@ def render(results: Results) -> str:
                 if run.server_rows_read is None
                 else f"{run.server_rows_read / max(run.events, 1):.2f}\N{MULTIPLICATION SIGN}"
             )
-            prow.append([label, f"{wall:.2f}", _rate(run.events / wall), speed, fetched, ratio, scanned])
+            busy = pcell.median_cores_busy
+            cores = "—" if busy is None else f"{busy:.2f}"
+            prow.append(
+                [label, f"{wall:.2f}", _rate(run.events / wall), speed, cores, fetched, ratio, scanned]
+            )
     lines += markdown_table(
         [
             "Contestant",
             "Wall time (s)",
             "events/s",
             "Speed-up vs N=1",
+            "Cores busy",
             "Rows sent to workers",
             "Rows sent ÷ events",
             "Rows the server read ÷ events",
         ],
         prow,
+    )
+    lines.append("")
+    lines.append(
+        "Cores busy: CPU time of the worker processes and their server backends while timed, "
+        "divided by the wall time (projectionist only, and only with a local server). No number "
+        "of workers can go faster than the machine's cores divided by what one worker keeps busy."
     )
     lines.append("")
 

@@ -339,6 +339,7 @@ def run_workloads(
             batch_size=sizes.batch_size,
             reps=sizes.reps,
             pg_stat_statements=server.has_pg_stat_statements(),
+            local_server=server.embedded,
             results=results,
             failures=failures,
             log=log,

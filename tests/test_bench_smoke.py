@@ -7,12 +7,15 @@ tests pin the parts whose bugs would make the published table lie.
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 
 import psycopg
 import pytest
 from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
 from bench.latency import percentile
+from bench.procs import cpu_seconds
 from bench.results import Cell, LatencyRun, PartitionedCell, PartitionedRun, Results, render, verdicts
 from bench.server_only import (
     STATEMENTS,
@@ -77,7 +80,7 @@ def _results() -> Results:
         r.cell(workload, "projectionist").samples[:] = [ours]
         r.cell(workload, "eventsourcing").samples[:] = [es]
     r.cell("catch_up_noop", "messagedb").reason = "npm is not installed"
-    r.partitioned[("projectionist", 1)] = PartitionedCell([PartitionedRun(2.0, 100, 101, 1, 100)])
+    r.partitioned[("projectionist", 1)] = PartitionedCell([PartitionedRun(2.0, 100, 101, 1, 100, 2.6)])
     r.partitioned[("projectionist", 2)] = PartitionedCell([PartitionedRun(1.5, 100, 150, 2, 200)])
     r.partitioned[("projectionist", 4)] = PartitionedCell(reason="error: boom")
     r.latency[500.0] = [LatencyRun(500, 498, 1000, 0.01, 0.02, 0.12, 0.2)]
@@ -99,6 +102,23 @@ def test_every_target_is_judged_and_misses_are_shown() -> None:
     assert by_name["Append-to-applied p99 at 500 events/s"].result == "MISS"  # 120 ms
     assert by_name["Batched append vs eventsourcing"].result == "ok"
     assert by_name["Catch-up with telemetry vs without (issue 3)"].result == "ok"
+
+
+def test_cores_busy_is_cpu_over_wall_time_and_blank_when_not_measured() -> None:
+    report = render(_results())
+    assert "| projectionist, N=1 | 2.00 | 50 | 1.00\N{MULTIPLICATION SIGN} | 1.30 |" in report
+    assert "| projectionist, N=2 | 1.50 | 67 | 1.33\N{MULTIPLICATION SIGN} | — |" in report
+
+
+def test_cpu_seconds_reads_proc_and_says_none_for_a_process_it_cannot_see() -> None:
+    spent = cpu_seconds([os.getpid()])
+    assert spent is not None and spent > 0
+    busy_until = time.process_time() + 0.2
+    while time.process_time() < busy_until:
+        pass
+    later = cpu_seconds([os.getpid()])
+    assert later is not None and later >= spent + 0.15
+    assert cpu_seconds([os.getpid(), 2**22 + 1]) is None  # above Linux's pid_max
 
 
 def test_a_ratio_just_below_its_target_is_not_rounded_up_to_it() -> None:
