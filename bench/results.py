@@ -402,8 +402,9 @@ def render(results: Results) -> str:
     lines.append("")
     lines.append(
         "Cores busy: CPU time of the worker processes and their server backends while timed, "
-        "divided by the wall time (projectionist only, and only with a local server). No number "
-        "of workers can go faster than the machine's cores divided by what one worker keeps busy."
+        "divided by the wall time (projectionist only, and only with a local server). At the same "
+        "CPU cost per event, N workers can go at most the machine's cores divided by one worker's "
+        "cores busy times as fast as one."
     )
     lines.append("")
 
