@@ -140,8 +140,8 @@ def render_markdown(
         render_table(results),
         "",
         "Events: rows in the events table at the end, every one of them compared with the read model. "
-        "What each recovery time measures: the scenario table of the README's fault-injection section "
-        "(docs/readme-parts/chaos.md).",
+        "What each recovery time measures: the scenario table in the README's section "
+        "\"Fault injection: make chaos\".",
         "",
         "## Checks per scenario",
         "",

@@ -51,7 +51,7 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float = 0.0) 
 
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
-    """The load a run generates. See ``docs/readme-parts/load.md`` for every variable."""
+    """The load a run generates. The README's section "Load tests: make load" lists every variable."""
 
     #: Number of distinct aggregates (``LOAD_KEYS``).
     keys: int = 1000
