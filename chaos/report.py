@@ -141,7 +141,7 @@ def render_markdown(
         "",
         "Events: rows in the events table at the end, every one of them compared with the read model. "
         "What each recovery time measures: the scenario table in the README's section "
-        "\"Fault injection: make chaos\".",
+        '"Fault injection: make chaos".',
         "",
         "## Checks per scenario",
         "",
