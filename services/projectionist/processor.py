@@ -169,9 +169,10 @@ class Processor:
         start = pending.next_start() if read_ahead and _PIPELINE else None
         if start is None:
             return pending.batch()
-        # Only the send runs in pipeline mode: leaving it syncs (waits for
-        # the read-ahead's rows) before the projection runs, so projections
-        # always see plain, synchronous statements.
+        # The read-ahead is the only statement sent in pipeline mode; this
+        # batch's rows are decoded while the server runs it. Leaving the block
+        # syncs (waits for the read-ahead's rows) before the projection runs,
+        # so projections always see plain, synchronous statements.
         with conn.pipeline():
             self._read_ahead = self.reader.send(conn, start)
             return pending.batch()
