@@ -6,9 +6,9 @@ work: versions come from a client-side counter (no read, no lock, no check),
 and the scan pages through the primary key with no gap fence and no partition
 filter. It does decode every payload (JSON to dict), as any consumer must, and
 the same way projectionist's reader does: the payload fetched as text and given
-to ``json.JSONDecoder().raw_decode`` (psycopg's own jsonb loader takes about
-twice as long per row, and ``json.loads`` adds checks that jsonb's canonical
-text never needs), so the ratio measures the store's own work, not the choice
+to ``json.JSONDecoder().raw_decode`` (psycopg's own JSON loader takes about
+twice as long per row, and ``json.loads`` adds checks that ``json.dumps`` output
+never needs), so the ratio measures the store's own work, not the choice
 of decoder. Metadata comes back as text, undecoded, as projectionist's reader
 returns it. Results come in binary, and created_at in UTC, as the reader gets them.
 """
@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 
 from bench.contestants import Contestant, Writer, paged_catch_up
 from bench.data import (
@@ -62,7 +62,7 @@ class _Versions:
 
     def row(self, agg: str, body: dict[str, Any]) -> tuple[Any, ...]:
         v, h = self.next(agg)
-        return (uuid.uuid4(), agg, v, h, EVENT_TYPE, Jsonb(body), Jsonb({}))
+        return (uuid.uuid4(), agg, v, h, EVENT_TYPE, Json(body), Json({}))
 
 
 class _RawWriter(Writer):

@@ -65,7 +65,7 @@ def _literal(value: str) -> str:
 
 def scripts() -> dict[str, str]:
     """The pgbench script of each statement: the bench's and the store's own SQL, parameters filled in."""
-    body = _literal(json.dumps(payload(random.Random(0), aggregate_id(0)))) + "::jsonb"
+    body = _literal(json.dumps(payload(random.Random(0), aggregate_id(0)))) + "::json"
     raw = _fill_positional(
         RAW_INSERT,
         [
@@ -77,7 +77,7 @@ def scripts() -> dict[str, str]:
             "7",
             _literal(EVENT_TYPE),
             body,
-            "'{}'::jsonb",
+            "'{}'::json",
         ],
     )
     named = {
@@ -86,7 +86,7 @@ def scripts() -> dict[str, str]:
         "hash": "7",
         "type": _literal(EVENT_TYPE),
         "payload": body,
-        "meta": "'{}'::jsonb",
+        "meta": "'{}'::json",
         "expected": "NULL",
     }
     ours = {notify: _fill_named(_ONE_EVENT_APPENDS[notify].as_string(), named) for notify in (True, False)}

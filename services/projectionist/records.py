@@ -92,9 +92,10 @@ def recorded_event_from_row(row: Sequence[Any]) -> RecordedEvent:
 
     ``transaction_id`` comes as text (xid8 has no int8 cast), ``payload`` as
     JSON text, decoded here with ``raw_decode``: ``json.loads`` wraps it in
-    two whitespace regex matches that jsonb's canonical text never needs, and
-    psycopg's own jsonb loader took twice as long per row. ``metadata`` stays
-    text until first read. Extra columns after the nine are ignored.
+    two whitespace regex matches that the store's own ``json.dumps`` output
+    never needs, and psycopg's own JSON loader took twice as long per row.
+    ``metadata`` stays text until first read. Extra columns after the nine
+    are ignored.
     """
     event_id = row[2]
     e: Any = _new_object(_UnfrozenRecordedEvent)
@@ -104,7 +105,12 @@ def recorded_event_from_row(row: Sequence[Any]) -> RecordedEvent:
     e.aggregate_id = row[3]
     e.aggregate_version = row[4]
     e.event_type = row[5]
-    e.payload = _decode_json(row[6])[0]
+    try:
+        e.payload = _decode_json(row[6])[0]
+    except ValueError:
+        # Leading whitespace, from a writer other than the store (the column
+        # keeps the text as given); the column's type has already checked it is JSON.
+        e.payload = json.loads(row[6])
     e.metadata_json = row[7]
     e.created_at = row[8]
     e._metadata = None

@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGresult
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 
 from projectionist.db import NOTIFY_CHANNEL, Connection
 from projectionist.errors import ConcurrencyError
@@ -119,7 +119,7 @@ _INSERT = sql.SQL(
                             event_type, payload, metadata)
         SELECT r.event_id, r.aggregate_id, r.aggregate_version, r.partition_hash,
                r.event_type, r.payload, r.metadata
-        FROM unnest(%b::uuid[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::jsonb[], %b::jsonb[])
+        FROM unnest(%b::uuid[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::json[], %b::json[])
              WITH ORDINALITY AS r(event_id, aggregate_id, aggregate_version, partition_hash,
                                   event_type, payload, metadata, n)
         ORDER BY r.n
@@ -167,7 +167,7 @@ _APPEND_ONE_STATEMENT = sql.SQL(
                             event_type, payload, metadata)
         SELECT r.event_id, r.aggregate_id, w.version + r.version_offset, r.partition_hash,
                r.event_type, r.payload, r.metadata
-        FROM unnest(%b::uuid[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::jsonb[], %b::jsonb[])
+        FROM unnest(%b::uuid[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::json[], %b::json[])
              WITH ORDINALITY AS r(event_id, aggregate_id, version_offset, partition_hash,
                                   event_type, payload, metadata, n)
         JOIN wanted w ON w.aggregate_id = r.aggregate_id
@@ -208,7 +208,7 @@ _APPEND_ONE_STREAM = sql.SQL(
     {{with_notified}}INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash,
                         event_type, payload, metadata)
     SELECT r.event_id, %(agg)s, cur.version + r.n, %(hash)s, r.event_type, r.payload, r.metadata
-    FROM unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::jsonb[], %(metas)b::jsonb[])
+    FROM unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::json[], %(metas)b::json[])
          WITH ORDINALITY AS r(event_id, event_type, payload, metadata, n),
          {_CURRENT_VERSION}{{notified}}
     WHERE {_ONE_STREAM_GUARD}
@@ -504,8 +504,8 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
             columns[2].append(version + offset)
             columns[3].append(partition_hash)
             columns[4].append(event.type)
-            columns[5].append(Jsonb(event.payload))
-            columns[6].append(Jsonb({**context, **event.metadata}))
+            columns[5].append(Json(event.payload))
+            columns[6].append(Json({**context, **event.metadata}))
 
     try:
         rows = yield _Statement(_INSERTS[notify], columns)
@@ -546,13 +546,13 @@ def _one_stream_statement(
         e = a.events[0]
         params["id"] = e.event_id
         params["type"] = e.type
-        params["payload"] = Jsonb(e.payload)
-        params["meta"] = Jsonb({**context, **e.metadata})
+        params["payload"] = Json(e.payload)
+        params["meta"] = Json({**context, **e.metadata})
         return _ONE_EVENT_APPENDS[notify], params
     params["ids"] = [e.event_id for e in a.events]
     params["types"] = [e.type for e in a.events]
-    params["payloads"] = [Jsonb(e.payload) for e in a.events]
-    params["metas"] = [Jsonb({**context, **e.metadata}) for e in a.events]
+    params["payloads"] = [Json(e.payload) for e in a.events]
+    params["metas"] = [Json({**context, **e.metadata}) for e in a.events]
     return _ONE_STREAM_APPENDS[notify], params
 
 
@@ -566,8 +566,8 @@ def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]
             columns[2].append(offset)
             columns[3].append(partition_hash)
             columns[4].append(event.type)
-            columns[5].append(Jsonb(event.payload))
-            columns[6].append(Jsonb({**context, **event.metadata}))
+            columns[5].append(Json(event.payload))
+            columns[6].append(Json({**context, **event.metadata}))
     expected = [_expected_number(a.expected_version) for a in appends]
     try:
         rows = yield _Statement(

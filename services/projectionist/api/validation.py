@@ -1,9 +1,12 @@
 """Request parsing for the append API: bytes in, validated store records out, or an :class:`ApiError`.
 
 Everything the database could choke on is refused here, before a connection
-is taken: PostgreSQL's ``jsonb`` has no NUL character, no lone UTF-16
-surrogates and no NaN or Infinity, and ``text`` has no NUL byte. Catching
-those up front is what keeps bad input a 4xx and never a half-done 500.
+is taken: ``json`` has no NaN or Infinity, and ``text`` has no NUL byte. The
+store keeps payloads as ``json`` text, which would take a ``\\u0000`` or a lone
+UTF-16 surrogate escape, but ``payload::jsonb`` and every read model's text
+columns could not, so those are refused too: every stored payload stays
+usable as ``jsonb``. Catching all this up front is what keeps bad input a 4xx
+and never a half-done 500.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def parse_json(raw: bytes) -> Any:
 
 
 def _check_json_value(value: Any, where: str) -> None:
-    """Refuse what PostgreSQL's jsonb cannot store, and absurd nesting."""
+    """Refuse what PostgreSQL's jsonb cannot hold, and absurd nesting."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -101,7 +104,9 @@ def _check_json_value(value: Any, where: str) -> None:
 
 def _check_string(text: str, where: str) -> None:
     if "\x00" in text:
-        raise invalid(f"{where} contains a NUL character (\\u0000), which PostgreSQL cannot store")
+        raise invalid(
+            f"{where} contains a NUL character (\\u0000), which PostgreSQL's jsonb and text cannot hold"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -1,0 +1,108 @@
+"""Payloads kept as json text (migration 0004): upgrading a jsonb store, and what the text form changes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from projectionist import NewEvent
+from projectionist.db import Connection, connect
+from projectionist.migrate import available_migrations, migrate
+from projectionist.partitioning import fnv1a_32
+from projectionist.reader import Partition, PartitionReader
+from projectionist.records import Position
+from projectionist.store import append, read_stream
+from tests.conftest import Server, fresh_database
+
+_PAYLOAD_COLUMNS = """
+    SELECT column_name, data_type, column_default FROM information_schema.columns
+    WHERE table_name = 'events' AND column_name IN ('payload', 'metadata') ORDER BY column_name
+"""
+
+
+def _insert_raw(conn: Connection, aggregate: str, version: int, payload: str) -> None:
+    """A row as another writer (psql, an older release) would put it there, payload text as given."""
+    conn.execute(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, payload) "
+        "VALUES (%s, %s, %s, %s, 'Raw', %s)",
+        (uuid.uuid4(), aggregate, version, fnv1a_32(aggregate), payload),
+    )
+
+
+@pytest.fixture
+def before_0004(pg_server: Server) -> Iterator[str]:
+    """An empty database migrated up to 0003 only: a store of the jsonb releases."""
+    with fresh_database(pg_server, template=None) as url:
+        with connect(url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for m in available_migrations():
+                if m.version < 4:
+                    conn.execute(m.sql.encode())
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (m.version, m.name)
+                    )
+        yield url
+
+
+def test_upgrade_keeps_every_payload_of_a_jsonb_store(before_0004: str) -> None:
+    with connect(before_0004, autocommit=True) as conn:
+        assert [r[1] for r in conn.execute(_PAYLOAD_COLUMNS)] == ["jsonb", "jsonb"]
+        old = {"s": "\u00e9\u6f22", "n": [1, 2.5, None, True], "nested": {"k": {"deep": "v"}}}
+        # The old store's own writer, so the rows are exactly what a jsonb release wrote.
+        conn.execute(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
+            "payload, metadata) VALUES (%s, 'up', 1, %s, 'Old', %s::jsonb, %s::jsonb)",
+            (
+                uuid.uuid4(),
+                fnv1a_32("up"),
+                '{"s": "\\u00e9\\u6f22", "n": [1, 2.5, null, true], "nested": {"k": {"deep": "v"}}}',
+                '{"correlation_id": "c-1"}',
+            ),
+        )
+        _insert_raw(conn, "up", 2, "{}")  # the metadata default of the jsonb release
+
+        applied = migrate(conn)
+
+        assert [m.version for m in applied] == [4]
+        assert list(conn.execute(_PAYLOAD_COLUMNS)) == [
+            ("metadata", "json", "'{}'::json"),
+            ("payload", "json", None),
+        ]
+        first, second = read_stream(conn, "up")
+        assert first.payload == old and first.metadata == {"correlation_id": "c-1"}
+        assert second.payload == {} and second.metadata == {}
+        # The upgraded store takes appends and reads them back like a new one.
+        append(conn, "up", [NewEvent("New", {"after": "upgrade"})])
+        assert [e.payload for e in read_stream(conn, "up")] == [old, {}, {"after": "upgrade"}]
+
+
+def test_payload_keeps_the_writers_key_order(conn: Connection) -> None:
+    # jsonb sorted keys by length, then bytes; the text keeps the writer's order.
+    append(conn, "order", [NewEvent("E", {"zebra": 1, "b": 2, "aa": 3})])
+    (stored,) = read_stream(conn, "order")
+    assert list(stored.payload) == ["zebra", "b", "aa"]
+    batch = PartitionReader(Partition(0, 1), 10).read(conn, Position())
+    assert [list(e.payload) for e in batch.events] == [["zebra", "b", "aa"]]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_text_from_another_writer_is_read_as_written(conn: Connection, partitions: int) -> None:
+    # The fast decoder refuses leading whitespace, which json.dumps never
+    # writes but a hand-written INSERT may; such a row must still be read.
+    with conn.transaction():
+        _insert_raw(conn, "hand", 1, '  \n {"x" : [1, 2] }  ')
+        _insert_raw(conn, "hand", 2, '{"y": "z"}')
+    assert [e.payload for e in read_stream(conn, "hand")] == [{"x": [1, 2]}, {"y": "z"}]
+    reader = PartitionReader(Partition(fnv1a_32("hand") % partitions, partitions), 10)
+    assert [e.payload for e in reader.read(conn, Position()).events] == [{"x": [1, 2]}, {"y": "z"}]
+
+
+def test_the_column_still_refuses_what_is_not_json(conn: Connection) -> None:
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        _insert_raw(conn, "bad", 1, "{not json")
