@@ -384,7 +384,16 @@ def render(results: Results) -> str:
             busy = pcell.median_cores_busy
             cores = "—" if busy is None else f"{busy:.2f}"
             prow.append(
-                [label, f"{wall:.2f}", _rate(run.events / wall), speed, cores, fetched, ratio, scanned]
+                [
+                    label,
+                    f"{wall:.2f}" + _spread([r.wall_seconds for r in pcell.runs]),
+                    _rate(run.events / wall),
+                    speed,
+                    cores,
+                    fetched,
+                    ratio,
+                    scanned,
+                ]
             )
     lines += markdown_table(
         [

@@ -265,17 +265,18 @@ def run_workloads(
     failures: Failures,
 ) -> None:
     by_key = {c.key: c for c in contestants}
-    # Concurrent appends, catch-up and the telemetry pairs take about a
-    # second a repetition, and a hiccup of the host shifts one repetition by
-    # 20-40% on a busy 2-core VM (the repetitions' spread in the report shows
-    # it). They are cheap to repeat, so when repeating at all they take three
-    # times as many repetitions as the other workloads: the median then
-    # holds against up to four outliers a side instead of two.
+    # Concurrent appends, catch-up, the telemetry pairs and the partitioned
+    # catch-ups take a second or less a repetition, and a hiccup of the host
+    # shifts one repetition by 20-40% on a busy 2-core VM (the repetitions'
+    # spread in the report shows it). They are cheap to repeat, so when
+    # repeating at all they take three times as many repetitions as the other
+    # workloads: the median then holds against up to four outliers a side
+    # instead of two.
     short_reps = 3 * sizes.reps if sizes.reps > 1 else sizes.reps
-    if short_reps != sizes.reps and only & {"concurrent", "server", "catchup", "telemetry"}:
+    if short_reps != sizes.reps and only & {"concurrent", "server", "catchup", "telemetry", "partitioned"}:
         results.notes.append(
-            f"concurrent appends (both views), catch-up and the telemetry pairs: median of {short_reps} "
-            "repetitions (short runs, the noisiest)"
+            "concurrent appends (both views), catch-up, the telemetry pairs and partitioned catch-up: "
+            f"median of {short_reps} repetitions (short runs, the noisiest)"
         )
     if "concurrent" in only:
         plan = concurrent_plan(sizes.concurrent_events, sizes.threads)
@@ -337,7 +338,7 @@ def run_workloads(
             mdb_unavailable=unavailable.get("messagedb") or (None if mdb else "not set up"),
             counts=sizes.partition_counts,
             batch_size=sizes.batch_size,
-            reps=sizes.reps,
+            reps=short_reps,
             pg_stat_statements=server.has_pg_stat_statements(),
             local_server=server.embedded,
             results=results,

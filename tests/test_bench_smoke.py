@@ -110,6 +110,17 @@ def test_cores_busy_is_cpu_over_wall_time_and_blank_when_not_measured() -> None:
     assert "| projectionist, N=2 | 1.50 | 67 | 1.33\N{MULTIPLICATION SIGN} | — |" in report
 
 
+def test_partitioned_wall_time_shows_the_spread_of_its_repetitions() -> None:
+    r = _results()
+    r.partitioned[("projectionist", 1)] = PartitionedCell(
+        [PartitionedRun(wall, 100, 100, 1, 100) for wall in (1.0, 3.0, 2.0)]
+    )
+    report = render(r)
+    # The median wall time, then half the min-max range as a share of it.
+    assert "| projectionist, N=1 | 2.00 ±50% | 50 | 1.00\N{MULTIPLICATION SIGN} |" in report
+    assert "| projectionist, N=2 | 1.50 | 67 | 1.33\N{MULTIPLICATION SIGN} |" in report
+
+
 def test_cpu_seconds_reads_proc_and_says_none_for_a_process_it_cannot_see() -> None:
     spent = cpu_seconds([os.getpid()])
     assert spent is not None and spent > 0
