@@ -80,6 +80,15 @@ def test_upgrade_keeps_every_payload_of_a_jsonb_store(before_0004: str) -> None:
         # The upgraded store takes appends and reads them back like a new one.
         append(conn, "up", [NewEvent("New", {"after": "upgrade"})])
         assert [e.payload for e in read_stream(conn, "up")] == [old, {}, {"after": "upgrade"}]
+        # An appender of the jsonb release, still running during a rollout,
+        # sends jsonb arrays; the assignment cast to json takes them.
+        conn.execute(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
+            "payload, metadata) SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int8[], %s::int8[], "
+            "%s::text[], %s::jsonb[], %s::jsonb[])",
+            ([uuid.uuid4()], ["up"], [4], [fnv1a_32("up")], ["Old"], ['{"from": "old"}'], ["{}"]),
+        )
+        assert read_stream(conn, "up", from_version=4)[0].payload == {"from": "old"}
 
 
 def test_payload_keeps_the_writers_key_order(conn: Connection) -> None:
@@ -106,3 +115,14 @@ def test_text_from_another_writer_is_read_as_written(conn: Connection, partition
 def test_the_column_still_refuses_what_is_not_json(conn: Connection) -> None:
     with pytest.raises(psycopg.errors.InvalidTextRepresentation):
         _insert_raw(conn, "bad", 1, "{not json")
+
+
+def test_the_new_release_appends_and_reads_before_the_migration_ran(before_0004: str) -> None:
+    # Rollouts in either order: code first, migration later, works too.
+    with connect(before_0004, autocommit=True) as conn:
+        append(conn, "early", [NewEvent("New", {"zebra": 1, "a": [1, 2]})])
+        (stored,) = read_stream(conn, "early")
+        assert stored.payload == {"zebra": 1, "a": [1, 2]}
+        assert [e.payload for e in PartitionReader(Partition(0, 1), 10).read(conn, Position()).events] == [
+            stored.payload
+        ]
