@@ -54,7 +54,7 @@ def test_upgrade_keeps_every_payload_of_a_jsonb_store(before_0004: str) -> None:
     with connect(before_0004, autocommit=True) as conn:
         assert [r[1] for r in conn.execute(_PAYLOAD_COLUMNS)] == ["jsonb", "jsonb"]
         old = {"s": "\u00e9\u6f22", "n": [1, 2.5, None, True], "nested": {"k": {"deep": "v"}}}
-        # The old store's own writer, so the rows are exactly what a jsonb release wrote.
+        # Written as jsonb values, as a release before 0004 stored them.
         conn.execute(
             "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
             "payload, metadata) VALUES (%s, 'up', 1, %s, 'Old', %s::jsonb, %s::jsonb)",
