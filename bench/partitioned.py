@@ -132,11 +132,14 @@ def run_ours(
                 )
             gate.wait_for(f"projectionist:{name}:", n, children)
             with psycopg.connect(url, autocommit=True) as conn:
-                # Backend process ids name local processes only when the server is local.
-                busy = [proc.pid for proc in children.running()]
-                if local_server:
-                    busy += backend_pids(conn, f"projectionist:{name}:")
-                cpu_before = cpu_seconds(busy)
+                # Backend process ids name local processes only when the server
+                # is local; without the backends' share there is nothing to report.
+                busy = (
+                    [proc.pid for proc in children.running()] + backend_pids(conn, f"projectionist:{name}:")
+                    if local_server
+                    else []
+                )
+                cpu_before = cpu_seconds(busy) if busy else None
                 started = gate.open()
                 deadline = time.monotonic() + 600
                 while True:
@@ -148,7 +151,7 @@ def run_ours(
                     done = int(row[0]) if row else 0
                     if done >= expected:
                         finished = time.time()
-                        cpu_after = cpu_seconds(busy)
+                        cpu_after = cpu_seconds(busy) if busy else None
                         break
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{done} of {expected} events applied after 600 s")
@@ -158,7 +161,7 @@ def run_ours(
         gate.close()
     _settle_stats()
     rows, calls = stats.rows(OUR_READ)
-    cpu = None if cpu_before is None or cpu_after is None or not local_server else cpu_after - cpu_before
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return PartitionedRun(
         finished - started, done, rows, calls, server_rows_read(url, "events") - before, cpu
     )

@@ -83,7 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "ALTER global_position DROP IDENTITY"
                     ).format(table, type=sql.SQL(t))
                 )
-            size: dict[str, float] = {}
             for rep in range(args.reps + 1):  # the first round is a warm-up
                 for t in TYPES if rep % 2 else reversed(TYPES):
                     table = sql.Identifier(f"events_{t}")
@@ -94,8 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if rep:
                         append_ms[t].append(appended)
                         read_ms[t].append(read)
-                    row = conn.execute(sql.SQL("SELECT avg(pg_column_size(payload)) FROM {}").format(table))
-                    size[t] = float(row.fetchone()[0])  # type: ignore[index]
+            # Both tables still hold the last round's rows.
+            size = {
+                t: float(
+                    conn.execute(  # type: ignore[index]
+                        sql.SQL("SELECT avg(pg_column_size(payload)) FROM {}").format(
+                            sql.Identifier(f"events_{t}")
+                        )
+                    ).fetchone()[0]
+                )
+                for t in TYPES
+            }
         version = server.setting("server_version")
     per_row = 1000 / args.events
     rows = [
