@@ -10,7 +10,8 @@ to ``json.JSONDecoder().raw_decode`` (psycopg's own JSON loader takes about
 twice as long per row, and ``json.loads`` adds checks that ``json.dumps`` output
 never needs), so the ratio measures the store's own work, not the choice
 of decoder. Metadata comes back as text, undecoded, as projectionist's reader
-returns it. Results come in binary, and created_at in UTC, as the reader gets them.
+returns it. Results come in binary (transaction_id too, with the reader's xid8
+loader), and created_at in UTC, as the reader gets them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bench.data import (
 )
 from projectionist.migrate import migrate
 from projectionist.partitioning import fnv1a_32
+from projectionist.reader import register_xid8_loader
 
 _INSERT = (
     "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
@@ -38,7 +40,7 @@ _INSERT = (
 )
 # The same columns, in the same form, as projectionist's reader returns, in primary-key order.
 _SCAN = (
-    "SELECT global_position, transaction_id::text AS txid, event_id, aggregate_id, aggregate_version, "
+    "SELECT global_position, transaction_id AS txid, event_id, aggregate_id, aggregate_version, "
     "event_type, payload::text AS payload, metadata::text AS metadata, created_at FROM events "
     "WHERE global_position > %s "
     "ORDER BY global_position LIMIT %s"
@@ -116,6 +118,7 @@ class Raw(Contestant):
         with self.connect() as conn:
             # The worker's session setting, so created_at comes back in the same form.
             conn.execute("SET TimeZone = 'UTC'")
+            register_xid8_loader(conn)
 
             def read_page(position: int) -> list[tuple[Any, ...]]:
                 rows = conn.execute(_SCAN, (position, batch_size), binary=True).fetchall()

@@ -262,7 +262,9 @@ def test_depends_on_waits_for_health_and_migration(services: dict[str, dict[str,
             else:
                 assert condition == "service_started", f"{name} -> {dep}"
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    assert command(services["migrate"]) == ["projectionist", "migrate"]
+    # Migrations, then the partition indexes of the workers' partition count.
+    counts = {services[name]["environment"]["TOTAL_WORKERS"] for name in worker_services(services)}
+    assert command(services["migrate"]) == ["projectionist", "migrate", "--partition-indexes", *counts]
     for name in ["api", *worker_services(services)]:
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 

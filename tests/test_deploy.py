@@ -168,7 +168,8 @@ def test_migration_runs_as_a_job_and_workers_skip_it(
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     (container,) = pod["containers"]
-    assert container["command"] == ["projectionist", "migrate"]
+    total = env_of(worker)["TOTAL_WORKERS"]["value"]
+    assert container["command"] == ["projectionist", "migrate", "--partition-indexes", total]
     assert env_of(container)["DATABASE_URL"] == env_of(worker)["DATABASE_URL"]
     assert worker["command"] == ["projectionist", "worker", "--no-migrate"]
     secret = env_of(worker)["DATABASE_URL"]["valueFrom"]["secretKeyRef"]

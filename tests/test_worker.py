@@ -15,7 +15,7 @@ from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import partition_of
 from projectionist.processor import Processor
 from projectionist.projection import Tx
-from projectionist.reader import MarkLayer, Partition, build_read_query
+from projectionist.reader import MarkLayer, Partition, PartitionReader, build_read_query
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.store import append
 from projectionist.worker import Worker
@@ -306,3 +306,18 @@ def _no_leaked_threads() -> Iterator[None]:
     leaked = [t for t in threading.enumerate() if t not in before and t.name.startswith("worker-")]
     for t in leaked:
         t.join(timeout=10)
+
+
+def test_transaction_ids_arrive_as_the_exact_integers(db_url: str) -> None:
+    # The reader fetches xid8 in binary on a connection that had no loader
+    # for it; the ids must equal the server's own text form.
+    with connect(db_url, autocommit=True) as conn:
+        append(conn, "tx-1", [NewEvent("E", {}), NewEvent("E", {})])
+        append(conn, "tx-2", [NewEvent("E", {})])
+        expected = [int(r[0]) for r in conn.execute("SELECT transaction_id::text FROM events ORDER BY 1")]
+    with connect(db_url, autocommit=True) as fresh:
+        batch = PartitionReader(Partition(0, 1), 10).read(fresh, Position())
+        marked = PartitionReader(Partition(1, 2), 10).read(fresh, Position())
+    assert [e.transaction_id for e in batch.events] == expected
+    assert all(type(e.transaction_id) is int for e in batch.events)
+    assert marked.end is not None and marked.end.transaction_id == expected[-1]

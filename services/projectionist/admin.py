@@ -1,4 +1,4 @@
-"""Operator commands beyond running workers: ``dead-letters`` and ``rebuild``."""
+"""Operator commands beyond running workers: ``dead-letters``, ``partition-index`` and ``rebuild``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from projectionist import deadletters
+from projectionist import deadletters, partition_index
 from projectionist.db import connect, database_url
 from projectionist.errors import ConfigError
 from projectionist.ownership import LIVE_WORKERS, group_key
@@ -60,6 +60,45 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
         deadletters.discard(conn, args.id)
         print(f"discarded dead letter {args.id}")
         return 0
+
+
+def cmd_partition_index(args: argparse.Namespace, settings: Settings) -> int:
+    def progress(line: str) -> None:
+        print(line, flush=True)
+
+    with connect(database_url(settings), autocommit=True) as conn:
+        if args.action == "create":
+            partition_index.check_total_workers(args.total_workers)
+            print(f"building the partition indexes of {args.total_workers} partitions concurrently...")
+            built = partition_index.create_indexes(conn, args.total_workers, progress)
+            print(
+                f"{len(built)} built, {args.total_workers - len(built)} already present; running workers "
+                "use them from their next restart"
+            )
+            return 0
+        if args.action == "drop":
+            dropped = partition_index.drop_indexes(conn, args.total_workers, progress, force=args.force)
+            print(f"{len(dropped)} dropped" if dropped else f"no indexes of {args.total_workers} partitions")
+            return 0
+        sets = partition_index.summarize(conn)
+    if args.json:
+        print(json.dumps([asdict(x) for x in sets], indent=2))
+        return 0
+    if not sets:
+        print("no partition indexes, and no group with more than one partition")
+        return 0
+    print(f"{'partitions':>10} {'valid':>6} {'size':>10}  used by")
+    for x in sets:
+        hint = (
+            f"  (incomplete: projectionist partition-index create --total-workers {x.total_workers})"
+            if x.valid < x.total_workers and x.groups
+            else ""
+        )
+        print(
+            f"{x.total_workers:>10} {x.valid:>6} {x.size_bytes / 1048576:>8.1f}MB  "
+            f"{', '.join(x.groups) or '-'}{hint}"
+        )
+    return 0
 
 
 def _letter_json(letter: deadletters.DeadLetter) -> dict[str, Any]:

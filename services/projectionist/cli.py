@@ -1,7 +1,7 @@
 """The ``projectionist`` command.
 
-Subcommands: migrate, append, worker, pool, status, rescale, rebuild, dead-letters,
-api, demo, db.
+Subcommands: migrate, append, worker, pool, status, rescale, partition-index,
+rebuild, dead-letters, api, demo, db.
 """
 
 from __future__ import annotations
@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"projectionist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
-    sub.add_parser("migrate", help="apply pending SQL migrations (idempotent, safe in parallel)")
+    p = sub.add_parser("migrate", help="apply pending SQL migrations (idempotent, safe in parallel)")
+    p.add_argument(
+        "--partition-indexes",
+        type=_positive_int_arg("--partition-indexes"),
+        metavar="N",
+        help="then build the partition indexes of N partitions (as `partition-index create`)",
+    )
 
     p = sub.add_parser("append", help="append sample events (the seed's --append)")
     p.add_argument("--count", type=_positive_int_arg("--count"), default=1000)
@@ -147,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds to wait for the old group to stop (default 300)"
     )
 
+    p = sub.add_parser(
+        "partition-index", help="per-partition indexes, so each worker reads only its own rows"
+    )
+    pi = p.add_subparsers(dest="action", required=True, parser_class=_ArgumentParser)
+    q = pi.add_parser("create", help="build the missing ones (CREATE INDEX CONCURRENTLY; idempotent)")
+    q.add_argument("--total-workers", type=_positive_int_arg("--total-workers"), required=True)
+    q = pi.add_parser("drop", help="drop the indexes of one partition count")
+    q.add_argument("--total-workers", type=_positive_int_arg("--total-workers"), required=True)
+    q.add_argument("--force", action="store_true", help="even while a worker group has that partition count")
+    q = pi.add_parser("list", help="the partition indexes, and the groups that use them")
+    q.add_argument("--json", action="store_true")
+
     p = sub.add_parser("dead-letters", help="events parked by POISON_POLICY=park")
     dl = p.add_subparsers(dest="action", required=True, parser_class=_ArgumentParser)
     q = dl.add_parser("list", help="open dead letters (use --all for resolved and discarded too)")
@@ -221,9 +239,9 @@ def _worker_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_retries",
     ]
     overrides = {name: getattr(args, name, None) for name in names}
-    if args.command in ("status", "rescale", "rebuild", "dead-letters"):
+    if args.command in ("status", "rescale", "rebuild", "dead-letters", "partition-index"):
         overrides["projection"] = None  # there it is a projection *name*, not a class
-        if args.command in ("rescale", "rebuild"):
+        if args.command in ("rescale", "rebuild", "partition-index"):
             overrides["total_workers"] = None
     return overrides
 
@@ -241,10 +259,17 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     with connect(_url(settings), autocommit=True) as conn:
         applied = migrate(conn)
         versions = applied_versions(conn)
-    for m in applied:
-        print(f"applied {m.version:04d}_{m.name}")
-    if not applied:
-        print(f"database is up to date (migrations {', '.join(f'{v:04d}' for v in versions)})")
+        for m in applied:
+            print(f"applied {m.version:04d}_{m.name}")
+        if not applied:
+            print(f"database is up to date (migrations {', '.join(f'{v:04d}' for v in versions)})")
+        if args.partition_indexes == 1:
+            print("a single partition reads every row in order and needs no partition index")
+        elif args.partition_indexes is not None:
+            from projectionist.partition_index import create_indexes
+
+            built = create_indexes(conn, args.partition_indexes, lambda line: print(line, flush=True))
+            print(f"partition indexes of {args.partition_indexes} partitions: {len(built)} built")
     return EXIT_OK
 
 
@@ -422,8 +447,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"{layer['highest_position']}"
             for layer in g.skip_layers
         )
+        indexes = (
+            ""
+            if g.total_workers == 1
+            else f", partition indexes {g.indexed_partitions} of {g.total_workers}"
+            + (
+                ""
+                if g.indexed_partitions == g.total_workers
+                else f" (projectionist partition-index create --total-workers {g.total_workers})"
+            )
+        )
         table.caption = (table.caption + "\n" if table.caption else "") + (
-            f"{g.projection}: {g.total_workers} partitions, generation {g.generation}"
+            f"{g.projection}: {g.total_workers} partitions, generation {g.generation}{indexes}"
             + (f" ({layers})" if layers else "")
         )
     if not status.workers:
@@ -532,6 +567,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "demo": cmd_demo,
     "rescale": cmd_rescale,
     "dead-letters": admin.cmd_dead_letters,
+    "partition-index": admin.cmd_partition_index,
     "rebuild": admin.cmd_rebuild,
     "db": cmd_db,
     "api": cmd_api,

@@ -7,6 +7,7 @@ models in the same database.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -14,7 +15,7 @@ from typing import NamedTuple
 
 import psycopg
 
-from projectionist import deadletters
+from projectionist import deadletters, partition_index
 from projectionist.checkpoints import load_checkpoint, save_checkpoint
 from projectionist.db import Connection
 from projectionist.deadletters import PoisonPolicy
@@ -25,6 +26,11 @@ from projectionist.projection import Projection, Tx
 from projectionist.reader import Batch, MarkLayer, Partition, PartitionReader, PendingRead
 from projectionist.records import Position, RecordedEvent
 from projectionist.store import read_events
+
+log = logging.getLogger(__name__)
+
+#: How often a worker of several partitions checks whether its partition index is usable.
+INDEX_RECHECK_SECONDS = 30.0
 
 # Read-ahead needs libpq's pipeline mode (libpq 14 or later); without it every batch reads in turn.
 _PIPELINE = psycopg.Pipeline.is_supported()
@@ -62,6 +68,7 @@ class Processor:
         self.attempts_before_isolation = 0
         self._open_letters = False
         self._read_ahead: PendingRead | None = None
+        self._index_checked_at = 0.0
         batch_handler = getattr(projection, "apply_batch", None)
         self._apply_batch: Callable[[Sequence[RecordedEvent], Tx], None] | None = (
             batch_handler if callable(batch_handler) else None
@@ -99,6 +106,7 @@ class Processor:
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
         self._drop_read_ahead()
         self.reader = PartitionReader(self.partition, self.reader.batch_size, layers)
+        self._check_index(conn)
         self.reader.forget_passed_marks(self.position)
         with conn.transaction():
             self._open_letters = bool(
@@ -150,7 +158,28 @@ class Processor:
             )
         if stopped_by is not None:
             raise stopped_by
+        if time.monotonic() - self._index_checked_at > INDEX_RECHECK_SECONDS:
+            self._check_index(conn)
         return BatchOutcome(applied, batch.more, True)
+
+    def _check_index(self, conn: Connection) -> None:
+        """Read through the partition's own index while it is usable (see partition_index.py).
+
+        Checked at every start and then every INDEX_RECHECK_SECONDS, so an
+        index built or dropped while the worker runs is taken up or let go
+        without a restart, and a table analyzed for the first time is noticed.
+        """
+        self._index_checked_at = time.monotonic()
+        if self.partition.total_workers == 1:
+            return
+        ready = partition_index.is_ready(conn, self.partition.total_workers, self.partition.worker_id)
+        if ready != self.reader.indexed:
+            log.info(
+                "worker %s: %s its partition index",
+                self.partition,
+                "now reads through" if ready else "no longer reads through",
+            )
+        self.reader.use_index(ready)
 
     def _read(self, conn: Connection, *, read_ahead: bool) -> Batch:
         """This batch's events; when it is full, the next batch's read is already sent.

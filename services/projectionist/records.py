@@ -90,7 +90,8 @@ _decode_json = json.JSONDecoder().raw_decode
 def recorded_event_from_row(row: Sequence[Any]) -> RecordedEvent:
     """A RecordedEvent from a row of its nine fields in order, as the store selects them.
 
-    ``transaction_id`` comes as text (xid8 has no int8 cast), ``payload`` as
+    ``transaction_id`` comes as an int (the reader loads binary xid8) or as
+    text (xid8 has no int8 cast), ``payload`` as
     JSON text, decoded here with ``raw_decode``: ``json.loads`` wraps it in
     two whitespace regex matches that the store's own ``json.dumps`` output
     never needs, and psycopg's own JSON loader took twice as long per row.

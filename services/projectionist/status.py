@@ -8,6 +8,7 @@ from typing import Any
 
 from psycopg import sql
 
+from projectionist import partition_index
 from projectionist.checkpoints import load_layers
 from projectionist.db import Connection
 from projectionist.ownership import LIVE_EXPR
@@ -41,6 +42,9 @@ class GroupStatus:
     total_workers: int
     generation: int
     skip_layers: list[dict[str, Any]]
+    #: Partitions whose own index exists and is valid (see partition_index.py);
+    #: a single-partition group needs none and reports 1.
+    indexed_partitions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class StoreStatus:
                 "total_workers": g.total_workers,
                 "generation": g.generation,
                 "skip_layers": g.skip_layers,
+                "indexed_partitions": g.indexed_partitions,
                 "workers": [],
             }
             for g in self.groups
@@ -111,6 +116,7 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
         )
         for r in rows
     ]
+    indexed = {x.total_workers: x.valid for x in partition_index.summarize(conn)}
     groups = [
         GroupStatus(
             projection=name,
@@ -124,6 +130,7 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
                 }
                 for layer in load_layers(conn, name)
             ],
+            indexed_partitions=indexed.get(total, 0) if total > 1 else 1,
         )
         for name, total, generation in conn.execute(
             "SELECT projection_name, total_workers, generation FROM projection_groups"

@@ -211,6 +211,17 @@ class Worker:
             self.projection.name,
             self.processor.position,
         )
+        if self.partition.total_workers > 1 and not self.processor.reader.indexed:
+            # Correct either way; without its index the read visits every
+            # partition's rows, so the server's read work grows with N.
+            log.warning(
+                "worker %s: no partition index for %s partitions; each read steps over the other "
+                "partitions' rows on the server. Build them with `projectionist partition-index "
+                "create --total-workers %s`",
+                self.partition,
+                self.partition.total_workers,
+                self.partition.total_workers,
+            )
         self._set_state(WorkerState.CATCHING_UP, "connected")
         fenced_retry: float | None = None
         while not self.stopping:

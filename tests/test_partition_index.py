@@ -1,0 +1,213 @@
+"""Partition indexes: each worker's read walks its own partial index, and only its own rows."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from projectionist import partition_index
+from projectionist import processor as processor_module
+from projectionist.appender import append_sample_events
+from projectionist.checkpoints import register_group
+from projectionist.db import Connection, connect
+from projectionist.errors import ConfigError
+from projectionist.ownership import TRY_LOCK, group_key
+from projectionist.processor import Processor
+from projectionist.reader import MarkLayer, Partition, build_read_query
+from projectionist.records import Position
+from tests.conftest import run_cli
+from tests.projections import Recorder, verify_exactly_once
+
+pytestmark = pytest.mark.integration
+
+
+def _load(conn: Connection, count: int, aggregates: int) -> None:
+    for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
+        pass
+
+
+def _plan(conn: Connection, query: str, params: dict[str, object]) -> str:
+    return "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, params))
+
+
+def _scan_of_partition_rows(conn: Connection, query: str) -> dict[str, Any]:
+    """The executed plan node that reads the partition's rows (the first branch of the UNION)."""
+    (doc,) = conn.execute(
+        "EXPLAIN (ANALYZE, FORMAT JSON) " + query, {"txid": "0", "pos": 0, "limit": 100_000}
+    ).fetchone()  # type: ignore[misc]
+    node = doc[0]["Plan"]
+    while node.get("Alias") != "w":
+        node = node["Plans"][0]
+    return dict(node)
+
+
+@pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
+def test_the_read_walks_the_partitions_own_index(conn: Connection, marks: bool) -> None:
+    _load(conn, 20000, 50)
+    # Built on a table never analyzed: create_indexes gathers the statistics.
+    assert partition_index.create_indexes(conn, 4) == [f"events_partition_4_{k}_idx" for k in range(4)]
+    assert partition_index.is_ready(conn, 4, 1)
+    rows = conn.execute(
+        "SELECT transaction_id, global_position FROM events"
+        " ORDER BY transaction_id, global_position OFFSET 10000 LIMIT 3"
+    ).fetchall()
+    layers = (MarkLayer(3, tuple(Position(int(tx), pos) for tx, pos in rows)),) if marks else ()
+    query = build_read_query(Partition(1, 4), layers, indexed=True).as_string(conn)
+    middle = rows[0]
+    # The custom plan and the generic plan psycopg gets after 5 runs, from the
+    # start and from the middle of the table.
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        conn.execute(f"SET plan_cache_mode = {mode}")
+        for txid, pos in (("0", 0), (str(middle[0]), middle[1])):
+            plan = _plan(conn, query, {"txid": txid, "pos": pos, "limit": 500})
+            assert "Index Scan using events_partition_4_1_idx" in plan, plan
+            assert "Seq Scan" not in plan and "Sort" not in plan, plan
+
+
+def test_without_statistics_the_reader_keeps_the_main_index(conn: Connection) -> None:
+    # An index built by hand on a table that was never analyzed (say, restored
+    # from a dump before autovacuum got to it): the plain predicate would sort
+    # the partition's remainder under every batch, so the reader does not use it.
+    conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
+    _load(conn, 20000, 50)
+    conn.execute(
+        "CREATE INDEX events_partition_4_1_idx ON events (transaction_id, global_position)"
+        " WHERE partition_hash % 4 = 1"
+    )
+    plain = build_read_query(Partition(1, 4), indexed=True).as_string(conn)
+    assert "Sort" in _plan(conn, plain, {"txid": "0", "pos": 0, "limit": 500})
+    assert not partition_index.is_ready(conn, 4, 1)
+    processor = Processor(Recorder(), Partition(1, 4), batch_size=500)
+    processor.start(conn)
+    assert not processor.reader.indexed
+    conn.execute("ANALYZE events")
+    processor.start(conn)
+    assert processor.reader.indexed
+
+
+def test_a_running_worker_takes_up_and_lets_go_of_its_index(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processor_module, "INDEX_RECHECK_SECONDS", 0.0)
+    _load(conn, 2000, 31)
+    processor = Processor(Recorder(), Partition(0, 2), batch_size=100)
+    processor.start(conn)
+    assert not processor.reader.indexed
+    processor.run_batch(conn)
+    partition_index.create_indexes(conn, 2)
+    processor.run_batch(conn)  # the check follows the batch
+    assert processor.reader.indexed
+    conn.execute("DROP INDEX events_partition_2_0_idx")
+    processor.run_batch(conn)
+    assert not processor.reader.indexed
+    while processor.run_batch(conn).visible:
+        pass
+    counts = verify_exactly_once(conn)
+    assert counts["duplicated"] == counts["misordered"] == counts["wrong_worker"] == 0
+    applied = conn.execute("SELECT count(*) FROM applied_events").fetchone()
+    ours = conn.execute("SELECT count(*) FROM events WHERE partition_hash % 2 = 0").fetchone()
+    assert applied == ours
+
+
+def test_with_its_index_a_read_visits_only_its_own_rows(conn: Connection) -> None:
+    _load(conn, 4000, 97)
+    partition = Partition(2, 3)
+    ours = conn.execute("SELECT count(*) FROM events WHERE partition_hash % 3 = 2").fetchone()
+    assert ours is not None and 0 < ours[0] < 4000
+    # The control: without the index the scan steps over the other partitions' rows.
+    walked = _scan_of_partition_rows(conn, build_read_query(partition).as_string(conn))
+    assert walked["Actual Rows"] == ours[0]
+    assert walked["Rows Removed by Filter"] == 4000 - ours[0]
+    partition_index.create_indexes(conn, 3)
+    direct = _scan_of_partition_rows(conn, build_read_query(partition, indexed=True).as_string(conn))
+    assert direct["Index Name"] == "events_partition_3_2_idx"
+    assert direct["Actual Rows"] == ours[0]
+    assert direct.get("Rows Removed by Filter", 0) == 0
+
+
+def test_workers_use_their_indexes_and_apply_every_event_once(conn: Connection) -> None:
+    _load(conn, 3000, 61)
+    partition_index.create_indexes(conn, 3)
+    # Partition 1's index is gone: that worker falls back to the main index.
+    conn.execute("DROP INDEX events_partition_3_1_idx")
+    used = []
+    for k in range(3):
+        processor = Processor(Recorder(), Partition(k, 3), batch_size=128)
+        processor.start(conn)
+        used.append(processor.reader.indexed)
+        while processor.run_batch(conn).visible:
+            pass
+    assert used == [True, False, True]
+    assert verify_exactly_once(conn) == {"lost": 0, "duplicated": 0, "misordered": 0, "wrong_worker": 0}
+
+
+def test_a_single_partition_never_asks_for_an_index(conn: Connection) -> None:
+    _load(conn, 100, 7)
+    processor = Processor(Recorder(), Partition(0, 1), batch_size=50)
+    processor.start(conn)
+    assert not processor.reader.indexed
+    with pytest.raises(ConfigError, match="at least 2"):
+        partition_index.create_indexes(conn, 1)
+
+
+def test_create_is_idempotent_and_rebuilds_an_invalid_build(conn: Connection) -> None:
+    _load(conn, 500, 11)
+    lines: list[str] = []
+    assert len(partition_index.create_indexes(conn, 2, lines.append)) == 2
+    assert partition_index.create_indexes(conn, 2, lines.append) == []
+    assert sum("present" in line for line in lines) == 2
+    # What a failed or cancelled CREATE INDEX CONCURRENTLY leaves behind.
+    conn.execute(
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'events_partition_2_0_idx'::regclass"
+    )
+    assert not partition_index.is_ready(conn, 2, 0)
+    assert partition_index.is_ready(conn, 2, 1)
+    assert partition_index.create_indexes(conn, 2, lines.append) == ["events_partition_2_0_idx"]
+    assert any("dropped an invalid earlier build" in line for line in lines)
+    assert partition_index.is_ready(conn, 2, 0)
+
+
+def test_create_needs_autocommit(db_url: str) -> None:
+    with connect(db_url) as conn, pytest.raises(ValueError, match="autocommit"):
+        partition_index.create_indexes(conn, 2)
+
+
+def test_drop_is_refused_while_a_worker_of_that_size_runs(conn: Connection, db_url: str) -> None:
+    _load(conn, 500, 11)
+    partition_index.create_indexes(conn, 2)
+    register_group(conn, "orders", 2)
+    with connect(db_url, autocommit=True) as worker:
+        assert worker.execute(TRY_LOCK, (group_key("orders", 2), 1)).fetchone() == (True,)
+        with pytest.raises(ConfigError, match="orders"):
+            partition_index.drop_indexes(conn, 2)
+        assert partition_index.is_ready(conn, 2, 0)
+        assert len(partition_index.drop_indexes(conn, 2, force=True)) == 2
+    assert not partition_index.is_ready(conn, 2, 0)
+    # With no worker running, no --force is needed.
+    partition_index.create_indexes(conn, 2)
+    assert len(partition_index.drop_indexes(conn, 2)) == 2
+
+
+def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: str) -> None:
+    _load(conn, 300, 9)
+    register_group(conn, "orders", 3)
+    refused = run_cli("partition-index", "create", "--total-workers", "1", db_url=db_url)
+    assert refused.returncode == 2 and "at least 2" in refused.stderr
+    status = json.loads(run_cli("status", "--json", db_url=db_url).stdout)
+    assert status["projections"]["orders"]["indexed_partitions"] == 0
+
+    built = run_cli("partition-index", "create", "--total-workers", "3", db_url=db_url)
+    assert built.returncode == 0, built.stderr
+    assert "events_partition_3_2_idx: built in" in built.stdout and "(3 of 3)" in built.stdout
+
+    listed = json.loads(run_cli("partition-index", "list", "--json", db_url=db_url).stdout)
+    assert [(x["total_workers"], x["valid"], x["groups"]) for x in listed] == [(3, 3, ["orders"])]
+    status = json.loads(run_cli("status", "--json", db_url=db_url).stdout)
+    assert status["projections"]["orders"]["indexed_partitions"] == 3
+
+    dropped = run_cli("partition-index", "drop", "--total-workers", "3", db_url=db_url)
+    assert dropped.returncode == 0 and "3 dropped" in dropped.stdout
+    listed_text = run_cli("partition-index", "list", db_url=db_url).stdout
+    assert "incomplete: projectionist partition-index create --total-workers 3" in listed_text
