@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import pytest
@@ -13,10 +15,12 @@ from projectionist.appender import append_sample_events
 from projectionist.checkpoints import register_group
 from projectionist.db import Connection, connect
 from projectionist.errors import ConfigError
+from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.ownership import TRY_LOCK, group_key
 from projectionist.processor import Processor
 from projectionist.reader import MarkLayer, Partition, build_read_query
 from projectionist.records import Position
+from projectionist.worker import Worker
 from tests.conftest import run_cli
 from tests.projections import Recorder, verify_exactly_once
 
@@ -26,6 +30,11 @@ pytestmark = pytest.mark.integration
 def _load(conn: Connection, count: int, aggregates: int) -> None:
     for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
         pass
+
+
+def _invalidate(conn: Connection, name: str) -> None:
+    """What a failed or cancelled CREATE INDEX CONCURRENTLY leaves behind."""
+    conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = %s::regclass", (name,))
 
 
 def _plan(conn: Connection, query: str, params: dict[str, object]) -> str:
@@ -158,10 +167,7 @@ def test_create_is_idempotent_and_rebuilds_an_invalid_build(conn: Connection) ->
     assert len(partition_index.create_indexes(conn, 2, lines.append)) == 2
     assert partition_index.create_indexes(conn, 2, lines.append) == []
     assert sum("present" in line for line in lines) == 2
-    # What a failed or cancelled CREATE INDEX CONCURRENTLY leaves behind.
-    conn.execute(
-        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'events_partition_2_0_idx'::regclass"
-    )
+    _invalidate(conn, "events_partition_2_0_idx")
     assert not partition_index.is_ready(conn, 2, 0)
     assert partition_index.is_ready(conn, 2, 1)
     assert partition_index.create_indexes(conn, 2, lines.append) == ["events_partition_2_0_idx"]
@@ -211,3 +217,57 @@ def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: 
     assert dropped.returncode == 0 and "3 dropped" in dropped.stdout
     listed_text = run_cli("partition-index", "list", db_url=db_url).stdout
     assert "incomplete: projectionist partition-index create --total-workers 3" in listed_text
+
+
+def test_each_reason_for_reading_without_the_index_is_named(conn: Connection) -> None:
+    conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
+    assert partition_index.why_not_ready(conn, 2, 1) == "there is no index events_partition_2_1_idx"
+    conn.execute(
+        "CREATE INDEX events_partition_2_1_idx ON events (transaction_id, global_position)"
+        " WHERE partition_hash % 2 = 1"
+    )
+    assert partition_index.why_not_ready(conn, 2, 1) == partition_index.NO_STATISTICS
+    _load(conn, 300, 7)
+    conn.execute("ANALYZE events")
+    assert partition_index.why_not_ready(conn, 2, 1) is None
+    _invalidate(conn, "events_partition_2_1_idx")
+    assert "not valid" in (partition_index.why_not_ready(conn, 2, 1) or "")
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["missing", "built"])
+def test_a_worker_without_its_index_says_so(
+    db_url: str, built: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        _load(conn, 300, 7)
+        conn.execute("ANALYZE events")
+        if built:
+            partition_index.create_indexes(conn, 2)
+    caplog.set_level(logging.INFO, logger="projectionist")
+    hooks = _States()
+    worker = Worker(db_url, Recorder(), Partition(1, 2), poll_interval=0.2, hooks=hooks)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while WorkerState.LIVE not in hooks.states and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert WorkerState.LIVE in hooks.states
+    finally:
+        worker.stop()
+        worker.join(timeout=10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    hint = "projectionist partition-index create --total-workers 2"
+    if built:
+        assert not any(hint in w for w in warnings), warnings
+        assert worker.processor.reader.indexed
+    else:
+        missing = "there is no index events_partition_2_1_idx"
+        assert any(missing in w and hint in w for w in warnings), warnings
+
+
+class _States(WorkerHooks):
+    def __init__(self) -> None:
+        self.states: list[WorkerState] = []
+
+    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
+        self.states.append(state)

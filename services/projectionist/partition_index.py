@@ -56,6 +56,9 @@ from projectionist.ownership import LIVE_WORKERS, group_key
 #: the predicate of each, so an unbounded count would tax every write.
 MAX_INDEXED_PARTITIONS = 256
 
+#: The one reason that resolves itself: autovacuum analyzes a new table once it has rows.
+NO_STATISTICS = "the events table has no planner statistics yet (autovacuum or ANALYZE gathers them)"
+
 _NAME = re.compile(r"^events_partition_(\d+)_(\d+)_idx$")
 
 Progress = Callable[[str], None]
@@ -132,17 +135,29 @@ def summarize(conn: Connection) -> list[IndexSet]:
     ]
 
 
-def is_ready(conn: Connection, total_workers: int, worker_id: int) -> bool:
-    """Whether partition ``worker_id`` of ``total_workers`` has a valid index and the statistics to use it."""
+def why_not_ready(conn: Connection, total_workers: int, worker_id: int) -> str | None:
+    """Why partition ``worker_id`` of ``total_workers`` cannot read through its index; None if it can."""
+    name = index_name(total_workers, worker_id)
     row = conn.execute(
-        "SELECT i.indisvalid AND i.indisready AND EXISTS ("
+        "SELECT i.indisvalid AND i.indisready, EXISTS ("
         "  SELECT 1 FROM pg_stats s WHERE s.schemaname = n.nspname"
         "  AND s.tablename = 'events' AND s.attname = 'transaction_id')"
         " FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = 'events'::regclass",
-        (index_name(total_workers, worker_id),),
+        (name,),
     ).fetchone()
-    return bool(row and row[0])
+    if row is None:
+        return f"there is no index {name}"
+    if not row[0]:
+        return f"{name} is not valid (being built, or left by a failed build)"
+    if not row[1]:
+        return NO_STATISTICS
+    return None
+
+
+def is_ready(conn: Connection, total_workers: int, worker_id: int) -> bool:
+    """Whether partition ``worker_id`` of ``total_workers`` has a valid index and the statistics to use it."""
+    return why_not_ready(conn, total_workers, worker_id) is None
 
 
 def create_indexes(conn: Connection, total_workers: int, progress: Progress = lambda _: None) -> list[str]:

@@ -69,6 +69,8 @@ class Processor:
         self._open_letters = False
         self._read_ahead: PendingRead | None = None
         self._index_checked_at = 0.0
+        #: Why the reads walk the main index, not the partition's own (None while they do not).
+        self.unindexed_reason: str | None = None
         batch_handler = getattr(projection, "apply_batch", None)
         self._apply_batch: Callable[[Sequence[RecordedEvent], Tx], None] | None = (
             batch_handler if callable(batch_handler) else None
@@ -172,14 +174,17 @@ class Processor:
         self._index_checked_at = time.monotonic()
         if self.partition.total_workers == 1:
             return
-        ready = partition_index.is_ready(conn, self.partition.total_workers, self.partition.worker_id)
-        if ready != self.reader.indexed:
+        reason = partition_index.why_not_ready(conn, self.partition.total_workers, self.partition.worker_id)
+        if (reason is None) != self.reader.indexed:
             log.info(
-                "worker %s: %s its partition index",
+                "worker %s: %s",
                 self.partition,
-                "now reads through" if ready else "no longer reads through",
+                "now reads through its partition index"
+                if reason is None
+                else f"no longer reads through its partition index: {reason}",
             )
-        self.reader.use_index(ready)
+        self.unindexed_reason = reason
+        self.reader.use_index(reason is None)
 
     def _read(self, conn: Connection, *, read_ahead: bool) -> Batch:
         """This batch's events; when it is full, the next batch's read is already sent.

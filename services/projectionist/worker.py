@@ -25,7 +25,8 @@ from projectionist.deadletters import PoisonPolicy
 from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.ownership import TRY_LOCK, group_key
-from projectionist.processor import Processor
+from projectionist.partition_index import NO_STATISTICS
+from projectionist.processor import INDEX_RECHECK_SECONDS, Processor
 from projectionist.projection import Projection
 from projectionist.reader import Partition
 
@@ -211,16 +212,25 @@ class Worker:
             self.projection.name,
             self.processor.position,
         )
-        if self.partition.total_workers > 1 and not self.processor.reader.indexed:
-            # Correct either way; without its index the read visits every
-            # partition's rows, so the server's read work grows with N.
-            log.warning(
-                "worker %s: no partition index for %s partitions; each read steps over the other "
-                "partitions' rows on the server. Build them with `projectionist partition-index "
-                "create --total-workers %s`",
+        reason = self.processor.unindexed_reason
+        if reason == NO_STATISTICS:
+            log.info(
+                "worker %s: reads without its partition index until %s; it checks every %.0f s",
                 self.partition,
+                reason,
+                INDEX_RECHECK_SECONDS,
+            )
+        elif reason is not None:
+            # Correct either way; without its index each read steps over the
+            # other partitions' rows, so the server's read work grows with N.
+            log.warning(
+                "worker %s: reads without its partition index, stepping over the other partitions' "
+                "rows: %s. Build them with `projectionist partition-index create --total-workers %s`; "
+                "the worker checks every %.0f s",
+                self.partition,
+                reason,
                 self.partition.total_workers,
-                self.partition.total_workers,
+                INDEX_RECHECK_SECONDS,
             )
         self._set_state(WorkerState.CATCHING_UP, "connected")
         fenced_retry: float | None = None
