@@ -48,6 +48,7 @@ from projectionist.experiment.report import Phase, Sample
 from projectionist.experiment.sampling import CpuTracker, postmaster_pid, sample_store, system_cpu_seconds
 from projectionist.experiment.verify import verify_rescaled
 from projectionist.migrate import migrate
+from projectionist.partition_index import create_indexes
 from projectionist.sample import ScalableProjection
 from projectionist.settings import Settings
 
@@ -221,6 +222,9 @@ class Experiment:
         self.url = dedicated_database(database_url(Settings.from_env()), o.database)
         with connect(self.url, autocommit=True) as conn:
             migrate(conn)
+            # As the compose stack's `migrate --partition-indexes 4` does: built
+            # on the empty table, used once autovacuum has analyzed it.
+            create_indexes(conn, TOTAL_WORKERS)
         self.conn = connect(self.url, autocommit=True, application_name="scale-experiment")
         self.cpu = CpuTracker(postmaster_pid(self.conn))
         try:
@@ -270,6 +274,9 @@ class Experiment:
             child.stop()
             raise HarnessError(f"projectionist rescale exited with {code}:\n{child.tail()}")
         print(f"  {child.tail(300)}", file=sys.stderr)
+        if total > 1:
+            # Step 2 of the README's "Changing the partition count".
+            create_indexes(self.conn, total)
         self.total = total
 
     def _wait_for_first_events(self, timeout: float = 60.0) -> None:
