@@ -10,11 +10,13 @@ import json
 import os
 import random
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
 from bench.latency import percentile
+from bench.partitioned import StatementStats, build_partition_indexes, run_ours
 from bench.procs import cpu_seconds
 from bench.results import Cell, LatencyRun, PartitionedCell, PartitionedRun, Results, render, verdicts
 from bench.server_only import (
@@ -28,6 +30,8 @@ from bench.server_only import (
     server_only,
 )
 from bench.spread import ReportError, spread, targets_of
+
+from projectionist.appender import append_sample_events
 
 
 def test_payload_is_about_200_bytes() -> None:
@@ -210,3 +214,27 @@ def test_server_only_runs_pgbench_and_counts_what_was_written(db_url: str) -> No
         conn.execute("TRUNCATE events")
     with pytest.raises(PgbenchError, match="ran 40 appends but 0 events were written"):
         run_pgbench(pgbench, db_url, "SELECT 1;\n", clients=2, events=40)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("indexed", [False, True], ids=["walking", "partition-indexes"])
+def test_partitioned_catch_up_counts_what_the_server_read(db_url: str, tmp_path: Path, indexed: bool) -> None:
+    # Workload 4's last column, with real worker processes: with partition
+    # indexes each row is read once on the server for any N; without them
+    # each of the N workers visits every row.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in append_sample_events(conn, count=2000, aggregates=53, batch_size=200, seed=3):
+            pass
+        conn.execute("VACUUM ANALYZE events")
+    results = Results(quick=True, sizes={}, reps=1)
+    if indexed:
+        build_partition_indexes(db_url, [2], results, lambda _: None)
+        assert any("partition indexes" in note for note in results.notes)
+    stats = StatementStats(db_url, "unused", available=False)
+    run = run_ours(db_url, 2, "smoke", 2000, 100, stats, tmp_path)
+    assert run.events == 2000
+    assert run.server_rows_read is not None
+    if indexed:
+        assert 2000 <= run.server_rows_read <= 2000 * 1.02
+    else:
+        assert run.server_rows_read >= 2 * 2000
