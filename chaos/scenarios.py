@@ -31,6 +31,7 @@ from chaos.load import AGGREGATE_PREFIX, Load
 from chaos.report import Check, ScenarioResult
 from chaos.server import ChaosServer
 from projectionist.db import connect
+from projectionist.partition_index import create_indexes
 from projectionist.partitioning import partition_of
 from projectionist.records import NewEvent
 from projectionist.store import append
@@ -426,6 +427,12 @@ def rescale(h: Harness) -> None:
     p = h.profile
     old = h.group(4)
     h.warm_up(old)
+    # As the runbook allows: the new counts' partition indexes are built
+    # concurrently while the 4-group runs under load, so the new groups read
+    # through them, skip marks included.
+    with connect(h.url, autocommit=True) as conn:
+        for total in (3, 6):
+            create_indexes(conn, total)
     recoveries: list[float] = []
     for total in (3, 6):
         previous = old[0].spec.total_workers
@@ -465,6 +472,16 @@ def rescale(h: Harness) -> None:
         "SELECT count(*) FROM projection_checkpoints WHERE total_workers = 6 AND last_global_position = 0"
     )
     h.check(replayed == 0, "no partition of the final group started over from position 0")
+    # Statistics of stopped backends are flushed when they exit.
+    unused = h.db.scalar(
+        "SELECT count(*) FROM pg_stat_user_indexes"
+        " WHERE indexrelname ~ '^events_partition_[36]_[0-9]+_idx$' AND idx_scan = 0"
+    )
+    h.check(
+        unused == 0,
+        "every partition of the 3- and 6-groups read through its partition index",
+        f"{unused} unused",
+    )
 
 
 def standby_takeover(h: Harness) -> None:
