@@ -73,7 +73,7 @@ def cmd_partition_index(args: argparse.Namespace, settings: Settings) -> int:
             built = partition_index.create_indexes(conn, args.total_workers, progress)
             print(
                 f"{len(built)} built, {args.total_workers - len(built)} already present; running workers "
-                "use them from their next restart"
+                "take them up within 30 s"
             )
             return 0
         if args.action == "drop":

@@ -18,7 +18,7 @@ well the index's leading column follows the table's physical order. For
 ``partition_hash % N`` that is not at all, so it estimated a heap page read per
 row and kept walking the main index with a filter; it never chose the
 expression index. A partial index leads with ``transaction_id``, which follows
-the table, and the planner picks it in both plan-cache modes, with or without
+the table, and the planner picks it in both plan-cache modes once the table has
 statistics (``tests/test_partition_index.py`` checks the plans).
 
 The reader writes its filter as the plain predicate only while its index
@@ -223,9 +223,9 @@ def drop_indexes(
 
     Refused while a worker of that partition count runs, unless ``force``:
     it would keep the plain filter, which without the index gets the plan
-    that sorts the table's remainder under every batch, until it restarts or
-    reconnects and goes back to walking the main index. Stopped workers check
-    for their index when they start.
+    that sorts the table's remainder under every batch, until its next check
+    (every 30 s, processor.INDEX_RECHECK_SECONDS) sends it back to walking
+    the main index. Stopped workers check for their index when they start.
     """
     check_total_workers(total_workers)
     if not conn.autocommit:
@@ -234,8 +234,8 @@ def drop_indexes(
     if users and not force:
         raise ConfigError(
             f"workers of {', '.join(users)} with {total_workers} partitions are running and read "
-            "through these indexes; without them they would slow down until they restart. "
-            "Stop them first, or pass --force"
+            "through these indexes; without them each batch would sort the rest of its partition "
+            "until the workers notice, within 30 s. Stop them first, or pass --force"
         )
     dropped = []
     for found in list_indexes(conn):
