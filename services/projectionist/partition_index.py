@@ -15,11 +15,12 @@ and its read visits nothing else.
 Partial indexes, not one expression index on ``(partition_hash % N,
 transaction_id, global_position)``: the planner prices an index scan by how
 well the index's leading column follows the table's physical order. For
-``partition_hash % N`` that is not at all, so it estimated a heap page read per
-row and kept walking the main index with a filter; it never chose the
-expression index. A partial index leads with ``transaction_id``, which follows
-the table, and the planner picks it in both plan-cache modes once the table has
-statistics (``tests/test_partition_index.py`` checks the plans).
+``partition_hash % N`` that is not at all, so it estimated a heap page read
+per row and kept walking the main index with a filter (a one-off EXPLAIN in
+both plan-cache modes, after ANALYZE). A partial index leads with
+``transaction_id``, which follows the table, and the planner picks it in both
+plan-cache modes once the table has statistics
+(``tests/test_partition_index.py`` checks the plans).
 
 The reader writes its filter as the plain predicate only while its index
 exists and is valid and the table has statistics: the plain predicate is
