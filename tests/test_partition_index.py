@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -271,3 +272,26 @@ class _States(WorkerHooks):
 
     def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
         self.states.append(state)
+
+
+def test_two_builders_at_once_both_succeed(conn: Connection, db_url: str) -> None:
+    # Two `migrate --partition-indexes 4` at once (two deploys racing).
+    _load(conn, 20000, 50)
+    errors: list[BaseException] = []
+    built: list[list[str]] = []
+
+    def build() -> None:
+        try:
+            with connect(db_url, autocommit=True) as own:
+                built.append(partition_index.create_indexes(own, 4))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert all(partition_index.is_ready(conn, 4, k) for k in range(4))
+    assert len(set().union(*built)) <= 4

@@ -42,9 +42,10 @@ and adds its row to the one index whose predicate matches.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -63,6 +64,9 @@ NO_STATISTICS = "the events table has no planner statistics yet (autovacuum or A
 _NAME = re.compile(r"^events_partition_(\d+)_(\d+)_idx$")
 
 Progress = Callable[[str], None]
+
+_TRY_BUILDER_LOCK = "SELECT pg_try_advisory_lock(hashtext('projectionist.partition_index'))"
+_BUILDER_UNLOCK = "SELECT pg_advisory_unlock(hashtext('projectionist.partition_index'))"
 
 
 def index_name(total_workers: int, worker_id: int) -> str:
@@ -171,6 +175,11 @@ def create_indexes(conn: Connection, total_workers: int, progress: Progress = la
     check_total_workers(total_workers)
     if not conn.autocommit:
         raise ValueError("create_indexes needs an autocommit connection (CREATE INDEX CONCURRENTLY)")
+    with _builder_lock(conn, progress):
+        return _create_missing(conn, total_workers, progress)
+
+
+def _create_missing(conn: Connection, total_workers: int, progress: Progress) -> list[str]:
     existing = {(x.total_workers, x.worker_id): x for x in list_indexes(conn)}
     built = []
     for k in range(total_workers):
@@ -239,9 +248,33 @@ def drop_indexes(
             "until the workers notice, within 30 s. Stop them first, or pass --force"
         )
     dropped = []
-    for found in list_indexes(conn):
-        if found.total_workers == total_workers:
-            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(found.name)))
-            dropped.append(found.name)
-            progress(f"{found.name}: dropped")
+    with _builder_lock(conn, progress):
+        for found in list_indexes(conn):
+            if found.total_workers == total_workers:
+                conn.execute(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(found.name))
+                )
+                dropped.append(found.name)
+                progress(f"{found.name}: dropped")
     return dropped
+
+
+@contextlib.contextmanager
+def _builder_lock(conn: Connection, progress: Progress) -> Iterator[None]:
+    """One builder at a time, for two deploys that run ``migrate --partition-indexes`` at once.
+
+    Two concurrent index builds on one table deadlock: each waits for the
+    other's snapshot to end. Waiting in ``pg_advisory_lock`` would hold a
+    snapshot too and deadlock the same way, so the lock is only tried, with
+    no statement open between tries.
+    """
+    waiting = False
+    while conn.execute(_TRY_BUILDER_LOCK).fetchone() != (True,):
+        if not waiting:
+            progress("waiting for another session's partition-index build or drop to end ...")
+            waiting = True
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        conn.execute(_BUILDER_UNLOCK)
