@@ -314,7 +314,13 @@ def test_transaction_ids_arrive_as_the_exact_integers(db_url: str) -> None:
     with connect(db_url, autocommit=True) as conn:
         append(conn, "tx-1", [NewEvent("E", {}), NewEvent("E", {})])
         append(conn, "tx-2", [NewEvent("E", {})])
-        expected = [int(r[0]) for r in conn.execute("SELECT transaction_id::text FROM events ORDER BY 1")]
+        # Ordered by the column, not the text (where '1000' < '999').
+        expected = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT transaction_id::text AS txid FROM events ORDER BY transaction_id, global_position"
+            )
+        ]
     with connect(db_url, autocommit=True) as fresh:
         batch = PartitionReader(Partition(0, 1), 10).read(fresh, Position())
         marked = PartitionReader(Partition(1, 2), 10).read(fresh, Position())
