@@ -127,15 +127,21 @@ def summarize(conn: Connection) -> list[IndexSet]:
     by_count: dict[int, list[PartitionIndex]] = {}
     for x in list_indexes(conn):
         by_count.setdefault(x.total_workers, []).append(x)
-    sizes = {int(r[0]) for r in conn.execute("SELECT DISTINCT total_workers FROM projection_groups")}
+    groups: dict[int, tuple[str, ...]] = {
+        int(n): tuple(names)
+        for n, names in conn.execute(
+            "SELECT total_workers, array_agg(projection_name ORDER BY projection_name)"
+            " FROM projection_groups GROUP BY total_workers"
+        )
+    }
     return [
         IndexSet(
             n,
             sum(x.valid for x in by_count.get(n, [])),
             sum(x.size_bytes for x in by_count.get(n, [])),
-            tuple(groups_using(conn, n)),
+            groups.get(n, ()),
         )
-        for n in sorted(by_count.keys() | sizes)
+        for n in sorted(by_count.keys() | groups.keys())
         if n > 1
     ]
 
