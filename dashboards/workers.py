@@ -86,6 +86,11 @@ def _owned_expr() -> str:
     return f"count by (projection) ({owned} == 1)"
 
 
+def _indexed_expr() -> str:
+    # A sum, not a count of the ones: 0 must show as 0, not as no data.
+    return f"sum by (projection) (max by (projection, worker) (projectionist_partition_index_used{{{PROJ}}}))"
+
+
 def build() -> Dashboard:
     d = (
         new_dashboard(
@@ -301,13 +306,16 @@ def build() -> Dashboard:
     layout.panel(
         timeseries_panel(
             "Partition coverage",
-            "Live workers against the partition count (TOTAL_WORKERS), and partitions held "
-            "by an owner process (the rest of a partition's processes are standbys).",
+            "Live workers against the partition count (TOTAL_WORKERS), partitions held "
+            "by an owner process (the rest of a partition's processes are standbys), and "
+            "partitions whose worker reads through its own partition index. Fewer indexed than "
+            "partitions: build them with projectionist partition-index create.",
             "short",
             [
                 Query(_partitions_expr(), "partitions (TOTAL_WORKERS) {{projection}}"),
                 Query(_owned_expr(), "owned {{projection}}"),
                 Query(_live_expr(), "live {{projection}}"),
+                Query(_indexed_expr(), "read through their index {{projection}}"),
             ],
         ),
         w=12,

@@ -28,6 +28,7 @@ REQUIRED_ALERTS = {
     "ProjectionistOldestTransactionTooOld",  # oldest open transaction too old
     "ProjectionistWorkerFailing",  # held in front of a poison event (POISON_POLICY=stop)
     "ProjectionistEventsParked",  # dead letters waiting (POISON_POLICY=park)
+    "ProjectionistPartitionIndexMissing",  # reads step over other partitions' rows
 }
 
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from projectionist import partition_index
 from projectionist import processor as processor_module
@@ -17,6 +18,7 @@ from projectionist.checkpoints import register_group
 from projectionist.db import Connection, connect
 from projectionist.errors import ConfigError
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.metrics import MetricsHooks
 from projectionist.ownership import TRY_LOCK, group_key
 from projectionist.processor import Processor
 from projectionist.reader import MarkLayer, Partition, build_read_query
@@ -97,21 +99,35 @@ def test_without_statistics_the_reader_keeps_the_main_index(conn: Connection) ->
     assert processor.reader.indexed
 
 
+_LABELS_0_OF_2 = {"projection": "recorder", "worker": "0", "total_workers": "2"}
+
+
 def test_a_running_worker_takes_up_and_lets_go_of_its_index(
     conn: Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(processor_module, "INDEX_RECHECK_SECONDS", 0.0)
     _load(conn, 2000, 31)
-    processor = Processor(Recorder(), Partition(0, 2), batch_size=100)
+    registry = CollectorRegistry()
+    processor = Processor(
+        Recorder(), Partition(0, 2), batch_size=100, hooks=MetricsHooks(registry, version="test")
+    )
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("projectionist_partition_index_used", _LABELS_0_OF_2)
+
+    assert gauge() is None  # unknown until the first check
     processor.start(conn)
     assert not processor.reader.indexed
+    assert gauge() == 0
     processor.run_batch(conn)
     partition_index.create_indexes(conn, 2)
     processor.run_batch(conn)  # the check follows the batch
     assert processor.reader.indexed
+    assert gauge() == 1
     conn.execute("DROP INDEX events_partition_2_0_idx")
     processor.run_batch(conn)
     assert not processor.reader.indexed
+    assert gauge() == 0
     while processor.run_batch(conn).visible:
         pass
     counts = verify_exactly_once(conn)
@@ -155,9 +171,15 @@ def test_workers_use_their_indexes_and_apply_every_event_once(conn: Connection) 
 
 def test_a_single_partition_never_asks_for_an_index(conn: Connection) -> None:
     _load(conn, 100, 7)
-    processor = Processor(Recorder(), Partition(0, 1), batch_size=50)
+    registry = CollectorRegistry()
+    processor = Processor(
+        Recorder(), Partition(0, 1), batch_size=50, hooks=MetricsHooks(registry, version="test")
+    )
     processor.start(conn)
     assert not processor.reader.indexed
+    # Every row is its own, so it reads only its own rows without one.
+    labels = {"projection": "recorder", "worker": "0", "total_workers": "1"}
+    assert registry.get_sample_value("projectionist_partition_index_used", labels) == 1
     with pytest.raises(ConfigError, match="at least 2"):
         partition_index.create_indexes(conn, 1)
 

@@ -62,6 +62,14 @@ class WorkerHooks:
 
     def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None: ...
 
+    def on_read_path(self, info: WorkerInfo, indexed: bool, reason: str | None) -> None:
+        """After each check of the partition's index (at start, then every 30 s).
+
+        ``indexed`` says the reads visit only this partition's rows: through
+        its own index, or with one partition, through the main one. ``reason``
+        says why not, when they do not.
+        """
+
 
 class HookChain(WorkerHooks):
     """Calls each hook in turn; a hook that raises is logged and skipped."""
@@ -106,3 +114,6 @@ class HookChain(WorkerHooks):
 
     def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
         self._each(self.hooks, "on_error", info, error_type, error)
+
+    def on_read_path(self, info: WorkerInfo, indexed: bool, reason: str | None) -> None:
+        self._each(self.hooks, "on_read_path", info, indexed, reason)

@@ -162,6 +162,14 @@ class MetricsHooks(WorkerHooks):
             labels,
             registry=registry,
         )
+        self.partition_index_used = Gauge(
+            "projectionist_partition_index_used",
+            "1 while the worker's reads visit only its partition's rows (through the partition's own "
+            "index, or with one partition, the main one); 0 while they step over the other partitions' "
+            "rows because the index is missing, invalid or the table has no statistics yet.",
+            labels,
+            registry=registry,
+        )
         build = Info("projectionist_build", "The running projectionist build.", registry=registry)
         build.info({"version": version, "revision": revision})
 
@@ -200,6 +208,11 @@ class MetricsHooks(WorkerHooks):
         series = self._for(info)
         series.state.state(state.value)
         series.owned.set(1 if state in _OWNING_STATES else 0)
+
+    def on_read_path(self, info: WorkerInfo, indexed: bool, reason: str | None) -> None:
+        # Created here, not with the worker's other series: until the first
+        # check nobody knows, and a 0 would look like a missing index.
+        self.partition_index_used.labels(*worker_labels(info)).set(1 if indexed else 0)
 
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
         series = self._for(info)

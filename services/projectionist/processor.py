@@ -173,6 +173,7 @@ class Processor:
         """
         self._index_checked_at = time.monotonic()
         if self.partition.total_workers == 1:
+            self.hooks.on_read_path(self.info, True, None)
             return
         reason = partition_index.why_not_ready(conn, self.partition.total_workers, self.partition.worker_id)
         if (reason is None) != self.reader.indexed:
@@ -185,6 +186,7 @@ class Processor:
             )
         self.unindexed_reason = reason
         self.reader.use_index(reason is None)
+        self.hooks.on_read_path(self.info, reason is None, reason)
 
     def _read(self, conn: Connection, *, read_ahead: bool) -> Batch:
         """This batch's events; when it is full, the next batch's read is already sent.
