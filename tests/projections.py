@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from projectionist.db import Connection
 from projectionist.projection import BaseProjection, Tx
 from projectionist.records import RecordedEvent
+
+if TYPE_CHECKING:
+    from projectionist.processor import Processor
 
 
 class Recorder(BaseProjection):
@@ -59,6 +63,22 @@ class Recorder(BaseProjection):
         )
         if self.sleep:
             time.sleep(self.sleep)
+
+
+def drain(conn: Connection, processor: Processor, timeout: float = 10.0) -> None:
+    """Run batches until the processor's checkpoint reaches the store's newest event.
+
+    Not just until a batch finds nothing new: the session's Prometheus stack
+    writes to another database of the same server, and its open transactions
+    hold the cluster-wide read fence back for a moment now and then.
+    """
+    row = conn.execute("SELECT coalesce(max(global_position), 0) FROM events").fetchone()
+    head = int(row[0]) if row else 0
+    deadline = time.monotonic() + timeout
+    while processor.position is None or processor.position.global_position != head:
+        assert time.monotonic() < deadline, f"{processor.partition} at {processor.position}, head {head}"
+        if not processor.run_batch(conn).more:
+            time.sleep(0.01)
 
 
 def applied_count(conn: Connection) -> int:

@@ -25,7 +25,7 @@ from projectionist.reader import MarkLayer, Partition, build_read_query
 from projectionist.records import Position
 from projectionist.worker import Worker
 from tests.conftest import run_cli
-from tests.projections import Recorder, verify_exactly_once
+from tests.projections import Recorder, drain, verify_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -128,8 +128,7 @@ def test_a_running_worker_takes_up_and_lets_go_of_its_index(
     processor.run_batch(conn)
     assert not processor.reader.indexed
     assert gauge() == 0
-    while processor.run_batch(conn).visible:
-        pass
+    drain(conn, processor)
     counts = verify_exactly_once(conn)
     assert counts["duplicated"] == counts["misordered"] == counts["wrong_worker"] == 0
     applied = conn.execute("SELECT count(*) FROM applied_events").fetchone()
@@ -163,8 +162,7 @@ def test_workers_use_their_indexes_and_apply_every_event_once(conn: Connection) 
         processor = Processor(Recorder(), Partition(k, 3), batch_size=128)
         processor.start(conn)
         used.append(processor.reader.indexed)
-        while processor.run_batch(conn).visible:
-            pass
+        drain(conn, processor)
     assert used == [True, False, True]
     assert verify_exactly_once(conn) == {"lost": 0, "duplicated": 0, "misordered": 0, "wrong_worker": 0}
 

@@ -20,7 +20,7 @@ from projectionist.processor import Processor
 from projectionist.projection import Tx
 from projectionist.reader import Partition, PartitionReader
 from projectionist.records import Position, RecordedEvent
-from tests.projections import Recorder, verify_exactly_once
+from tests.projections import Recorder, drain, verify_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -105,8 +105,7 @@ def test_a_rolled_back_batch_reads_again_from_its_checkpoint(conn: Connection) -
     stale = processor._read_ahead
     assert stale is not None and stale.after != committed
     assert processor.position == committed
-    while processor.run_batch(conn).visible:
-        pass
+    drain(conn, processor)
     assert verify_exactly_once(conn) == {"lost": 0, "duplicated": 0, "misordered": 0, "wrong_worker": 0}
     # The dropped read-ahead's rows are still counted: they were sent.
     assert processor.reader.rows_fetched == 400 + 100 + 100

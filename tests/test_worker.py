@@ -19,7 +19,7 @@ from projectionist.reader import MarkLayer, Partition, PartitionReader, build_re
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.store import append
 from projectionist.worker import Worker
-from tests.projections import Recorder, verify_exactly_once
+from tests.projections import Recorder, drain, verify_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +56,7 @@ def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
     for k in range(4):
         processor = Processor(Recorder(), Partition(k, 4), batch_size=100)
         processor.start(conn)
-        while processor.run_batch(conn).visible:
-            pass
+        drain(conn, processor)
         # Rows that crossed the wire are exactly this partition's events: no
         # read amplification, unlike the upstream design where every worker
         # reads every event and filters on the client.
@@ -71,8 +70,7 @@ def test_idle_partitions_checkpoints_move_to_the_newest_visible_row(conn: Connec
     processors = [Processor(Recorder(), Partition(k, 4), batch_size=100) for k in range(4)]
     for processor in processors:
         processor.start(conn)
-        while processor.run_batch(conn).more:
-            pass
+        drain(conn, processor)
     # New events for partition 0 only: the others have nothing to apply, yet
     # their checkpoints still reach the head, so their lag reads zero and
     # their next read starts after the rows they skipped.
@@ -83,14 +81,8 @@ def test_idle_partitions_checkpoints_move_to_the_newest_visible_row(conn: Connec
     assert head is not None
     fetched_before = [p.reader.rows_fetched for p in processors]
     for processor in processors:
-        # Until then: the session's Prometheus stack writes to another
-        # database of this server, and its open transactions hold the
-        # cluster-wide read fence back for a moment now and then.
-        deadline = time.monotonic() + 10
-        while processor.position is None or processor.position.global_position != head[0]:
-            assert time.monotonic() < deadline, f"{processor.partition} stopped at {processor.position}"
-            if not processor.run_batch(conn).more:
-                time.sleep(0.01)
+        drain(conn, processor)
+        assert processor.position is not None and processor.position.global_position == head[0]
     assert [p.reader.rows_fetched - before for p, before in zip(processors, fetched_before, strict=True)] == [
         30,
         0,
