@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from bench import scrape_cost
 from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
 from bench.latency import percentile
 from bench.partitioned import StatementStats, build_partition_indexes, run_ours
@@ -238,3 +239,16 @@ def test_partitioned_catch_up_counts_what_the_server_read(db_url: str, tmp_path:
         assert 2000 <= run.server_rows_read <= 2000 * 1.02
     else:
         assert run.server_rows_read >= 2 * 2000
+
+
+@pytest.mark.integration
+def test_scrape_cost_prints_one_row_per_group_and_exact_counts_through_the_indexes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert scrape_cost.main(["--events", "3000", "--cap", "50", "--reps", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| yes") or line.startswith("| no")]
+    assert [(r[0], r[1]) for r in rows] == [
+        (f"| {indexed}", str(n)) for indexed in ("no", "yes") for n in scrape_cost.COUNTS
+    ]
+    assert all(r[3] == "50 to 50 |" for r in rows if r[0] == "| yes")

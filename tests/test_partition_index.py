@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from psycopg import sql
 
 from projectionist import partition_index
 from projectionist import processor as processor_module
@@ -240,19 +241,35 @@ def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: 
     assert "incomplete: projectionist partition-index create --total-workers 3" in listed_text
 
 
+def _ready_in_sql(conn: Connection, total_workers: int, worker_id: int) -> bool:
+    """partition_index.ready_condition, evaluated as lag.py embeds it."""
+    query = sql.SQL("SELECT {}").format(
+        partition_index.ready_condition(sql.Literal(total_workers), sql.Literal(worker_id))
+    )
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
 def test_each_reason_for_reading_without_the_index_is_named(conn: Connection) -> None:
+    # Each step also checks that the SQL form of the rule (lag.py) agrees.
     conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
     assert partition_index.why_not_ready(conn, 2, 1) == "there is no index events_partition_2_1_idx"
+    assert not _ready_in_sql(conn, 2, 1)
     conn.execute(
         "CREATE INDEX events_partition_2_1_idx ON events (transaction_id, global_position)"
         " WHERE partition_hash % 2 = 1"
     )
     assert partition_index.why_not_ready(conn, 2, 1) == partition_index.NO_STATISTICS
+    assert not _ready_in_sql(conn, 2, 1)
     _load(conn, 300, 7)
     conn.execute("ANALYZE events")
     assert partition_index.why_not_ready(conn, 2, 1) is None
+    assert _ready_in_sql(conn, 2, 1)
+    assert not _ready_in_sql(conn, 2, 0)
     _invalidate(conn, "events_partition_2_1_idx")
     assert "not valid" in (partition_index.why_not_ready(conn, 2, 1) or "")
+    assert not _ready_in_sql(conn, 2, 1)
 
 
 @pytest.mark.parametrize("built", [False, True], ids=["missing", "built"])

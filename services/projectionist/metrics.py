@@ -31,11 +31,11 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from projectionist import deadletters
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.lag import StoreLag, read_lag
 from projectionist.records import RecordedEvent
 
 log = logging.getLogger(__name__)
@@ -251,87 +251,11 @@ class MetricsHooks(WorkerHooks):
         counter.inc()
 
 
-# One round trip per scrape. The first CTE is store-wide: the head (read from
-# the identity sequence, O(1)) and the age of the oldest transaction that holds
-# a transaction id. Such a transaction is what holds back the gap-safe read
-# fence (pg_snapshot_xmin) for every reader in the cluster, so it is the first
-# thing to look at when lag grows; prepared transactions hold it back too.
-#
-# Then, for every partition of each projection's group (from projection_groups,
-# so partitions without a running process are still reported): the checkpoint,
-# and how many of the partition's events lie after it, with the age of the
-# oldest of them. Counting is bounded: the inner query takes at most
-# cap * total_workers rows after the checkpoint in index order, *without* a
-# partition predicate, so the planner always walks
-# events_transaction_position_idx (a `partition_hash % N = k` predicate has no
-# statistics and can tip it into a sequential scan plus sort; see reader.py).
-# The partition filter is applied to that window. A partition further behind
-# than the window therefore reads about `cap` events: a lower bound. The age
-# is exact either way, because the oldest unapplied event comes first in the
-# read order. Committed rows that the read fence still hides count as lag:
-# they are behind, and the oldest-transaction gauge says why.
-_SCRAPE = sql.SQL(
-    """
-    WITH store AS (
-        SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
-                FROM events_global_position_seq) AS head,
-               (SELECT coalesce(extract(epoch FROM clock_timestamp() - min(o.started)), 0)::float8
-                FROM (SELECT a.xact_start AS started FROM pg_stat_activity a
-                      WHERE a.backend_xid IS NOT NULL
-                      UNION ALL
-                      SELECT x.prepared FROM pg_prepared_xacts x) o) AS oldest_xact_age
-    )
-    SELECT store.head, store.oldest_xact_age,
-           p.projection_name, p.total_workers, p.worker_id, p.checkpoint, p.lag_events, p.lag_seconds
-    FROM store
-    LEFT JOIN LATERAL (
-        SELECT g.projection_name, g.total_workers, k.worker_id,
-               coalesce(c.last_global_position, 0) AS checkpoint,
-               lag.n AS lag_events,
-               coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8 AS lag_seconds
-        FROM projection_groups g
-        CROSS JOIN LATERAL generate_series(0, g.total_workers - 1) AS k(worker_id)
-        LEFT JOIN projection_checkpoints c
-          ON c.projection_name = g.projection_name
-         AND c.total_workers = g.total_workers
-         AND c.worker_id = k.worker_id
-        CROSS JOIN LATERAL (
-            SELECT count(*) FILTER (WHERE w.partition_hash %% g.total_workers = k.worker_id) AS n,
-                   min(w.created_at) FILTER (WHERE w.partition_hash %% g.total_workers = k.worker_id)
-                       AS oldest
-            FROM (
-                SELECT e.partition_hash, e.created_at
-                FROM events e
-                WHERE (e.transaction_id, e.global_position)
-                      > (coalesce(c.last_transaction_id, '0'::xid8), coalesce(c.last_global_position, 0))
-                ORDER BY e.transaction_id, e.global_position
-                LIMIT %(cap)s::bigint * g.total_workers
-            ) w
-        ) lag
-        WHERE g.projection_name = ANY(%(projections)s)
-    ) p ON true
-    ORDER BY p.projection_name, p.worker_id
-    """
-)
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionLag:
-    projection: str
-    worker_id: int
-    total_workers: int
-    checkpoint_position: int
-    lag_events: int
-    lag_seconds: float
-
-
 @dataclass(frozen=True, slots=True)
 class StoreSnapshot:
     """What one scrape read from the store."""
 
-    head_position: int
-    oldest_transaction_age_seconds: float
-    partitions: list[PartitionLag]
+    lag: StoreLag
     #: Per projection: open dead letters and the age of the oldest (POISON_POLICY=park).
     parked: dict[str, tuple[int, float]]
 
@@ -339,21 +263,7 @@ class StoreSnapshot:
 def read_store_snapshot(
     conn: psycopg.Connection[Any], projections: Sequence[str], lag_count_cap: int
 ) -> StoreSnapshot:
-    rows = conn.execute(_SCRAPE, {"cap": lag_count_cap, "projections": list(projections)}).fetchall()
-    head, oldest = int(rows[0][0]), float(rows[0][1])
-    partitions = [
-        PartitionLag(
-            projection=r[2],
-            worker_id=int(r[4]),
-            total_workers=int(r[3]),
-            checkpoint_position=int(r[5]),
-            lag_events=int(r[6]),
-            lag_seconds=float(r[7]),
-        )
-        for r in rows
-        if r[2] is not None
-    ]
-    return StoreSnapshot(head, oldest, partitions, deadletters.stats(conn, projections))
+    return StoreSnapshot(read_lag(conn, projections, lag_count_cap), deadletters.stats(conn, projections))
 
 
 class StoreCollector(Collector):
@@ -365,10 +275,11 @@ class StoreCollector(Collector):
     reached, only the pool stats are reported (the series go missing rather
     than lie), and the workers' ``errors_total{error_type="database"}`` rises.
 
-    ``lag_count_cap`` bounds the work one scrape does per partition: at most
-    ``lag_count_cap * total_workers`` index entries after the checkpoint are
-    read, so ``projectionist_lag_events`` is exact up to roughly that many and
-    a lower bound beyond it.
+    ``lag_count_cap`` bounds the work one scrape does per partition (see
+    lag.py): through the partition's index it reads at most that many of the
+    partition's entries, so ``projectionist_lag_events`` is exact up to the
+    cap; without, a window of ``lag_count_cap * total_workers`` entries of
+    the main index, exact up to roughly the cap and a lower bound beyond.
     """
 
     def __init__(
@@ -441,13 +352,13 @@ class StoreCollector(Collector):
             for name, (count, age) in snapshot.parked.items():
                 parked.add_metric([name], count)
                 parked_age.add_metric([name], age)
-            for p in snapshot.partitions:
+            for p in snapshot.lag.partitions:
                 values = [p.projection, str(p.worker_id), str(p.total_workers)]
-                head.add_metric(values, snapshot.head_position)
+                head.add_metric(values, snapshot.lag.head_position)
                 checkpoint.add_metric(values, p.checkpoint_position)
                 lag_events.add_metric(values, p.lag_events)
                 lag_seconds.add_metric(values, p.lag_seconds)
-            oldest.add_metric([], snapshot.oldest_transaction_age_seconds)
+            oldest.add_metric([], snapshot.lag.oldest_transaction_age_seconds)
         yield from (head, checkpoint, lag_events, lag_seconds, oldest, parked, parked_age)
         yield from self._pool_families()
 

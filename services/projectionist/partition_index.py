@@ -166,6 +166,23 @@ def why_not_ready(conn: Connection, total_workers: int, worker_id: int) -> str |
     return None
 
 
+def ready_condition(total_workers: sql.Composable, worker_id: sql.Composable) -> sql.Composed:
+    """SQL that is true when :func:`why_not_ready` would find nothing, for queries that ask per row.
+
+    ``total_workers`` and ``worker_id`` are SQL expressions of the query that
+    embeds it. tests/test_partition_index.py checks that the two agree.
+    """
+    return sql.SQL(
+        "EXISTS (SELECT 1 FROM pg_index i"
+        " WHERE i.indexrelid = to_regclass('events_partition_' || {n} || '_' || {k} || '_idx')"
+        " AND i.indrelid = 'events'::regclass AND i.indisvalid AND i.indisready)"
+        " AND EXISTS (SELECT 1 FROM pg_stats s"
+        " JOIN pg_class t ON t.relname = s.tablename"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace AND n.nspname = s.schemaname"
+        " WHERE t.oid = 'events'::regclass AND s.attname = 'transaction_id')"
+    ).format(n=total_workers, k=worker_id)
+
+
 def is_ready(conn: Connection, total_workers: int, worker_id: int) -> bool:
     """Whether partition ``worker_id`` of ``total_workers`` has a valid index and the statistics to use it."""
     return why_not_ready(conn, total_workers, worker_id) is None

@@ -1,0 +1,205 @@
+"""Scrape-time lag: how far behind every partition of a projection's group is, read from the store.
+
+Every partition of each group is reported, from ``projection_groups``, so a
+partition without a running process still shows its lag (the way
+kafka-lag-exporter reports every partition of a consumer group).
+
+Two round trips a scrape. The first reads the groups, and which of their
+partitions may count through their own partition index (partition_index.py:
+valid, and the table has statistics). The second counts, in one statement
+with one ``SELECT`` per partition, each partition's events after its
+checkpoint, up to a cap, and the age of the oldest of them. The partition's
+``N`` and ``k`` are literals in that statement, because the planner uses a
+partial index only for a predicate it can see in the statement's text.
+
+- **Through the partition's index** (or with a single partition, whose rows
+  are all its own): the count walks the partition's entries after the
+  checkpoint, at most ``cap`` of them, so it is exact up to the cap; the
+  oldest unapplied event is the first entry in read order.
+- **Without it**, a plain ``partition_hash % N = k`` predicate has no
+  statistics and can tip the plan into a sequential scan plus a sort (see
+  reader.py). The count then walks ``events_transaction_position_idx``
+  instead: it takes ``cap * N`` rows after the checkpoint in index order,
+  without a partition predicate, and applies the partition filter to that
+  window. Past about ``cap`` events of the partition that is a lower bound.
+  The age stays exact, because the oldest unapplied event comes first. Each
+  of N partitions walks N times its own share, so a group far behind costs
+  ``cap * N * N`` rows a scrape, against ``cap * N`` through the indexes.
+
+Committed rows that the read fence still hides count as lag: they are
+behind, and the oldest-transaction gauge says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from projectionist import partition_index
+from projectionist.db import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    projection: str
+    worker_id: int
+    total_workers: int
+    checkpoint_position: int
+    lag_events: int
+    lag_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLag:
+    """The store's head and oldest transaction, and every partition's lag."""
+
+    head_position: int
+    oldest_transaction_age_seconds: float
+    partitions: list[PartitionLag]
+
+
+# The groups of the projections asked for, and per group the partitions
+# that can count through their own index (a single partition always can).
+_GROUPS = sql.SQL(
+    """
+    SELECT g.projection_name, g.total_workers,
+           ARRAY(SELECT k FROM generate_series(0, g.total_workers - 1) AS s(k)
+                 WHERE g.total_workers = 1 OR {ready}) AS ready
+    FROM projection_groups g
+    WHERE g.projection_name = ANY(%(projections)s)
+    ORDER BY g.projection_name
+    """
+).format(ready=partition_index.ready_condition(sql.SQL("g.total_workers"), sql.SQL("s.k")))
+
+# The head is read from the identity sequence (O(1)). The age of the oldest
+# transaction that holds a transaction id is what holds back the gap-safe
+# read fence (pg_snapshot_xmin) for every reader in the cluster, so it is
+# the first thing to look at when lag grows; prepared transactions hold it
+# back too.
+_STORE = sql.SQL(
+    """
+    SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+            FROM events_global_position_seq) AS head,
+           (SELECT coalesce(extract(epoch FROM clock_timestamp() - min(o.started)), 0)::float8
+            FROM (SELECT a.xact_start AS started FROM pg_stat_activity a
+                  WHERE a.backend_xid IS NOT NULL
+                  UNION ALL
+                  SELECT x.prepared FROM pg_prepared_xacts x) o) AS oldest_xact_age
+    """
+)
+
+_AFTER_CHECKPOINT = sql.SQL(
+    "(e.transaction_id, e.global_position)"
+    " > (coalesce(c.last_transaction_id, '0'::xid8), coalesce(c.last_global_position, 0))"
+)
+
+# Through the main index, in order, with the filter applied to the window
+# only. The partition count comes from the table, not from the text: with
+# the window's size a literal, the planner's estimate for it grew with N and
+# tipped the plan into a sequential scan plus a sort of the table's remainder
+# (one-off EXPLAIN, 16 partitions).
+_UNINDEXED = sql.SQL(
+    """
+    SELECT g.projection_name, g.total_workers, k.worker_id,
+           coalesce(c.last_global_position, 0) AS checkpoint, lag.n,
+           coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8 AS lag_seconds
+    FROM projection_groups g
+    CROSS JOIN unnest({worker_ids}::int[]) AS k(worker_id)
+    LEFT JOIN projection_checkpoints c
+      ON c.projection_name = g.projection_name
+     AND c.total_workers = g.total_workers
+     AND c.worker_id = k.worker_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE w.partition_hash % g.total_workers = k.worker_id) AS n,
+               min(w.created_at) FILTER (WHERE w.partition_hash % g.total_workers = k.worker_id) AS oldest
+        FROM (SELECT e.partition_hash, e.created_at FROM events e WHERE {after}
+              ORDER BY e.transaction_id, e.global_position
+              LIMIT {cap}::bigint * g.total_workers) w
+    ) lag
+    WHERE g.projection_name = {projection}
+    """
+)
+
+# Through the partition's own index: the plain predicate selects it.
+_INDEXED = sql.SQL(
+    """
+    SELECT {projection}::text AS projection_name, {n}::int AS total_workers, {k}::int AS worker_id,
+           coalesce(c.last_global_position, 0) AS checkpoint, lag.n,
+           coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8 AS lag_seconds
+    FROM (SELECT) one
+    LEFT JOIN projection_checkpoints c
+      ON c.projection_name = {projection} AND c.total_workers = {n} AND c.worker_id = {k}
+    CROSS JOIN LATERAL (
+        SELECT (SELECT count(*) FROM (SELECT FROM events e WHERE {mine} AND {after} LIMIT {cap}) w) AS n,
+               (SELECT e.created_at FROM events e WHERE {mine} AND {after}
+                ORDER BY e.transaction_id, e.global_position LIMIT 1) AS oldest
+    ) lag
+    """
+)
+
+
+def _group_queries(projection: str, total_workers: int, ready: set[int], cap: int) -> list[sql.Composed]:
+    """One query for each partition that has its index, and one for the rest of the group."""
+    n = sql.Literal(total_workers)
+    queries = [
+        _INDEXED.format(
+            projection=sql.Literal(projection),
+            n=n,
+            k=sql.Literal(k),
+            mine=sql.SQL("true")
+            if total_workers == 1
+            else sql.SQL("e.partition_hash % {} = {}").format(n, sql.Literal(k)),
+            after=_AFTER_CHECKPOINT,
+            cap=sql.Literal(cap),
+        )
+        for k in sorted(ready)
+    ]
+    rest = [k for k in range(total_workers) if k not in ready]
+    if rest:
+        queries.append(
+            _UNINDEXED.format(
+                worker_ids=sql.Literal(rest),
+                after=_AFTER_CHECKPOINT,
+                cap=sql.Literal(cap),
+                projection=sql.Literal(projection),
+            )
+        )
+    return queries
+
+
+def read_lag(conn: Connection, projections: Sequence[str], cap: int) -> StoreLag:
+    """The store's head, its oldest transaction, and the lag of every partition of ``projections``' groups."""
+    parts = [
+        query
+        for name, total, ready in conn.execute(_GROUPS, {"projections": list(projections)})
+        for query in _group_queries(str(name), int(total), set(ready), cap)
+    ]
+    rows = []
+    if parts:
+        query = sql.SQL(
+            "WITH store AS ({store}) SELECT store.*, p.* FROM store CROSS JOIN ({parts}) p"
+            " ORDER BY p.projection_name, p.worker_id"
+        ).format(store=_STORE, parts=sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(p) for p in parts))
+        # No parameters: the partitions' numbers are literals (see the module
+        # docstring), so psycopg sends the text as it is and its % stay operators.
+        rows = conn.execute(query).fetchall()
+    if not rows:  # no group yet, or it went between the two queries
+        rows = conn.execute(_STORE).fetchall()
+        return StoreLag(int(rows[0][0]), float(rows[0][1]), [])
+    return StoreLag(
+        int(rows[0][0]),
+        float(rows[0][1]),
+        [
+            PartitionLag(
+                projection=r[2],
+                total_workers=int(r[3]),
+                worker_id=int(r[4]),
+                checkpoint_position=int(r[5]),
+                lag_events=int(r[6]),
+                lag_seconds=float(r[7]),
+            )
+            for r in rows
+        ],
+    )

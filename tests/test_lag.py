@@ -1,0 +1,113 @@
+"""Scrape-time lag (lag.py): exact through partition indexes, windowed without, and what each plan reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from psycopg import sql
+
+from projectionist import lag, partition_index
+from projectionist.appender import append_sample_events
+from projectionist.checkpoints import register_group
+from projectionist.db import Connection
+from projectionist.processor import Processor
+from projectionist.reader import Partition
+from tests.projections import Recorder, drain
+
+pytestmark = pytest.mark.integration
+
+
+def _load(conn: Connection, count: int, aggregates: int) -> None:
+    for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
+        pass
+
+
+def _own_counts(conn: Connection, total_workers: int) -> list[int]:
+    counts = dict(
+        conn.execute(
+            "SELECT partition_hash %% %s, count(*) FROM events GROUP BY 1", (total_workers,)
+        ).fetchall()
+    )
+    return [int(counts.get(k, 0)) for k in range(total_workers)]
+
+
+def _lags(conn: Connection, cap: int) -> dict[int, lag.PartitionLag]:
+    return {p.worker_id: p for p in lag.read_lag(conn, ["recorder"], cap).partitions}
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _executed(conn: Connection, query: sql.Composed) -> list[dict[str, Any]]:
+    row = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) {}").format(query)).fetchone()
+    assert row is not None
+    return list(_nodes(row[0][0]["Plan"]))
+
+
+def test_through_partition_indexes_the_count_is_exact_up_to_the_cap(conn: Connection) -> None:
+    _load(conn, 3000, 61)
+    register_group(conn, "recorder", 3)
+    partition_index.create_indexes(conn, 3)
+    own = _own_counts(conn, 3)
+    assert all(n > 50 for n in own)
+    exact = _lags(conn, 10_000)
+    assert [exact[k].lag_events for k in range(3)] == own
+    assert all(exact[k].lag_seconds > 0 and exact[k].checkpoint_position == 0 for k in range(3))
+    assert [p.lag_events for p in _lags(conn, 50).values()] == [50, 50, 50]
+
+    # Partition 0 catches up: exactly 0, and 0 seconds.
+    processor = Processor(Recorder(), Partition(0, 3))
+    processor.start(conn)
+    drain(conn, processor)
+    caught_up = _lags(conn, 10_000)
+    assert (caught_up[0].lag_events, caught_up[0].lag_seconds) == (0, 0.0)
+    assert caught_up[0].checkpoint_position == processor.position.global_position  # type: ignore[union-attr]
+    assert [caught_up[k].lag_events for k in (1, 2)] == own[1:]
+
+
+def test_a_partition_without_its_index_counts_through_a_window(conn: Connection) -> None:
+    _load(conn, 3000, 61)
+    register_group(conn, "recorder", 3)
+    partition_index.create_indexes(conn, 3)
+    conn.execute("DROP INDEX events_partition_3_1_idx")
+    own = _own_counts(conn, 3)
+    assert [p.lag_events for p in _lags(conn, 10_000).values()] == own
+    # A window of cap * 3 rows of every partition: about cap of partition 1's.
+    windowed = _lags(conn, 50)
+    assert windowed[0].lag_events == windowed[2].lag_events == 50
+    assert 0 < windowed[1].lag_events <= 150
+
+
+def test_each_count_reads_only_its_partitions_rows_up_to_the_cap(conn: Connection) -> None:
+    _load(conn, 6000, 97)
+    register_group(conn, "recorder", 4)
+    partition_index.create_indexes(conn, 4)
+    queries = lag._group_queries("recorder", 4, {0, 1, 3}, 100)
+    assert len(queries) == 4  # three through their index, one for partition 2
+    for k, query in zip((0, 1, 3), queries, strict=False):
+        scans = [n for n in _executed(conn, query) if n.get("Relation Name") == "events"]
+        assert {n["Node Type"] for n in scans} <= {"Index Scan", "Index Only Scan"}, scans
+        assert {n["Index Name"] for n in scans} == {f"events_partition_4_{k}_idx"}
+        # The count stops at the cap; the age reads one entry.
+        assert sorted(n["Actual Rows"] for n in scans) == [1, 100]
+        assert all(n.get("Rows Removed by Filter", 0) == 0 for n in scans)
+    # Without its index: an ordered window of cap * N rows of the main index, never a full scan.
+    scans = [n for n in _executed(conn, queries[3]) if n.get("Relation Name") == "events"]
+    assert [(n["Node Type"], n["Index Name"], n["Actual Rows"]) for n in scans] == [
+        ("Index Scan", "events_transaction_position_idx", 400)
+    ]
+
+
+def test_groups_without_indexes_or_with_one_partition(conn: Connection) -> None:
+    _load(conn, 500, 13)
+    register_group(conn, "recorder", 1)
+    assert [p.lag_events for p in _lags(conn, 10_000).values()] == [500]
+    assert [p.lag_events for p in _lags(conn, 40).values()] == [40]
+    # A projection without a group yet: the store's head, and no partitions.
+    nothing = lag.read_lag(conn, ["nobody"], 100)
+    assert nothing.partitions == [] and nothing.head_position == 500
