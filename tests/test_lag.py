@@ -14,6 +14,7 @@ from projectionist.checkpoints import register_group
 from projectionist.db import Connection
 from projectionist.processor import Processor
 from projectionist.reader import Partition
+from projectionist.status import read_status
 from tests.projections import Recorder, drain
 
 pytestmark = pytest.mark.integration
@@ -111,3 +112,30 @@ def test_groups_without_indexes_or_with_one_partition(conn: Connection) -> None:
     # A projection without a group yet: the store's head, and no partitions.
     nothing = lag.read_lag(conn, ["nobody"], 100)
     assert nothing.partitions == [] and nothing.head_position == 500
+
+
+def test_status_counts_exactly_with_and_without_the_index(conn: Connection) -> None:
+    _load(conn, 3000, 61)
+    register_group(conn, "recorder", 3)
+    partition_index.create_indexes(conn, 3)
+    conn.execute("DROP INDEX events_partition_3_2_idx")
+    own = _own_counts(conn, 3)
+    for k in range(3):
+        processor = Processor(Recorder(), Partition(k, 3), batch_size=100)
+        processor.start(conn)
+        processor.run_batch(conn, isolate=True)  # one batch of 100, no read-ahead
+    workers = read_status(conn, "recorder").workers
+    # Counted here without any index: the partition's rows after its checkpoint.
+    expected = [
+        conn.execute(  # type: ignore[index]
+            "SELECT count(*) FROM events WHERE partition_hash %% 3 = %s"
+            " AND (transaction_id, global_position) > (%s::text::xid8, %s)",
+            (w.worker_id, str(w.checkpoint_transaction_id), w.checkpoint_position),
+        ).fetchone()[0]
+        for w in workers
+    ]
+    assert [w.lag_events for w in workers] == expected
+    assert all(0 < n < total for n, total in zip(expected, own, strict=True))
+    assert all(w.lag_seconds > 0 for w in workers)
+    with conn.transaction(), pytest.raises(ValueError, match="outside a transaction"):
+        read_status(conn, "recorder")

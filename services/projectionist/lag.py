@@ -1,4 +1,4 @@
-"""Scrape-time lag: how far behind every partition of a projection's group is, read from the store.
+"""Lag: how far behind every partition of a projection's group is, read from the store.
 
 Every partition of each group is reported, from ``projection_groups``, so a
 partition without a running process still shows its lag (the way
@@ -25,6 +25,10 @@ partial index only for a predicate it can see in the statement's text.
   The age stays exact, because the oldest unapplied event comes first. Each
   of N partitions walks N times its own share, so a group far behind costs
   ``cap * N * N`` rows a scrape, against ``cap * N`` through the indexes.
+
+``projectionist status`` counts without a cap: exactly, through the
+partition's own index where it has one, and through every row after the
+checkpoint where it has not.
 
 Committed rows that the read fence still hides count as lag: they are
 behind, and the oldest-transaction gauge says why.
@@ -68,7 +72,7 @@ _GROUPS = sql.SQL(
            ARRAY(SELECT k FROM generate_series(0, g.total_workers - 1) AS s(k)
                  WHERE g.total_workers = 1 OR {ready}) AS ready
     FROM projection_groups g
-    WHERE g.projection_name = ANY(%(projections)s)
+    WHERE %(projections)s::text[] IS NULL OR g.projection_name = ANY(%(projections)s)
     ORDER BY g.projection_name
     """
 ).format(ready=partition_index.ready_condition(sql.SQL("g.total_workers"), sql.SQL("s.k")))
@@ -114,9 +118,7 @@ _UNINDEXED = sql.SQL(
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE w.partition_hash % g.total_workers = k.worker_id) AS n,
                min(w.created_at) FILTER (WHERE w.partition_hash % g.total_workers = k.worker_id) AS oldest
-        FROM (SELECT e.partition_hash, e.created_at FROM events e WHERE {after}
-              ORDER BY e.transaction_id, e.global_position
-              LIMIT {cap}::bigint * g.total_workers) w
+        FROM (SELECT e.partition_hash, e.created_at FROM events e WHERE {after}{window}) w
     ) lag
     WHERE g.projection_name = {projection}
     """
@@ -132,7 +134,7 @@ _INDEXED = sql.SQL(
     LEFT JOIN projection_checkpoints c
       ON c.projection_name = {projection} AND c.total_workers = {n} AND c.worker_id = {k}
     CROSS JOIN LATERAL (
-        SELECT (SELECT count(*) FROM (SELECT FROM events e WHERE {mine} AND {after} LIMIT {cap}) w) AS n,
+        SELECT (SELECT count(*) FROM (SELECT FROM events e WHERE {mine} AND {after}{limit}) w) AS n,
                (SELECT e.created_at FROM events e WHERE {mine} AND {after}
                 ORDER BY e.transaction_id, e.global_position LIMIT 1) AS oldest
     ) lag
@@ -140,9 +142,20 @@ _INDEXED = sql.SQL(
 )
 
 
-def _group_queries(projection: str, total_workers: int, ready: set[int], cap: int) -> list[sql.Composed]:
+def _group_queries(
+    projection: str, total_workers: int, ready: set[int], cap: int | None
+) -> list[sql.Composed]:
     """One query for each partition that has its index, and one for the rest of the group."""
     n = sql.Literal(total_workers)
+    limit = sql.SQL("") if cap is None else sql.SQL(" LIMIT {}").format(sql.Literal(cap))
+    # An exact count needs no order: min() finds the oldest either way.
+    window = (
+        sql.SQL("")
+        if cap is None
+        else sql.SQL(
+            " ORDER BY e.transaction_id, e.global_position LIMIT {}::bigint * g.total_workers"
+        ).format(sql.Literal(cap))
+    )
     queries = [
         _INDEXED.format(
             projection=sql.Literal(projection),
@@ -152,7 +165,7 @@ def _group_queries(projection: str, total_workers: int, ready: set[int], cap: in
             if total_workers == 1
             else sql.SQL("e.partition_hash % {} = {}").format(n, sql.Literal(k)),
             after=_AFTER_CHECKPOINT,
-            cap=sql.Literal(cap),
+            limit=limit,
         )
         for k in sorted(ready)
     ]
@@ -162,18 +175,23 @@ def _group_queries(projection: str, total_workers: int, ready: set[int], cap: in
             _UNINDEXED.format(
                 worker_ids=sql.Literal(rest),
                 after=_AFTER_CHECKPOINT,
-                cap=sql.Literal(cap),
+                window=window,
                 projection=sql.Literal(projection),
             )
         )
     return queries
 
 
-def read_lag(conn: Connection, projections: Sequence[str], cap: int) -> StoreLag:
-    """The store's head, its oldest transaction, and the lag of every partition of ``projections``' groups."""
+def read_lag(conn: Connection, projections: Sequence[str] | None, cap: int | None) -> StoreLag:
+    """The store's head, its oldest transaction, and the lag of every partition of ``projections``' groups.
+
+    ``projections=None`` reads every group. ``cap=None`` counts exactly, however
+    far behind a partition is (``projectionist status``; a scrape must not).
+    """
+    names = None if projections is None else list(projections)
     parts = [
         query
-        for name, total, ready in conn.execute(_GROUPS, {"projections": list(projections)})
+        for name, total, ready in conn.execute(_GROUPS, {"projections": names})
         for query in _group_queries(str(name), int(total), set(ready), cap)
     ]
     rows = []

@@ -7,8 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
-from projectionist import partition_index
+from projectionist import lag, partition_index
 from projectionist.checkpoints import load_layers
 from projectionist.db import Connection
 from projectionist.ownership import LIVE_EXPR
@@ -69,27 +70,19 @@ class StoreStatus:
         return {"head_position": self.head_position, "projections": projections}
 
 
-# Lag is counted exactly, per partition, from the checkpoint onwards: rows of
-# the partition that the worker has not applied, including rows not yet
-# visible to it because an older transaction is still open. The age of the
-# oldest of them is the lag in seconds, so a caught-up worker shows 0.
 # "live" means a process holds the partition's ownership lock right now.
+# Lag comes from lag.py, counted exactly: rows of the partition that the
+# worker has not applied, including rows not yet visible to it because an
+# older transaction is still open; the age of the oldest of them is the lag
+# in seconds, so a caught-up worker shows 0.
 _STATUS = sql.SQL(
     """
     SELECT c.projection_name, c.worker_id, c.total_workers,
            {live} AS live,
-           c.last_transaction_id::text, c.last_global_position, c.events_processed,
-           lag.n, coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8,
-           c.updated_at
+           c.last_transaction_id::text, c.last_global_position, c.events_processed, c.updated_at
     FROM projection_checkpoints c
     JOIN projection_groups g
       ON g.projection_name = c.projection_name AND g.total_workers = c.total_workers
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS n, min(e.created_at) AS oldest
-        FROM events e
-        WHERE (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position)
-          AND e.partition_hash % c.total_workers = c.worker_id
-    ) lag
     WHERE {where}
     ORDER BY c.projection_name, c.worker_id
     """
@@ -100,22 +93,34 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
     where = (
         sql.SQL("c.projection_name = {}").format(sql.Literal(projection)) if projection else sql.SQL("true")
     )
-    rows = conn.execute(_STATUS.format(where=where, live=LIVE_EXPR)).fetchall()
-    workers = [
-        WorkerStatus(
-            projection=r[0],
-            worker_id=r[1],
-            total_workers=r[2],
-            live=r[3],
-            checkpoint_transaction_id=int(r[4]),
-            checkpoint_position=r[5],
-            events_processed=r[6],
-            lag_events=r[7],
-            lag_seconds=round(float(r[8]), 3),
-            updated_at=r[9],
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise ValueError("read_status reads in a transaction of its own: call it outside a transaction")
+    # One snapshot for the checkpoints and the lag counted after them, so a
+    # group switched in between cannot leave a checkpoint without its lag.
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        rows = conn.execute(_STATUS.format(where=where, live=LIVE_EXPR)).fetchall()
+        lags = {
+            (x.projection, x.total_workers, x.worker_id): x
+            for x in lag.read_lag(conn, None if projection is None else [projection], None).partitions
+        }
+    workers = []
+    for r in rows:
+        behind = lags[(r[0], r[2], r[1])]
+        workers.append(
+            WorkerStatus(
+                projection=r[0],
+                worker_id=r[1],
+                total_workers=r[2],
+                live=r[3],
+                checkpoint_transaction_id=int(r[4]),
+                checkpoint_position=r[5],
+                events_processed=r[6],
+                lag_events=behind.lag_events,
+                lag_seconds=round(behind.lag_seconds, 3),
+                updated_at=r[7],
+            )
         )
-        for r in rows
-    ]
     indexed = {x.total_workers: x.valid for x in partition_index.summarize(conn)}
     groups = [
         GroupStatus(
