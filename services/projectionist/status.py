@@ -102,7 +102,7 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
         rows = conn.execute(_STATUS.format(where=where, live=LIVE_EXPR)).fetchall()
         lags = {
             (x.projection, x.total_workers, x.worker_id): x
-            for x in lag.read_lag(conn, None if projection is None else [projection], None).partitions
+            for x in lag.read_lag(conn, [projection] if projection else None, None).partitions
         }
     workers = []
     for r in rows:
