@@ -427,6 +427,14 @@ def rescale(h: Harness) -> None:
     p = h.profile
     old = h.group(4)
     h.warm_up(old)
+    # The 4-group has no partition indexes here: its workers say so.
+    unindexed = {w.name: w.sample("projectionist_partition_index_used") for w in old}
+    h.check(
+        all(v == 0 for v in unindexed.values()),
+        "every worker of the 4-group, which has no partition indexes, reports "
+        "projectionist_partition_index_used 0",
+        str(unindexed),
+    )
     # As the runbook allows: the new counts' partition indexes are built
     # concurrently while the 4-group runs under load, so the new groups read
     # through them, skip marks included.
@@ -459,6 +467,12 @@ def rescale(h: Harness) -> None:
         assert done is not None
         recoveries.append(done - stopped_at)
         h.check(h.db.group_size("recorder") == total, f"the projection now has {total} partitions")
+        used = {w.name: w.sample("projectionist_partition_index_used") for w in new}
+        h.check(
+            all(v == 1 for v in used.values()),
+            f"every worker of the {total}-group reports projectionist_partition_index_used 1",
+            str(used),
+        )
         time.sleep(p.rescale_phase)
         old = new
     h.result.faults = "4 → 3 → 6 partitions, live"
