@@ -147,8 +147,16 @@ def _group_queries(
 ) -> list[sql.Composed]:
     """One query for each partition that has its index, and one for the rest of the group."""
     n = sql.Literal(total_workers)
-    limit = sql.SQL("") if cap is None else sql.SQL(" LIMIT {}").format(sql.Literal(cap))
+    # The capped count walks in index order: without the ORDER BY, a
+    # caught-up partition of a table whose visibility map lags behind got a
+    # sequential scan of the whole table (its estimate of the rows after the
+    # checkpoint is a third of the table; one-off EXPLAIN, 1M rows, 200 ms).
     # An exact count needs no order: min() finds the oldest either way.
+    limit = (
+        sql.SQL("")
+        if cap is None
+        else sql.SQL(" ORDER BY e.transaction_id, e.global_position LIMIT {}").format(sql.Literal(cap))
+    )
     window = (
         sql.SQL("")
         if cap is None
