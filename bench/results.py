@@ -105,6 +105,8 @@ class Results:
     #: Workload 2's statements sent by pgbench (bench.server_only), by statement key.
     server_only: dict[str, Cell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The machine's cores, for the scaling bound of workload 4; None when unknown.
+    cores: int | None = None
 
     def cell(self, workload: str, contestant: str) -> Cell:
         return self.throughput.setdefault((workload, contestant), Cell())
@@ -415,6 +417,14 @@ def render(results: Results) -> str:
         "CPU cost per event, N workers can go at most the machine's cores divided by one worker's "
         "cores busy times as fast as one."
     )
+    one = results.partitioned.get(("projectionist", 1))
+    one_busy = None if one is None else one.median_cores_busy
+    if results.cores and one_busy:
+        lines.append("")
+        lines.append(
+            f"On this run: {results.cores} cores \N{DIVISION SIGN} {one_busy:.2f} cores busy for one worker "
+            f"= at most {results.cores / one_busy:.2f}\N{MULTIPLICATION SIGN} for any N."
+        )
     lines.append("")
 
     lines.append("## 5. Append-to-applied latency, 4 workers live (projectionist)")

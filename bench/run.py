@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 "payload bytes": payload_size(),
             },
             reps=sizes.reps,
+            cores=machine.cores,
         )
         results.header = [f"Date: {now:%Y-%m-%d %H:%M %Z}", *machine.describe()]
         contestants, unavailable = build_contestants(server, args)

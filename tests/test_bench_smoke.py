@@ -113,6 +113,14 @@ def test_cores_busy_is_cpu_over_wall_time_and_blank_when_not_measured() -> None:
     report = render(_results())
     assert "| projectionist, N=1 | 2.00 | 50 | 1.00\N{MULTIPLICATION SIGN} | 1.30 |" in report
     assert "| projectionist, N=2 | 1.50 | 67 | 1.33\N{MULTIPLICATION SIGN} | — |" in report
+    # The bound it sets, once the machine's cores are known.
+    assert "for any N" not in report
+    r = _results()
+    r.cores = 2
+    assert (
+        "On this run: 2 cores \N{DIVISION SIGN} 1.30 cores busy for one worker "
+        "= at most 1.54\N{MULTIPLICATION SIGN} for any N." in render(r)
+    )
 
 
 def test_partitioned_wall_time_shows_the_spread_of_its_repetitions() -> None:
