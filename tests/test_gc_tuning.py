@@ -1,4 +1,4 @@
-"""The worker process's collector settings."""
+"""The collector settings of worker and API processes."""
 
 from __future__ import annotations
 
@@ -36,3 +36,23 @@ def test_tuning_freezes_the_start_up_heap_and_raises_the_young_threshold() -> No
     del a, b
     gc.collect()
     assert collected == [1, 1]
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_the_api_tunes_the_collector_before_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    from projectionist.api import ApiSettings
+    from projectionist.api import server as server_module
+
+    seen: dict[str, int] = {}
+
+    class Server:
+        def run(self) -> None:
+            seen["threshold"] = gc.get_threshold()[0]
+            seen["frozen"] = gc.get_freeze_count()
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setattr(server_module, "_server", lambda config: Server())
+    gc.unfreeze()
+    server_module.serve("postgresql://127.0.0.1:1/unused", ApiSettings())
+    assert seen["threshold"] == YOUNG_THRESHOLD
+    assert seen["frozen"] > 0

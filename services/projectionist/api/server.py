@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from projectionist.api.app import create_app
 from projectionist.api.config import ApiSettings
+from projectionist.gc_tuning import tune_for_throughput
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,13 @@ def serve(database_url: str, settings: ApiSettings, *, log_level: str = "INFO") 
         lifespan="on",
         server_header=False,
     )
+    server = _server(config)
+    # The app is built and uvicorn imported: what is on the heap now lives
+    # as long as the process. Timed one-off with 4 clients of 10-event appends
+    # (four alternating pairs): 727 against 798 µs of the API's CPU a request.
+    tune_for_throughput()
     try:
-        _server(config).run()
+        server.run()
     finally:
         if provider is not None:
             provider.shutdown()  # flushes the spans still queued
