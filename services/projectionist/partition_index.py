@@ -146,22 +146,38 @@ def summarize(conn: Connection) -> list[IndexSet]:
     ]
 
 
+# The two halves of the rule, as SQL: the index is valid, and the table has
+# the statistics that keep the plain predicate's plan an ordered scan.
+def _valid_index(name: sql.Composable) -> sql.Composed:
+    return sql.SQL(
+        "EXISTS (SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass({})"
+        " AND i.indrelid = 'events'::regclass AND i.indisvalid AND i.indisready)"
+    ).format(name)
+
+
+_ANALYZED = sql.SQL(
+    "EXISTS (SELECT 1 FROM pg_stats s"
+    " JOIN pg_class t ON t.relname = s.tablename"
+    " JOIN pg_namespace n ON n.oid = t.relnamespace AND n.nspname = s.schemaname"
+    " WHERE t.oid = 'events'::regclass AND s.attname = 'transaction_id')"
+)
+
+
 def why_not_ready(conn: Connection, total_workers: int, worker_id: int) -> str | None:
     """Why partition ``worker_id`` of ``total_workers`` cannot read through its index; None if it can."""
     name = index_name(total_workers, worker_id)
     row = conn.execute(
-        "SELECT i.indisvalid AND i.indisready, EXISTS ("
-        "  SELECT 1 FROM pg_stats s WHERE s.schemaname = n.nspname"
-        "  AND s.tablename = 'events' AND s.attname = 'transaction_id')"
-        " FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = 'events'::regclass",
-        (name,),
+        sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass({name})"
+            " AND i.indrelid = 'events'::regclass), {valid}, {analyzed}"
+        ).format(name=sql.Literal(name), valid=_valid_index(sql.Literal(name)), analyzed=_ANALYZED)
     ).fetchone()
-    if row is None:
-        return f"there is no index {name}"
+    assert row is not None
     if not row[0]:
-        return f"{name} is not valid (being built, or left by a failed build)"
+        return f"there is no index {name}"
     if not row[1]:
+        return f"{name} is not valid (being built, or left by a failed build)"
+    if not row[2]:
         return NO_STATISTICS
     return None
 
@@ -172,15 +188,8 @@ def ready_condition(total_workers: sql.Composable, worker_id: sql.Composable) ->
     ``total_workers`` and ``worker_id`` are SQL expressions of the query that
     embeds it. tests/test_partition_index.py checks that the two agree.
     """
-    return sql.SQL(
-        "EXISTS (SELECT 1 FROM pg_index i"
-        " WHERE i.indexrelid = to_regclass('events_partition_' || {n} || '_' || {k} || '_idx')"
-        " AND i.indrelid = 'events'::regclass AND i.indisvalid AND i.indisready)"
-        " AND EXISTS (SELECT 1 FROM pg_stats s"
-        " JOIN pg_class t ON t.relname = s.tablename"
-        " JOIN pg_namespace n ON n.oid = t.relnamespace AND n.nspname = s.schemaname"
-        " WHERE t.oid = 'events'::regclass AND s.attname = 'transaction_id')"
-    ).format(n=total_workers, k=worker_id)
+    name = sql.SQL("'events_partition_' || {} || '_' || {} || '_idx'").format(total_workers, worker_id)
+    return sql.SQL("{} AND {}").format(_valid_index(name), _ANALYZED)
 
 
 def is_ready(conn: Connection, total_workers: int, worker_id: int) -> bool:
