@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from projectionist.appender import append_sample_events
 from projectionist.db import Connection
 from projectionist.projection import BaseProjection, Tx
 from projectionist.records import RecordedEvent
@@ -63,6 +64,12 @@ class Recorder(BaseProjection):
         )
         if self.sleep:
             time.sleep(self.sleep)
+
+
+def load_sample(conn: Connection, count: int, aggregates: int) -> None:
+    """The sample appender's events, in batches of 200, always the same for a given count."""
+    for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
+        pass
 
 
 def drain(conn: Connection, processor: Processor, timeout: float = 10.0) -> None:

@@ -9,20 +9,14 @@ import pytest
 from psycopg import sql
 
 from projectionist import lag, partition_index
-from projectionist.appender import append_sample_events
 from projectionist.checkpoints import register_group
 from projectionist.db import Connection
 from projectionist.processor import Processor
 from projectionist.reader import Partition
 from projectionist.status import read_status
-from tests.projections import Recorder, drain
+from tests.projections import Recorder, drain, load_sample
 
 pytestmark = pytest.mark.integration
-
-
-def _load(conn: Connection, count: int, aggregates: int) -> None:
-    for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
-        pass
 
 
 def _own_counts(conn: Connection, total_workers: int) -> list[int]:
@@ -32,6 +26,16 @@ def _own_counts(conn: Connection, total_workers: int) -> list[int]:
         ).fetchall()
     )
     return [int(counts.get(k, 0)) for k in range(total_workers)]
+
+
+def _three_partitions(conn: Connection, without_index: int) -> list[int]:
+    """3,000 events, a group of 3 whose partition ``without_index`` has no index; each one's events."""
+    load_sample(conn, 3000, 61)
+    register_group(conn, "recorder", 3)
+    partition_index.create_indexes(conn, 3)
+    dropped = partition_index.index_name(3, without_index)
+    conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(dropped)))
+    return _own_counts(conn, 3)
 
 
 def _lags(conn: Connection, cap: int) -> dict[int, lag.PartitionLag]:
@@ -51,7 +55,7 @@ def _executed(conn: Connection, query: sql.Composed) -> list[dict[str, Any]]:
 
 
 def test_through_partition_indexes_the_count_is_exact_up_to_the_cap(conn: Connection) -> None:
-    _load(conn, 3000, 61)
+    load_sample(conn, 3000, 61)
     register_group(conn, "recorder", 3)
     partition_index.create_indexes(conn, 3)
     own = _own_counts(conn, 3)
@@ -72,11 +76,7 @@ def test_through_partition_indexes_the_count_is_exact_up_to_the_cap(conn: Connec
 
 
 def test_a_partition_without_its_index_counts_through_a_window(conn: Connection) -> None:
-    _load(conn, 3000, 61)
-    register_group(conn, "recorder", 3)
-    partition_index.create_indexes(conn, 3)
-    conn.execute("DROP INDEX events_partition_3_1_idx")
-    own = _own_counts(conn, 3)
+    own = _three_partitions(conn, without_index=1)
     assert [p.lag_events for p in _lags(conn, 10_000).values()] == own
     # A window of cap * 3 rows of every partition: about cap of partition 1's.
     windowed = _lags(conn, 50)
@@ -85,7 +85,7 @@ def test_a_partition_without_its_index_counts_through_a_window(conn: Connection)
 
 
 def test_each_count_reads_only_its_partitions_rows_up_to_the_cap(conn: Connection) -> None:
-    _load(conn, 6000, 97)
+    load_sample(conn, 6000, 97)
     register_group(conn, "recorder", 4)
     partition_index.create_indexes(conn, 4)
     queries = lag._group_queries("recorder", 4, {0, 1, 3}, 100)
@@ -105,7 +105,7 @@ def test_each_count_reads_only_its_partitions_rows_up_to_the_cap(conn: Connectio
 
 
 def test_groups_without_indexes_or_with_one_partition(conn: Connection) -> None:
-    _load(conn, 500, 13)
+    load_sample(conn, 500, 13)
     register_group(conn, "recorder", 1)
     assert [p.lag_events for p in _lags(conn, 10_000).values()] == [500]
     assert [p.lag_events for p in _lags(conn, 40).values()] == [40]
@@ -115,11 +115,7 @@ def test_groups_without_indexes_or_with_one_partition(conn: Connection) -> None:
 
 
 def test_status_counts_exactly_with_and_without_the_index(conn: Connection) -> None:
-    _load(conn, 3000, 61)
-    register_group(conn, "recorder", 3)
-    partition_index.create_indexes(conn, 3)
-    conn.execute("DROP INDEX events_partition_3_2_idx")
-    own = _own_counts(conn, 3)
+    own = _three_partitions(conn, without_index=2)
     for k in range(3):
         processor = Processor(Recorder(), Partition(k, 3), batch_size=100)
         processor.start(conn)
@@ -147,7 +143,7 @@ def test_a_caught_up_partition_never_scans_the_table(conn: Connection) -> None:
     # count capped well below that (as the default cap is in a big store)
     # took a sequential scan of everything to find none.
     conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
-    _load(conn, 20000, 101)
+    load_sample(conn, 20000, 101)
     conn.execute("ANALYZE events")
     register_group(conn, "recorder", 1)
     processor = Processor(Recorder(), Partition(0, 1))

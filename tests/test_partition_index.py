@@ -14,7 +14,6 @@ from psycopg import sql
 
 from projectionist import partition_index
 from projectionist import processor as processor_module
-from projectionist.appender import append_sample_events
 from projectionist.checkpoints import register_group
 from projectionist.db import Connection, connect
 from projectionist.errors import ConfigError
@@ -26,14 +25,9 @@ from projectionist.reader import MarkLayer, Partition, build_read_query
 from projectionist.records import Position
 from projectionist.worker import Worker
 from tests.conftest import run_cli
-from tests.projections import Recorder, drain, verify_exactly_once
+from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
-
-
-def _load(conn: Connection, count: int, aggregates: int) -> None:
-    for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
-        pass
 
 
 def _invalidate(conn: Connection, name: str) -> None:
@@ -58,7 +52,7 @@ def _scan_of_partition_rows(conn: Connection, query: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("marks", [False, True], ids=["no-marks", "skip-marks"])
 def test_the_read_walks_the_partitions_own_index(conn: Connection, marks: bool) -> None:
-    _load(conn, 20000, 50)
+    load_sample(conn, 20000, 50)
     # Built on a table never analyzed: create_indexes gathers the statistics.
     assert partition_index.create_indexes(conn, 4) == [f"events_partition_4_{k}_idx" for k in range(4)]
     assert partition_index.is_ready(conn, 4, 1)
@@ -84,7 +78,7 @@ def test_without_statistics_the_reader_keeps_the_main_index(conn: Connection) ->
     # from a dump before autovacuum got to it): the plain predicate would sort
     # the partition's remainder under every batch, so the reader does not use it.
     conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
-    _load(conn, 20000, 50)
+    load_sample(conn, 20000, 50)
     conn.execute(
         "CREATE INDEX events_partition_4_1_idx ON events (transaction_id, global_position)"
         " WHERE partition_hash % 4 = 1"
@@ -107,7 +101,7 @@ def test_a_running_worker_takes_up_and_lets_go_of_its_index(
     conn: Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(processor_module, "INDEX_RECHECK_SECONDS", 0.0)
-    _load(conn, 2000, 31)
+    load_sample(conn, 2000, 31)
     registry = CollectorRegistry()
     processor = Processor(
         Recorder(), Partition(0, 2), batch_size=100, hooks=MetricsHooks(registry, version="test")
@@ -138,7 +132,7 @@ def test_a_running_worker_takes_up_and_lets_go_of_its_index(
 
 
 def test_with_its_index_a_read_visits_only_its_own_rows(conn: Connection) -> None:
-    _load(conn, 4000, 97)
+    load_sample(conn, 4000, 97)
     partition = Partition(2, 3)
     ours = conn.execute("SELECT count(*) FROM events WHERE partition_hash % 3 = 2").fetchone()
     assert ours is not None and 0 < ours[0] < 4000
@@ -154,7 +148,7 @@ def test_with_its_index_a_read_visits_only_its_own_rows(conn: Connection) -> Non
 
 
 def test_workers_use_their_indexes_and_apply_every_event_once(conn: Connection) -> None:
-    _load(conn, 3000, 61)
+    load_sample(conn, 3000, 61)
     partition_index.create_indexes(conn, 3)
     # Partition 1's index is gone: that worker falls back to the main index.
     conn.execute("DROP INDEX events_partition_3_1_idx")
@@ -169,7 +163,7 @@ def test_workers_use_their_indexes_and_apply_every_event_once(conn: Connection) 
 
 
 def test_a_single_partition_never_asks_for_an_index(conn: Connection) -> None:
-    _load(conn, 100, 7)
+    load_sample(conn, 100, 7)
     registry = CollectorRegistry()
     processor = Processor(
         Recorder(), Partition(0, 1), batch_size=50, hooks=MetricsHooks(registry, version="test")
@@ -184,7 +178,7 @@ def test_a_single_partition_never_asks_for_an_index(conn: Connection) -> None:
 
 
 def test_create_is_idempotent_and_rebuilds_an_invalid_build(conn: Connection) -> None:
-    _load(conn, 500, 11)
+    load_sample(conn, 500, 11)
     lines: list[str] = []
     assert len(partition_index.create_indexes(conn, 2, lines.append)) == 2
     assert partition_index.create_indexes(conn, 2, lines.append) == []
@@ -203,7 +197,7 @@ def test_create_needs_autocommit(db_url: str) -> None:
 
 
 def test_drop_is_refused_while_a_worker_of_that_size_runs(conn: Connection, db_url: str) -> None:
-    _load(conn, 500, 11)
+    load_sample(conn, 500, 11)
     partition_index.create_indexes(conn, 2)
     register_group(conn, "orders", 2)
     with connect(db_url, autocommit=True) as worker:
@@ -219,7 +213,7 @@ def test_drop_is_refused_while_a_worker_of_that_size_runs(conn: Connection, db_u
 
 
 def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: str) -> None:
-    _load(conn, 300, 9)
+    load_sample(conn, 300, 9)
     register_group(conn, "orders", 3)
     refused = run_cli("partition-index", "create", "--total-workers", "1", db_url=db_url)
     assert refused.returncode == 2 and "at least 2" in refused.stderr
@@ -262,7 +256,7 @@ def test_each_reason_for_reading_without_the_index_is_named(conn: Connection) ->
     )
     assert partition_index.why_not_ready(conn, 2, 1) == partition_index.NO_STATISTICS
     assert not _ready_in_sql(conn, 2, 1)
-    _load(conn, 300, 7)
+    load_sample(conn, 300, 7)
     conn.execute("ANALYZE events")
     assert partition_index.why_not_ready(conn, 2, 1) is None
     assert _ready_in_sql(conn, 2, 1)
@@ -277,7 +271,7 @@ def test_a_worker_without_its_index_says_so(
     db_url: str, built: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     with connect(db_url, autocommit=True) as conn:
-        _load(conn, 300, 7)
+        load_sample(conn, 300, 7)
         conn.execute("ANALYZE events")
         if built:
             partition_index.create_indexes(conn, 2)
@@ -313,7 +307,7 @@ class _States(WorkerHooks):
 
 def test_two_builders_at_once_both_succeed(conn: Connection, db_url: str) -> None:
     # Two `migrate --partition-indexes 4` at once (two deploys racing).
-    _load(conn, 20000, 50)
+    load_sample(conn, 20000, 50)
     errors: list[BaseException] = []
     built: list[list[str]] = []
 

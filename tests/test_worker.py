@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from projectionist.appender import append_sample_events
 from projectionist.db import Connection, connect
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import partition_of
@@ -19,7 +18,7 @@ from projectionist.reader import MarkLayer, Partition, PartitionReader, build_re
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.store import append
 from projectionist.worker import Worker
-from tests.projections import Recorder, drain, verify_exactly_once
+from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +42,8 @@ class Collect(WorkerHooks):
         self.errors.append(error_type)
 
 
-def _load(conn: Connection, count: int, aggregates: int) -> None:
-    for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
-        pass
-
-
 def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
-    _load(conn, 4000, 97)
+    load_sample(conn, 4000, 97)
     per_partition = [0, 0, 0, 0]
     for agg, n in conn.execute("SELECT aggregate_id, count(*) FROM events GROUP BY 1"):
         per_partition[partition_of(agg, 4)] += n
@@ -66,7 +60,7 @@ def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
 
 
 def test_idle_partitions_checkpoints_move_to_the_newest_visible_row(conn: Connection) -> None:
-    _load(conn, 2000, 40)
+    load_sample(conn, 2000, 40)
     processors = [Processor(Recorder(), Partition(k, 4), batch_size=100) for k in range(4)]
     for processor in processors:
         processor.start(conn)
@@ -135,7 +129,7 @@ def test_projections_see_utc_whatever_the_servers_time_zone(conn: Connection) ->
 def test_read_query_plan_is_an_ordered_index_scan(
     conn: Connection, partition: Partition, marks: bool
 ) -> None:
-    _load(conn, 20000, 50)
+    load_sample(conn, 20000, 50)
     conn.execute("ANALYZE events")
     rows = conn.execute(
         "SELECT transaction_id, global_position FROM events"
@@ -159,7 +153,7 @@ def test_a_plain_partition_filter_would_tip_the_plan_into_a_sort(conn: Connectio
     # The control for the test above: the same read with the filter written
     # plainly, as the CASE in reader.py avoids, gets the planner's 0.5% guess
     # and a sort of everything after the checkpoint for every batch.
-    _load(conn, 20000, 50)
+    load_sample(conn, 20000, 50)
     conn.execute("ANALYZE events")
     query = build_read_query(Partition(1, 4)).as_string(conn)
     plain = query.replace("CASE WHEN (", "(").replace(") THEN true ELSE false END", ")")
@@ -196,14 +190,14 @@ def test_worker_reconnects_after_its_connection_is_killed(db_url: str) -> None:
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
-            _load(conn, 100, 5)
+            load_sample(conn, 100, 5)
             _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 100)
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE application_name LIKE 'projectionist:recorder:%'"
             ).fetchone()
             assert killed == (1,)
-            _load(conn, 100, 5)
+            load_sample(conn, 100, 5)
             _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 200, timeout=30)
             assert verify_exactly_once(conn)["duplicated"] == 0
         assert "database" in hooks.errors
@@ -222,12 +216,12 @@ def test_second_process_for_a_partition_waits_as_standby_and_takes_over(db_url: 
     try:
         _wait(lambda: WorkerState.STANDBY in standby_hooks.states)
         with connect(db_url, autocommit=True) as conn:
-            _load(conn, 50, 5)
+            load_sample(conn, 50, 5)
             _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 50)
             owner.stop()
             owner.join(timeout=10)
             _wait(lambda: WorkerState.LIVE in standby_hooks.states, timeout=10)
-            _load(conn, 50, 5)
+            load_sample(conn, 50, 5)
             _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 100)
             assert verify_exactly_once(conn)["duplicated"] == 0
     finally:
@@ -252,7 +246,7 @@ def test_failing_projection_is_retried_and_never_skipped(db_url: str) -> None:
     worker = Worker(db_url, FailsOnce(), Partition(0, 1), poll_interval=0.2, hooks=hooks)
     worker.retry_backoff.initial = 0.05
     with connect(db_url, autocommit=True) as conn:
-        _load(conn, 30, 3)
+        load_sample(conn, 30, 3)
         worker.start()
         try:
             _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 30, timeout=20)
@@ -265,7 +259,7 @@ def test_failing_projection_is_retried_and_never_skipped(db_url: str) -> None:
 
 
 def test_checkpoint_compare_and_set_fences_a_second_owner(conn: Connection) -> None:
-    _load(conn, 20, 2)
+    load_sample(conn, 20, 2)
     a = Processor(Recorder(), Partition(0, 1), batch_size=10)
     b = Processor(Recorder(), Partition(0, 1), batch_size=10)
     a.start(conn)
