@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
+import time
 import uuid
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 
 from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
 from projectionist.db import Connection, connect
 from projectionist.partitioning import fnv1a_32
 from projectionist.records import RecordedEvent, recorded_event_from_row
-from projectionist.store import append, append_many, head_position, read_stream, stream_version
+from projectionist.store import (
+    append,
+    append_many,
+    append_many_async,
+    head_position,
+    read_stream,
+    stream_version,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +123,38 @@ def test_concurrent_any_appends_never_lose_or_duplicate_versions(db_url: str, pe
             for r in c.execute("SELECT aggregate_version FROM events WHERE aggregate_id = 'hot' ORDER BY 1")
         ]
     assert versions == list(range(1, 150 * per_append + 1))
+
+
+def _hold_append_open(db_url: str, aggregate: str, ready: threading.Event, seconds: float = 0.5) -> None:
+    """An ANY append to ``aggregate`` left uncommitted for ``seconds``: it holds the stream's lock."""
+    with connect(db_url, autocommit=True) as other, other.transaction():
+        append(other, aggregate, [ev(99)])
+        ready.set()
+        time.sleep(seconds)
+
+
+# A bulk append with an exact version gets one attempt, so its ANY streams
+# must wait for a busy stream's lock, never report a conflict ANY cannot have.
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_bulk_append_mixing_any_and_exact_waits_for_a_busy_any_stream(db_url: str, mode: str) -> None:
+    async def append_async() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
+            return [r.version for r in await append_many_async(aconn, appends)]
+
+    appends = [StreamAppend("hot", [ev(1)], ANY), StreamAppend("fresh", [ev(2)], NO_STREAM)]
+    ready = threading.Event()
+    holder = threading.Thread(target=_hold_append_open, args=(db_url, "hot", ready))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        if mode == "sync":
+            with connect(db_url, autocommit=True) as c:
+                versions = [r.version for r in append_many(c, appends)]
+        else:
+            versions = asyncio.run(append_async())
+    finally:
+        holder.join()
+    assert versions == [2, 1]
 
 
 @pytest.mark.parametrize("per_append", [1, 3])

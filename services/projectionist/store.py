@@ -574,11 +574,16 @@ def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]
             _ONE_STATEMENT_APPENDS[notify], ([a.aggregate_id for a in appends], expected, *columns)
         )
     except pg_errors.UniqueViolation as e:
-        raise _unique_violation(e, appends) from e
-    for ok, _, agg, version in rows:
-        if not ok:
-            detail = "" if version is not None else "another append to the stream is in progress"
-            raise ConcurrencyError(agg, _expected_of(appends, agg), version, detail)
+        error = _unique_violation(e, appends)
+        if isinstance(error, ConcurrencyError) and error.expected is ANY:
+            raise _Declined from e  # an ANY stream lost a race: the locked path waits and decides
+        raise error from e
+    conflicts = [(agg, version) for ok, _, agg, version in rows if not ok]
+    for agg, version in conflicts:
+        if version is not None:
+            raise ConcurrencyError(agg, _expected_of(appends, agg), version)
+    if conflicts:
+        raise _Declined  # only ANY streams whose lock was taken: the locked path waits for it
     return _results(appends, [(position, agg, version) for _, position, agg, version in rows])
 
 
