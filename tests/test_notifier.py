@@ -37,6 +37,40 @@ def test_append_without_notify_sends_nothing_and_the_notifier_coalesces(db_url: 
             assert notifier.sent == len(received)
 
 
+def test_a_poke_whose_notify_failed_is_sent_after_reconnecting(db_url: str) -> None:
+    # The connection dies while idle (restart, failover, idle_session_timeout):
+    # the next poke's NOTIFY fails, and must not be forgotten.
+    with (
+        connect(db_url, autocommit=True) as listener,
+        connect(db_url, autocommit=True) as admin,
+        Notifier(db_url, min_interval=0.01) as notifier,
+    ):
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        notifier.poke()
+        assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'projectionist:notifier'"
+        )
+        time.sleep(0.2)
+        notifier.poke()
+        assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+
+
+def test_close_sends_a_poke_made_during_the_interval(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        notifier = Notifier(db_url, min_interval=2.0)
+        notifier.start()
+        try:
+            notifier.poke()
+            assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+            notifier.poke()  # inside the 2 s interval: only close() can send it now
+        finally:
+            notifier.close()
+        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+
+
 @pytest.mark.parametrize("events", [1, 3], ids=["one-event statement", "one-stream statement"])
 def test_each_single_stream_statement_notifies_only_when_asked(db_url: str, events: int) -> None:
     def batch() -> list[NewEvent]:

@@ -93,10 +93,14 @@ class Notifier:
         while not self._closed.is_set():
             self._pending.wait()
             if self._closed.is_set():
-                conn.execute(_NOTIFY)  # covers appends poked just before close
-                return
+                break
             # Clear before sending: a poke during the send schedules the next one.
             self._pending.clear()
-            conn.execute(_NOTIFY)
+            try:
+                conn.execute(_NOTIFY)
+            except psycopg.Error:
+                self._pending.set()  # not sent: the next connection sends it
+                raise
             self.sent += 1
             self._closed.wait(self.min_interval)
+        conn.execute(_NOTIFY)  # covers appends poked just before close
