@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from projectionist.api import ApiSettings, build_openapi, create_app
 from projectionist.db import Connection, connect
+from projectionist.records import NewEvent
+from projectionist.store import append
 from tests.conftest import Server, fresh_database
 from tests.fix_api import ServedApp
 
@@ -360,6 +362,16 @@ def test_read_stream_pages_with_next_links(api: Api) -> None:
     ).fetchone()
     assert (first["id"], first["global_position"]) == stored
     assert first["type"] == "Happened"
+
+
+# The Python store keeps what json.dumps wrote, escapes included; a page
+# holding such an event used to be a 500 (UTF-8 cannot encode a surrogate).
+@pytest.mark.parametrize("text", ["\ud800", "a\udc00b"], ids=["high", "low"])
+def test_read_stream_returns_lone_surrogates_the_python_store_wrote(api: Api, text: str) -> None:
+    append(api.conn, "s", [NewEvent("E", {"s": text}), NewEvent("E", {"ok": True})])
+    r = api.client.get("/streams/s")
+    assert r.status_code == 200, r.text
+    assert [e["data"] for e in json.loads(r.content)["events"]] == [{"s": text}, {"ok": True}]
 
 
 def test_read_beyond_the_end_is_empty_and_unknown_stream_is_404(api: Api) -> None:

@@ -26,6 +26,9 @@ def extract_span_context(metadata: Mapping[str, Any]) -> trace.SpanContext | Non
     """The producer's span context stored in an event's metadata, if any."""
     if "traceparent" not in metadata:
         return None
-    ctx = propagate.extract(metadata, context=otel_context.Context())
+    # Metadata is any JSON object: pass the propagator only string headers
+    # (a non-string tracestate or baggage makes it raise TypeError).
+    carrier = {k: v for k in ("traceparent", "tracestate") if isinstance(v := metadata.get(k), str)}
+    ctx = propagate.extract(carrier, context=otel_context.Context())
     span_context = trace.get_current_span(ctx).get_span_context()
     return span_context if span_context.is_valid else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -142,6 +143,13 @@ def _event_json(event: RecordedEvent) -> dict[str, Any]:
     }
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """Non-ASCII as \\u escapes: a lone surrogate the store kept stays the escape it was stored as."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def read_events(request: Request) -> Response:
     """``GET /streams/{aggregate_id}``: a page of the stream in version order."""
     state = _state(request)
@@ -160,7 +168,7 @@ async def read_events(request: Request) -> Response:
             raise ApiError(404, "stream_not_found", f"stream {aggregate_id!r} has no events")
     page = events[:limit]
     next_from = page[-1].aggregate_version + 1 if len(events) > limit else None
-    return JSONResponse(
+    return _AsciiJSONResponse(
         {
             "aggregate_id": aggregate_id,
             "events": [_event_json(e) for e in page],
