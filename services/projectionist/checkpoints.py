@@ -214,3 +214,23 @@ def save_checkpoint(
             f"checkpoint of {projection} worker {partition} moved under us; "
             "another process owns this partition"
         )
+
+
+def check_checkpoint(conn: Connection, projection: str, partition: Partition, expected: Position) -> None:
+    """Raise :class:`FencedError` unless the partition's checkpoint is still at ``expected``."""
+    row = conn.execute(
+        "SELECT 1 FROM projection_checkpoints WHERE projection_name = %s AND total_workers = %s "
+        "AND worker_id = %s AND last_transaction_id = %s::text::xid8 AND last_global_position = %s",
+        (
+            projection,
+            partition.total_workers,
+            partition.worker_id,
+            str(expected.transaction_id),
+            expected.global_position,
+        ),
+    ).fetchone()
+    if row is None:
+        raise FencedError(
+            f"checkpoint of {projection} worker {partition} moved under us; "
+            "another process owns this partition"
+        )

@@ -64,3 +64,19 @@ def connect(url: str, *, application_name: str = "projectionist", autocommit: bo
         options="-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
         "-c tcp_keepalives_count=3 -c tcp_user_timeout=10000",
     )
+
+
+# SQLSTATEs the server sends as it ends the session: admin, crash and
+# immediate shutdown, cannot connect now, idle session timeout, and idle in
+# transaction timeout (25P03, which psycopg raises as an InternalError).
+# 57014 (query_canceled, statement_timeout) is in the same class but ends
+# only the statement, so it is not here.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03"})
+
+
+def connection_lost(error: BaseException, conn: Connection | None) -> bool:
+    """Whether ``error`` ended the session (reconnect), rather than failing one statement."""
+    if not isinstance(error, psycopg.Error):
+        return False
+    state = error.sqlstate or ""
+    return (conn is not None and conn.closed) or state.startswith("08") or state in _SESSION_ENDED

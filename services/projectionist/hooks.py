@@ -104,7 +104,7 @@ class HookChain(WorkerHooks):
         with contextlib.ExitStack() as stack:
             for hook in self._scoped:
                 try:
-                    stack.enter_context(hook.batch_scope(info, events))
+                    stack.enter_context(_Guarded(hook, hook.batch_scope(info, events)))
                 except Exception:
                     log.exception("hook %s.batch_scope failed", type(hook).__name__)
             yield
@@ -117,3 +117,22 @@ class HookChain(WorkerHooks):
 
     def on_read_path(self, info: WorkerInfo, indexed: bool, reason: str | None) -> None:
         self._each(self.hooks, "on_read_path", info, indexed, reason)
+
+
+class _Guarded:
+    """A hook's batch scope whose failure on exit is logged, and which cannot swallow the batch's error."""
+
+    def __init__(self, hook: WorkerHooks, scope: contextlib.AbstractContextManager[object]) -> None:
+        self.hook = hook
+        self.scope = scope
+
+    def __enter__(self) -> object:
+        return self.scope.__enter__()
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.scope.__exit__(exc_type, exc, tb)  # type: ignore[arg-type]
+        except Exception as e:
+            if e is not exc:
+                log.exception("hook %s.batch_scope failed", type(self.hook).__name__)
+        # Returns None: a hook never suppresses the batch's own exception.

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import psycopg
 
 from projectionist import deadletters, partition_index
-from projectionist.checkpoints import load_checkpoint, save_checkpoint
-from projectionist.db import Connection
+from projectionist.checkpoints import check_checkpoint, load_checkpoint, save_checkpoint
+from projectionist.db import Connection, connection_lost
 from projectionist.deadletters import PoisonPolicy
 from projectionist.errors import PoisonEventError, ProjectionError
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo
@@ -116,6 +116,13 @@ class Processor:
             )
 
     def run_batch(self, conn: Connection, *, isolate: bool = False) -> BatchOutcome:
+        """Process one batch and commit it with the checkpoint (see :meth:`_run_batch`)."""
+        outcome = self._run_batch(conn, isolate=isolate)
+        if time.monotonic() - self._index_checked_at > INDEX_RECHECK_SECONDS:
+            self._check_index(conn)
+        return outcome
+
+    def _run_batch(self, conn: Connection, *, isolate: bool = False) -> BatchOutcome:
         """Process one batch and commit it with the checkpoint.
 
         ``isolate`` applies events one by one in savepoints, to find a poison
@@ -133,6 +140,9 @@ class Processor:
             # in; they commit with this (possibly otherwise empty) transaction.
             blocked = self._unblock_retried(conn, tx) if self._letters_possible() else set()
             if batch.end is None:
+                # Nothing to commit, so no compare-and-set: still make sure nobody
+                # moved the checkpoint (a rebuild --force) while this worker idles.
+                check_checkpoint(conn, self.projection.name, self.partition, self.position)
                 return BatchOutcome(0, False, False)
             end = batch.end
             # A read that found only other partitions' rows just moves the checkpoint: no span for it.
@@ -160,8 +170,6 @@ class Processor:
             )
         if stopped_by is not None:
             raise stopped_by
-        if time.monotonic() - self._index_checked_at > INDEX_RECHECK_SECONDS:
-            self._check_index(conn)
         return BatchOutcome(applied, batch.more, True)
 
     def _check_index(self, conn: Connection) -> None:
@@ -234,9 +242,11 @@ class Processor:
             else:
                 for event in events:
                     self.projection.apply(event, tx)
-        except psycopg.OperationalError:
-            raise  # the connection failed, not the projection
         except Exception as e:
+            if connection_lost(e, tx.conn):
+                raise  # the connection failed, not the projection
+            # Any other error, a database error included (an index row too large,
+            # statement_timeout, a deadlock), is the projection's: retried, then isolated.
             raise ProjectionError(
                 f"projection {self.projection.name!r} failed on a batch starting at "
                 f"global position {events[0].global_position}: {e!r}"

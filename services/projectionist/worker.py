@@ -20,7 +20,7 @@ from psycopg import sql
 
 from projectionist.backoff import Backoff
 from projectionist.checkpoints import GroupConfig, register_group
-from projectionist.db import NOTIFY_CHANNEL, Connection, connect
+from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.deadletters import PoisonPolicy
 from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
@@ -136,7 +136,11 @@ class Worker:
                     self._serve(conn)
             except ConfigError:
                 raise
-            except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as e:
+            except psycopg.Error as e:
+                # An OperationalError, or any error that came with the session's end
+                # (idle_in_transaction_session_timeout raises an InternalError).
+                if not (isinstance(e, psycopg.OperationalError) or connection_lost(e, conn)):
+                    raise
                 delay = self.reconnect_backoff.next_delay()
                 self.hooks.on_error(self.info, "database", e)
                 self._set_state(WorkerState.FAILING, f"database unavailable: {_one_line(e)}")

@@ -1,0 +1,229 @@
+"""How a worker survives what goes wrong around it: an idle fence, a projection's own database
+error, a session timed out mid-batch, a broken hook, an index built while it idles."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import psycopg
+import pytest
+
+from projectionist import deadletters
+from projectionist import processor as processor_module
+from projectionist.db import Connection, connect, connection_lost
+from projectionist.deadletters import PoisonPolicy
+from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.partition_index import create_indexes
+from projectionist.processor import Processor
+from projectionist.projection import Tx
+from projectionist.reader import Partition
+from projectionist.records import NewEvent, RecordedEvent
+from projectionist.store import append
+from projectionist.worker import Worker
+from tests.conftest import run_cli
+from tests.projections import Recorder, applied_count, load_sample
+
+pytestmark = pytest.mark.integration
+
+
+class Collect(WorkerHooks):
+    def __init__(self) -> None:
+        self.states: list[tuple[WorkerState, str]] = []
+        self.errors: list[tuple[str, BaseException]] = []
+
+    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
+        self.states.append((state, reason))
+
+    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
+        self.errors.append((error_type, error))
+
+
+def _wait(predicate: object, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@contextlib.contextmanager
+def _running(worker: Worker) -> Iterator[Worker]:
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        with contextlib.suppress(BaseException):
+            worker.join(timeout=15)
+
+
+# -- an idle worker is fenced too --------------------------------------------------------------
+
+
+def test_rebuild_force_with_an_idle_live_worker_rebuilds_the_read_model(db_url: str) -> None:
+    # rebuild --force counts on live workers being fenced, but an idle one commits
+    # nothing: it must still notice that its checkpoint moved, or it keeps reading
+    # from its old position and the emptied read model stays empty.
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.1)
+    with connect(db_url, autocommit=True) as conn, _running(worker):
+        load_sample(conn, 300, 10)
+        assert _wait(lambda: applied_count(conn) == 300 and worker.state is WorkerState.LIVE)
+        result = run_cli(
+            "rebuild",
+            "--projection",
+            "tests.projections:Recorder",
+            "--force",
+            "--timeout",
+            "8",
+            db_url=db_url,
+        )
+        assert result.returncode == 0, result.stderr.strip().splitlines()[-1]
+        assert applied_count(conn) == 300
+
+
+# -- a database error the projection causes is the projection's, not an outage ----------------
+
+
+class IndexedTitles(Recorder):
+    """A read model with a btree-indexed column: a too-large value fails with SQLSTATE 54000."""
+
+    name = "indexed_titles"
+
+    def setup(self, conn: Connection) -> None:
+        super().setup(conn)
+        conn.execute("CREATE TABLE IF NOT EXISTS titles (aggregate_id text, title text)")
+        conn.execute("CREATE INDEX IF NOT EXISTS titles_title_idx ON titles (title)")
+
+    def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        for e in events:
+            tx.execute("INSERT INTO titles VALUES (%s, %s)", (e.aggregate_id, e.payload.get("title", "")))
+        super().apply_batch(events, tx)
+
+
+def test_a_poison_event_failing_with_a_database_error_is_parked(db_url: str) -> None:
+    # psycopg's OperationalError also covers errors a projection's own statement
+    # causes (an index row too large, statement_timeout, a deadlock). Taken for a lost
+    # connection, such an event was never isolated or parked: the worker reconnected
+    # forever, reporting "database unavailable".
+    hooks = Collect()
+    worker = Worker(
+        db_url,
+        IndexedTitles(),
+        Partition(0, 1),
+        poll_interval=0.1,
+        hooks=hooks,
+        poison_policy=PoisonPolicy.PARK,
+        max_retries=1,
+    )
+    worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05
+    with connect(db_url, autocommit=True) as conn, _running(worker):
+        append(conn, "a", [NewEvent("E", {"title": "fine"})])
+        append(conn, "p", [NewEvent("E", {"title": os.urandom(6000).hex()})])  # the poison event
+        append(conn, "b", [NewEvent("E", {"title": "fine too"})])
+        parked = _wait(lambda: len(deadletters.list_letters(conn)) == 1, timeout=10)
+        kinds = sorted({k for k, _ in hooks.errors})
+        causes = sorted({type(e).__name__ for _, e in hooks.errors})
+        assert parked, f"never parked; error types {kinds}, errors {causes}, state {worker.state.value}"
+        assert applied_count(conn) == 2
+
+
+# -- a hook whose batch scope fails on exit -----------------------------------------------------
+
+
+class BrokenExporter(WorkerHooks):
+    """A tracing/metrics hook whose scope raises when it closes (say, a failing exporter)."""
+
+    @contextlib.contextmanager
+    def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:
+        yield
+        raise RuntimeError("exporter unavailable")
+
+
+def test_a_failing_hook_scope_never_stops_event_processing(db_url: str) -> None:
+    # A broken exporter must never stop event processing, on leaving a batch's scope
+    # as on entering it: it used to roll the batch back and end the worker.
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.1, hooks=BrokenExporter())
+    with connect(db_url, autocommit=True) as conn, _running(worker):
+        load_sample(conn, 50, 5)
+        applied = _wait(lambda: applied_count(conn) == 50, timeout=5)
+        died = not worker.is_alive()
+        assert applied and not died, f"applied {applied_count(conn)} of 50; worker died: {worker._error!r}"
+
+
+# -- an idle worker re-checks its partition index ---------------------------------------------
+
+
+def test_an_idle_worker_takes_up_an_index_built_while_it_runs(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a quiet store the re-check must still run, or projectionist_partition_index_used
+    # stays 0 (and its alert fires) after the operator built the index.
+    load_sample(conn, 100, 10)
+    conn.execute("ANALYZE events")
+    processor = Processor(Recorder(), Partition(0, 2), batch_size=500)
+    processor.start(conn)
+    assert processor.reader.indexed is False
+    while processor.run_batch(conn).visible:
+        pass
+    create_indexes(conn, 2, lambda line: None)
+    monkeypatch.setattr(processor_module, "INDEX_RECHECK_SECONDS", 0.0)
+    time.sleep(0.01)
+    outcome = processor.run_batch(conn)  # idle: nothing new
+    assert not outcome.visible
+    assert processor.reader.indexed is True, processor.unindexed_reason
+
+
+# -- a session ended by idle_in_transaction_session_timeout -----------------------------------
+
+
+class SlowOnce(Recorder):
+    """The first batch's client-side work (after its writes) outlasts the session's idle timeout."""
+
+    name = "slow_once"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = True
+
+    def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        super().apply_batch(events, tx)
+        tx.execute("SELECT 1")
+        if self.slow:
+            self.slow = False
+            time.sleep(0.8)
+
+
+def test_a_session_timed_out_mid_batch_reconnects_instead_of_killing_the_worker(db_url: str) -> None:
+    # The server ends the session with SQLSTATE 25P03, which psycopg raises as an
+    # InternalError, not an OperationalError: it is still a lost connection, to
+    # reconnect from, not a reason for the worker to die.
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_in_transaction_session_timeout = 300')
+        load_sample(conn, 20, 5)
+        hooks = Collect()
+        worker = Worker(db_url, SlowOnce(), Partition(0, 1), poll_interval=0.1, hooks=hooks)
+        with _running(worker):
+            _wait(lambda: applied_count(conn) == 20 or not worker.is_alive(), timeout=10)
+            assert worker.is_alive(), f"worker died: {worker._error!r}"
+            assert [k for k, _ in hooks.errors] == ["database"]
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg.errors.AdminShutdown(), True),
+        (psycopg.errors.IdleInTransactionSessionTimeout(), True),
+        (psycopg.errors.ConnectionFailure(), True),
+        (psycopg.errors.QueryCanceled(), False),  # statement_timeout: the statement's, same class 57
+        (psycopg.errors.ProgramLimitExceeded(), False),
+        (psycopg.errors.DeadlockDetected(), False),
+        (ValueError("not a database error"), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_which_errors_count_as_a_lost_connection(error: BaseException, lost: bool) -> None:
+    assert connection_lost(error, None) is lost
