@@ -157,6 +157,8 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
                 (projection.name,),
             )
             conn.execute("DELETE FROM projection_skip_marks WHERE projection_name = %s", (projection.name,))
+            # The letters describe the old read model; the replay parks again what still fails.
+            conn.execute("DELETE FROM dead_letters WHERE projection_name = %s", (projection.name,))
         print(
             f"reset {projection.name!r}: read model emptied, {total} checkpoint(s) back to 0", file=sys.stderr
         )
@@ -174,6 +176,8 @@ def _catch_up(url: str, projection: Projection, total: int, settings: Settings, 
         total,
         batch_size=settings.batch_size,
         poll_interval=0.2,
+        poison_policy=deadletters.PoisonPolicy(settings.poison_policy),
+        max_retries=settings.max_retries,
     )
     pool.start()
     try:

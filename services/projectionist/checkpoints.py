@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from projectionist.db import Connection
 from projectionist.errors import ConfigError, FencedError
@@ -33,12 +35,19 @@ class Draining:
 
 
 def register_group(
-    conn: Connection, projection: str, total_workers: int, *, allow_rescale: bool = False
+    conn: Connection,
+    projection: str,
+    total_workers: int,
+    *,
+    allow_rescale: bool = False,
+    require_stopped: bool = False,
 ) -> GroupConfig | Draining:
     """Join the projection's group with ``total_workers`` partitions.
 
     A different count than the group's is handled safely, never silently:
-    - nothing processed yet under the old count: switch at once;
+    - nothing processed yet under the old count: switch at once (with
+      ``require_stopped``, as ``projectionist rescale`` asks, once no old-group
+      worker runs);
     - otherwise, without ``allow_rescale``: refuse with :class:`ConfigError`;
     - with ``allow_rescale``: return :class:`Draining` while any old-group
       worker still runs, then switch with skip marks (see :func:`_switch`).
@@ -64,14 +73,19 @@ def register_group(
                 "WHERE projection_name = %s AND total_workers = %s AND last_global_position > 0",
                 (projection, current),
             ).fetchone()
-            if moved and moved[0]:
-                if not allow_rescale:
-                    raise ConfigError(
-                        f"TOTAL_WORKERS={total_workers} differs from the {current} partitions "
-                        f"projection {projection!r} uses; to change it, stop the old workers and run "
-                        f"`projectionist rescale --projection {projection} --total-workers "
-                        f"{total_workers}`, or start the new workers with --rescale"
-                    )
+            processed = bool(moved and moved[0])
+            if processed and not allow_rescale:
+                raise ConfigError(
+                    f"TOTAL_WORKERS={total_workers} differs from the {current} partitions "
+                    f"projection {projection!r} uses; to change it, stop the old workers and run "
+                    f"`projectionist rescale --projection {projection} --total-workers "
+                    f"{total_workers}`, or start the new workers with --rescale"
+                )
+            # Once the old group processed anything its checkpoints become
+            # marks, so they must be final. `rescale` waits even before that: a
+            # worker between joining and its first batch would otherwise keep
+            # its partition next to the new group's.
+            if processed or require_stopped:
                 live = tuple(r[0] for r in conn.execute(LIVE_WORKERS, (group_key(projection, current),)))
                 if live:
                     return Draining(current, live)
@@ -153,9 +167,16 @@ def load_layers(conn: Connection, projection: str) -> tuple[MarkLayer, ...]:
         "FROM projection_skip_marks WHERE projection_name = %s ORDER BY generation, worker_id",
         (projection,),
     ).fetchall()
+    return layers_from_rows(rows)
+
+
+def layers_from_rows(rows: Iterable[Sequence[Any]]) -> tuple[MarkLayer, ...]:
+    """Skip-mark layers from rows of (generation, total_workers, worker_id, transaction id, position)."""
     by_layer: dict[int, tuple[int, dict[int, Position]]] = {}
     for generation, total, worker_id, txid, pos in rows:
-        by_layer.setdefault(generation, (total, {}))[1][worker_id] = Position(int(txid), int(pos))
+        by_layer.setdefault(int(generation), (int(total), {}))[1][int(worker_id)] = Position(
+            int(txid), int(pos)
+        )
     return tuple(
         MarkLayer(total, tuple(marks[k] for k in range(total)))
         for _, (total, marks) in sorted(by_layer.items())
@@ -165,17 +186,24 @@ def load_layers(conn: Connection, projection: str) -> tuple[MarkLayer, ...]:
 def load_checkpoint(conn: Connection, projection: str, partition: Partition) -> Position:
     """The partition's checkpoint, creating it at the start of the store if missing."""
     with conn.transaction():
+        # Never for a partition count the group has left: _switch deleted those
+        # rows, and one recreated at 0 would replay the partition next to the new group.
         conn.execute(
             "INSERT INTO projection_checkpoints (projection_name, total_workers, worker_id) "
-            "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-            (projection, partition.total_workers, partition.worker_id),
+            "SELECT %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM projection_groups "
+            "WHERE projection_name = %s AND total_workers <> %s) ON CONFLICT DO NOTHING",
+            (projection, partition.total_workers, partition.worker_id, projection, partition.total_workers),
         )
         row = conn.execute(
             "SELECT last_transaction_id::text, last_global_position FROM projection_checkpoints "
             "WHERE projection_name = %s AND total_workers = %s AND worker_id = %s",
             (projection, partition.total_workers, partition.worker_id),
         ).fetchone()
-    assert row is not None
+    if row is None:
+        raise FencedError(
+            f"projection {projection} no longer uses {partition.total_workers} partitions; "
+            "rejoining its group"
+        )
     return Position(int(row[0]), int(row[1]))
 
 

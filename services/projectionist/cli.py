@@ -411,6 +411,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     with connect(_url(settings), autocommit=True) as conn:
         status = read_status(conn, args.projection)
+    if args.projection and not status.groups:
+        raise ConfigError(
+            f"--projection={args.projection!r}: no such projection (see `projectionist status`)"
+        )
     if args.json:
         print(json.dumps(status.as_json(), indent=2))
         return EXIT_OK
@@ -513,7 +517,9 @@ def cmd_rescale(args: argparse.Namespace, settings: Settings) -> int:
             )
         deadline = time.monotonic() + args.timeout
         while True:
-            joined = register_group(conn, args.projection, args.total_workers, allow_rescale=True)
+            joined = register_group(
+                conn, args.projection, args.total_workers, allow_rescale=True, require_stopped=True
+            )
             if not isinstance(joined, Draining):
                 break
             if time.monotonic() > deadline:

@@ -165,6 +165,8 @@ def request_retry(conn: Connection, letter_id: int) -> int:
         letter = get_letter(conn, letter_id)
         if letter is None:
             raise ConfigError(f"dead letter {letter_id} does not exist")
+        if letter.status not in ("parked", "retry"):
+            raise ConfigError(f"dead letter {letter_id} is {letter.status}, not open; nothing to retry")
         # Every open letter of the aggregate goes back together: retrying only
         # a later one would apply it before the earlier ones.
         # Lock them first, in a statement of its own. A batch that is parking

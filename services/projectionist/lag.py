@@ -8,9 +8,11 @@ Two round trips a scrape. The first reads the groups, and which of their
 partitions may count through their own partition index (partition_index.py:
 valid, and the table has statistics). The second counts, in one statement
 with one ``SELECT`` per partition, each partition's events after its
-checkpoint, up to a cap, and the age of the oldest of them. The partition's
-``N`` and ``k`` are literals in that statement, because the planner uses a
-partial index only for a predicate it can see in the statement's text.
+checkpoint, up to a cap, and the age of the oldest of them, leaving out
+events a retired group already applied (skip marks, after a rescale). The
+partition's ``N`` and ``k`` are literals in that statement, because the
+planner uses a partial index only for a predicate it can see in the
+statement's text.
 
 - **Through the partition's index** (or with a single partition, whose rows
   are all its own): the count walks the partition's entries after the
@@ -42,7 +44,9 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from projectionist import partition_index
+from projectionist.checkpoints import layers_from_rows
 from projectionist.db import Connection
+from projectionist.reader import MarkLayer, skip_filter
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +68,18 @@ class StoreLag:
     partitions: list[PartitionLag]
 
 
-# The groups of the projections asked for, and per group the partitions
-# that can count through their own index (a single partition always can).
+# The groups of the projections asked for, per group the partitions that
+# can count through their own index (a single partition always can), and
+# the group's skip marks (in load_layers' row form, as JSON).
 _GROUPS = sql.SQL(
     """
     SELECT g.projection_name, g.total_workers,
            ARRAY(SELECT k FROM generate_series(0, g.total_workers - 1) AS s(k)
-                 WHERE g.total_workers = 1 OR {ready}) AS ready
+                 WHERE g.total_workers = 1 OR {ready}) AS ready,
+           (SELECT coalesce(json_agg(json_build_array(m.generation, m.total_workers, m.worker_id,
+                                                      m.last_transaction_id::text, m.last_global_position)
+                                     ORDER BY m.generation, m.worker_id), '[]')
+            FROM projection_skip_marks m WHERE m.projection_name = g.projection_name) AS marks
     FROM projection_groups g
     WHERE %(projections)s::text[] IS NULL OR g.projection_name = ANY(%(projections)s)
     ORDER BY g.projection_name
@@ -143,10 +152,22 @@ _INDEXED = sql.SQL(
 
 
 def _group_queries(
-    projection: str, total_workers: int, ready: set[int], cap: int | None
+    projection: str,
+    total_workers: int,
+    ready: set[int],
+    cap: int | None,
+    layers: tuple[MarkLayer, ...] = (),
 ) -> list[sql.Composed]:
     """One query for each partition that has its index, and one for the rest of the group."""
     n = sql.Literal(total_workers)
+    # Events a retired group already applied (skip marks) are not lag.
+    after = (
+        _AFTER_CHECKPOINT
+        if not layers
+        else sql.SQL("{} AND NOT ({})").format(
+            _AFTER_CHECKPOINT, skip_filter(layers, alias="e", with_params=False)
+        )
+    )
     # The capped count walks in index order: without the ORDER BY, a
     # caught-up partition of a table whose visibility map lags behind got a
     # sequential scan of the whole table (its estimate of the rows after the
@@ -172,7 +193,7 @@ def _group_queries(
             mine=sql.SQL("true")
             if total_workers == 1
             else sql.SQL("e.partition_hash % {} = {}").format(n, sql.Literal(k)),
-            after=_AFTER_CHECKPOINT,
+            after=after,
             limit=limit,
         )
         for k in sorted(ready)
@@ -182,7 +203,7 @@ def _group_queries(
         queries.append(
             _UNINDEXED.format(
                 worker_ids=sql.Literal(rest),
-                after=_AFTER_CHECKPOINT,
+                after=after,
                 window=window,
                 projection=sql.Literal(projection),
             )
@@ -199,8 +220,8 @@ def read_lag(conn: Connection, projections: Sequence[str] | None, cap: int | Non
     names = None if projections is None else list(projections)
     parts = [
         query
-        for name, total, ready in conn.execute(_GROUPS, {"projections": names})
-        for query in _group_queries(str(name), int(total), set(ready), cap)
+        for name, total, ready, marks in conn.execute(_GROUPS, {"projections": names})
+        for query in _group_queries(str(name), int(total), set(ready), cap, layers_from_rows(marks))
     ]
     rows = []
     if parts:

@@ -99,20 +99,27 @@ def partition_filter(partition: Partition) -> sql.Composable:
     )
 
 
-def skip_filter(layers: tuple[MarkLayer, ...]) -> sql.Composable:
+def skip_filter(
+    layers: tuple[MarkLayer, ...], *, alias: str = "w", with_params: bool = True
+) -> sql.Composable:
     """Drop rows a retired group already applied (see migrations/0002_rescale.sql).
 
     A plain OR of literal conditions, one per old partition: a NOT EXISTS over
     a VALUES list would be an anti-join, and a hash anti-join loses the scan's
     order, putting a sort of everything after the checkpoint under each batch.
+    ``with_params=False`` is for a statement sent without parameters, where
+    ``%`` is the operator itself rather than its escape.
     """
     if not layers:
         return sql.SQL("false")
+    modulo = sql.SQL("%%" if with_params else "%")
     return sql.SQL(" OR ").join(
         sql.SQL(
-            "(w.partition_hash %% {n} = {k}"
-            " AND (w.transaction_id, w.global_position) <= ({tx}::xid8, {pos}::bigint))"
+            "({a}.partition_hash {mod} {n} = {k}"
+            " AND ({a}.transaction_id, {a}.global_position) <= ({tx}::xid8, {pos}::bigint))"
         ).format(
+            a=sql.Identifier(alias),
+            mod=modulo,
             n=sql.Literal(layer.total_workers),
             k=sql.Literal(k),
             tx=sql.Literal(str(mark.transaction_id)),
