@@ -181,6 +181,38 @@ def test_exact_version_race_has_one_winner(db_url: str, per_append: int) -> None
     assert sorted(outcomes) == ["conflict"] * 4 + ["ok"]
 
 
+def test_bulk_appends_crossing_on_exact_versions_end_in_a_conflict_not_a_deadlock_error(db_url: str) -> None:
+    # Two bulk appends that expect the same versions of two streams, in
+    # opposite orders, wait on each other's index entries; PostgreSQL aborts
+    # one of them. The caller must see what it is: a ConcurrencyError.
+    with connect(db_url, autocommit=True) as c:
+        c.execute(f"ALTER DATABASE \"{c.info.dbname}\" SET deadlock_timeout = '20ms'")
+    rounds = 10
+    outcomes: list[list[str]] = [[] for _ in range(rounds)]
+    barrier = threading.Barrier(2)
+
+    def writer(reverse: bool) -> None:
+        with connect(db_url, autocommit=True) as c:
+            for i in range(rounds):
+                # Many events each, so that the two statements overlap.
+                pair = [StreamAppend(f"{s}{i}", [ev(n) for n in range(200)], NO_STREAM) for s in "ab"]
+                barrier.wait()
+                try:
+                    append_many(c, pair[::-1] if reverse else pair)
+                    outcomes[i].append("ok")
+                except ConcurrencyError:
+                    outcomes[i].append("conflict")
+                except psycopg.Error as e:
+                    outcomes[i].append(type(e).__name__)
+
+    threads = [threading.Thread(target=writer, args=(r,)) for r in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [sorted(o) for o in outcomes] == [["conflict", "ok"]] * rounds
+
+
 def test_older_caller_transaction_cannot_append_behind_a_newer_one(db_url: str) -> None:
     # The caller's transaction takes its id first (by writing elsewhere), then
     # another transaction appends to the stream and commits. Appending now

@@ -511,6 +511,12 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
         rows = yield _Statement(_INSERTS[notify], columns)
     except pg_errors.UniqueViolation as e:
         raise _unique_violation(e, appends) from e
+    except pg_errors.DeadlockDetected as e:
+        # Streams with an exact expected version take no lock, so two bulk
+        # appends that insert the same versions in opposite orders wait on
+        # each other's index entries. Both expected the same versions, so at
+        # most one could succeed: the server aborted this one.
+        raise _deadlock(e, appends) from e
     return _results(appends, rows)
 
 
@@ -573,6 +579,8 @@ def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any]
         rows = yield _Statement(
             _ONE_STATEMENT_APPENDS[notify], ([a.aggregate_id for a in appends], expected, *columns)
         )
+    except pg_errors.DeadlockDetected as e:
+        raise _Declined from e  # see _plan_append; the locked path re-reads and reports the conflict
     except pg_errors.UniqueViolation as e:
         error = _unique_violation(e, appends)
         if isinstance(error, ConcurrencyError) and error.expected is ANY:
@@ -602,6 +610,16 @@ def _unique_violation(e: pg_errors.UniqueViolation, appends: Sequence[StreamAppe
         return ValueError(f"an event id was already stored: {e.diag.message_detail}")
     agg = _conflicting_aggregate(e, appends)
     return ConcurrencyError(agg, _expected_of(appends, agg), None, "a concurrent append took the version")
+
+
+def _deadlock(e: pg_errors.DeadlockDetected, appends: Sequence[StreamAppend]) -> ConcurrencyError:
+    exact = [a for a in appends if a.expected_version is not ANY] or list(appends)
+    return ConcurrencyError(
+        exact[0].aggregate_id,
+        exact[0].expected_version,
+        None,
+        "a concurrent append to the same streams took the versions first (deadlock)",
+    )
 
 
 def _results(appends: Sequence[StreamAppend], rows: Sequence[tuple[int, str, int]]) -> list[AppendResult]:
