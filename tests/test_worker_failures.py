@@ -13,7 +13,7 @@ import pytest
 
 from projectionist import deadletters
 from projectionist import processor as processor_module
-from projectionist.db import Connection, connect, connection_lost
+from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.deadletters import PoisonPolicy
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partition_index import create_indexes
@@ -227,3 +227,37 @@ def test_a_session_timed_out_mid_batch_reconnects_instead_of_killing_the_worker(
 )
 def test_which_errors_count_as_a_lost_connection(error: BaseException, lost: bool) -> None:
     assert connection_lost(error, None) is lost
+
+
+# -- a worker that stays behind does not hoard notifications ------------------------------------
+
+
+def test_notifications_during_a_long_catch_up_are_not_queued(db_url: str) -> None:
+    # psycopg keeps every NOTIFY that arrives during other statements until
+    # notifies() runs, and a worker catching up never waits: the queue used
+    # to grow with every append for the whole catch-up.
+    conns: list[Connection] = []
+
+    def connect_recording(url: str, **kwargs: object) -> Connection:
+        conn = connect(url, **kwargs)  # type: ignore[arg-type]
+        conns.append(conn)
+        return conn
+
+    class Slow(Recorder):
+        def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+            super().apply_batch(events, tx)
+            time.sleep(0.01)
+
+    with connect(db_url, autocommit=True) as conn:
+        load_sample(conn, 2000, 20)
+        worker = Worker(db_url, Slow(), Partition(0, 1), batch_size=10, connect_fn=connect_recording)
+        with _running(worker):
+            assert _wait(lambda: applied_count(conn) > 0)
+            for _ in range(300):
+                conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+            assert worker.state is WorkerState.CATCHING_UP  # still busy: it never waited
+            time.sleep(0.2)  # the worker's next statements read the notifications
+            assert worker.state is WorkerState.CATCHING_UP
+            (worker_conn,) = conns
+            # psycopg's own queue (no public accessor): what used to grow.
+            assert len(worker_conn._notifies_backlog or ()) == 0

@@ -79,6 +79,8 @@ class Worker:
         self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
         self.retry_backoff = Backoff(initial=0.5, maximum=30.0, max_attempts=max_retries)
         self._isolate = False
+        # A NOTIFY arrived while the worker caught up (see _take_notifications).
+        self._notified = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -206,6 +208,7 @@ class Worker:
         if group is None:
             return
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        self._notified = False
         self.processor.start(conn, group.layers)
         if self.reconnect_backoff.attempts:
             log.info("worker %s: reconnected to the database", self.partition)
@@ -251,6 +254,7 @@ class Worker:
                 self.retry_backoff.reset()
             if outcome.more:
                 self._set_state(WorkerState.CATCHING_UP, "more events waiting")
+                self._take_notifications(conn)
                 continue
             self._set_state(WorkerState.LIVE, "caught up")
             if outcome.visible:
@@ -293,8 +297,26 @@ class Worker:
             )
         self._sleep(delay)
 
+    def _take_notifications(self, conn: Connection) -> None:
+        """Empty psycopg's queue of notifications, without waiting; remember whether there were any.
+
+        psycopg keeps every NOTIFY that arrives during other statements until
+        notifies() runs, and a worker catching up never waits: without this
+        the queue grew with every append for as long as the catch-up lasted.
+        """
+        for _ in conn.notifies(timeout=0):
+            self._notified = True
+
     def _wait_for_events(self, conn: Connection, timeout: float) -> bool:
-        """Wait for a NOTIFY or the timeout. Returns True when notified."""
+        """Wait for a NOTIFY or the timeout. Returns True when notified.
+
+        A NOTIFY that came during the catch-up or the last batch counts at
+        once: it may be for rows that the last read could not see yet.
+        """
+        if self._notified:
+            self._notified = False
+            self.hooks.on_wakeup(self.info, "notify")
+            return True
         deadline = time.monotonic() + timeout
         while not self.stopping:
             remaining = deadline - time.monotonic()
