@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from projectionist.cli import _GracefulStop
 from projectionist.db import connect
 from projectionist.migrate import available_migrations
 from tests.conftest import ROOT, Server, fresh_database, run_cli
@@ -94,6 +96,20 @@ def test_first_signal_stops_gracefully_with_exit_0(db_url: str, sig: signal.Sign
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "finishing the current batch" in out
+
+
+@pytest.mark.timeout(10)  # the failure this guards against is a hang
+def test_the_signal_handler_never_takes_the_stop_lock_itself() -> None:
+    # A signal handler runs between two bytecodes of the main thread, maybe
+    # inside Event.wait() with the Event's lock held: here, that lock. Setting
+    # the Event from the handler itself would block forever.
+    stopped = threading.Event()
+    graceful = _GracefulStop(stopped.set)
+    with stopped._cond:  # type: ignore[attr-defined]
+        graceful._handle(signal.SIGTERM, None)
+        assert not stopped.is_set()
+    assert stopped.wait(5)
+    assert graceful.requested
 
 
 def test_migrate_is_idempotent_and_safe_in_parallel(pg_server: Server) -> None:

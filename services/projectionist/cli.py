@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -319,7 +320,11 @@ class _GracefulStop:
             os._exit(EXIT_INTERRUPTED)
         self.requested = True
         log.info("%s received: finishing the current batch", signal.Signals(signum).name)
-        self._stop()
+        # The handler runs between two bytecodes of the main thread, which may
+        # be inside Event.wait() holding the very lock Event.set() takes: called
+        # here, stop() could deadlock the process. A thread of its own waits
+        # for that lock instead.
+        threading.Thread(target=self._stop, name="projectionist-stop", daemon=True).start()
 
 
 def _prepare_worker_run(args: argparse.Namespace, settings: Settings) -> tuple[str, Any]:
