@@ -17,6 +17,7 @@ from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_los
 from projectionist.deadletters import PoisonPolicy
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partition_index import create_indexes
+from projectionist.pool import WorkerPool
 from projectionist.processor import Processor
 from projectionist.projection import Tx
 from projectionist.reader import Partition
@@ -261,3 +262,28 @@ def test_notifications_during_a_long_catch_up_are_not_queued(db_url: str) -> Non
             (worker_conn,) = conns
             # psycopg's own queue (no public accessor): what used to grow.
             assert len(worker_conn._notifies_backlog or ()) == 0
+
+
+# -- a pool whose workers all die at once ---------------------------------------------------------
+
+
+class BrokenSetup(Recorder):
+    name = "broken_setup"
+
+    def setup(self, conn: Connection) -> None:
+        raise RuntimeError("the read model cannot be created")
+
+
+def test_a_pool_whose_workers_died_before_it_looked_raises_their_error(db_url: str) -> None:
+    pool = WorkerPool(db_url, BrokenSetup, 2, poll_interval=0.1)
+    started = pool.start
+
+    def start_and_let_them_die() -> None:
+        started()
+        for worker in pool.workers:
+            assert worker._thread is not None
+            worker._thread.join(timeout=15)
+
+    pool.start = start_and_let_them_die  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="cannot be created"):
+        pool.run()

@@ -67,6 +67,9 @@ class WorkerPool:
             while any(w.is_alive() for w in self.workers):
                 for worker in self.workers:
                     worker.join(timeout=0.2)  # raises if that worker died of an error
+            # Workers that all died before the first look above still report why.
+            for worker in self.workers:
+                worker.join(timeout=0)
         except BaseException:
             log.error("a pool worker failed; stopping the pool")
             self.stop()
