@@ -166,6 +166,29 @@ def _plan(conn: Connection, query: str, params: dict[str, object]) -> str:
     return "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, params))
 
 
+def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> None:
+    # An older open transaction hides a fresh append from the gap-safe read:
+    # the worker looks again every few ms. Those looks are not the poll timer
+    # (30 s here), and counting them as polls read as NOTIFY not arriving.
+    hooks = Collect()
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)
+    worker.start()
+    try:
+        with connect(db_url, autocommit=True) as conn, connect(db_url) as blocker:
+            _wait(lambda: WorkerState.LIVE in hooks.states)
+            blocker.execute("SELECT pg_current_xact_id()")  # an older transaction, left open
+            append(conn, "x", [NewEvent("E", {})])
+            time.sleep(0.8)  # the fenced looks back off from 5 ms: about seven in this time
+            assert _count(conn, "SELECT count(*) FROM applied_events") == 0
+            blocker.rollback()
+            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 1, timeout=10)
+        assert "notify" in hooks.wakeups
+        assert "poll" not in hooks.wakeups
+    finally:
+        worker.stop()
+        worker.join(timeout=10)
+
+
 def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) -> None:
     hooks = Collect()
     worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)

@@ -263,7 +263,7 @@ class Worker:
                 # Woken, yet nothing visible: an older transaction still fences
                 # the new rows. Its commit sends no NOTIFY of its own, so look
                 # again soon, backing off towards the poll interval.
-                self._wait_for_events(conn, fenced_retry)
+                self._wait_for_events(conn, fenced_retry, poll=fenced_retry >= self.poll_interval)
                 fenced_retry = min(fenced_retry * 2, self.poll_interval)
                 continue
             if self._wait_for_events(conn, self.poll_interval):
@@ -307,8 +307,13 @@ class Worker:
         for _ in conn.notifies(timeout=0):
             self._notified = True
 
-    def _wait_for_events(self, conn: Connection, timeout: float) -> bool:
+    def _wait_for_events(self, conn: Connection, timeout: float, *, poll: bool = True) -> bool:
         """Wait for a NOTIFY or the timeout. Returns True when notified.
+
+        ``poll=False`` is for the quick looks while the read fence hides new
+        rows: until they back off to the poll interval their timeouts are not
+        the poll timer, and counting them as poll wake-ups would read as NOTIFY
+        not arriving.
 
         A NOTIFY that came during the catch-up or the last batch counts at
         once: it may be for rows that the last read could not see yet.
@@ -321,7 +326,8 @@ class Worker:
         while not self.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.hooks.on_wakeup(self.info, "poll")
+                if poll:
+                    self.hooks.on_wakeup(self.info, "poll")
                 return False
             received = False
             for _ in conn.notifies(timeout=min(_SLICE, remaining), stop_after=1):
