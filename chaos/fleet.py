@@ -9,6 +9,7 @@ during the fault and when it came back.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -213,12 +214,17 @@ class WorkerProcess:
 
     def readyz(self, timeout: float = 5.0) -> Observation:
         url = f"http://127.0.0.1:{self.port}/readyz"
+        # A process killed mid-response leaves a short read (IncompleteRead,
+        # an HTTPException rather than an OSError): that too is nothing answering.
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 code, body = int(response.status), response.read()
         except urllib.error.HTTPError as e:
-            code, body = int(e.code), e.read()
-        except OSError:
+            try:
+                code, body = int(e.code), e.read()
+            except (OSError, http.client.HTTPException):
+                return Observation(time.monotonic(), None, "", "nothing answers")
+        except (OSError, http.client.HTTPException):
             return Observation(time.monotonic(), None, "", "nothing answers")
         try:
             data = json.loads(body)

@@ -10,6 +10,7 @@ counts and the workers' logs.
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from chaos import CI, SCENARIOS, ChaosServer, ScenarioResult, render_table, run_scenario
 from chaos.checks import Db, Fold
+from chaos.fleet import WorkerProcess, WorkerSpec
 from chaos.report import Check
 
 from projectionist import deadletters
@@ -141,3 +143,25 @@ def test_a_retry_that_meets_a_parking_batch_retries_the_letter_that_batch_parked
         with conn.transaction():
             queued = deadletters.open_letters(conn, "p", Partition(0, 1))
         assert [x.aggregate_version for x in queued.retry] == [1, 2]
+
+
+def test_the_prober_reads_a_reply_cut_short_as_nothing_answering(tmp_path: Path) -> None:
+    # kill -9 can land mid-reply: a short read must be an observation, not an
+    # exception that ends the prober's thread (and its timeline) early.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def reply_then_die() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 221\r\n\r\n"
+                )
+
+        threading.Thread(target=reply_then_die, daemon=True).start()
+        process = WorkerProcess(
+            WorkerSpec(0, 1), "postgresql://unused", name="w", log_path=tmp_path / "w.log", env={}
+        )
+        process.port = server.getsockname()[1]
+        observation = process.readyz(timeout=5)
+    assert (observation.code, observation.reason) == (None, "nothing answers")
