@@ -238,10 +238,7 @@ def save_checkpoint(
         ),
     )
     if cur.rowcount != 1:
-        raise FencedError(
-            f"checkpoint of {projection} worker {partition} moved under us; "
-            "another process owns this partition"
-        )
+        raise _moved(projection, partition)
 
 
 def check_checkpoint(conn: Connection, projection: str, partition: Partition, expected: Position) -> None:
@@ -258,7 +255,11 @@ def check_checkpoint(conn: Connection, projection: str, partition: Partition, ex
         ),
     ).fetchone()
     if row is None:
-        raise FencedError(
-            f"checkpoint of {projection} worker {partition} moved under us; "
-            "another process owns this partition"
-        )
+        raise _moved(projection, partition)
+
+
+def _moved(projection: str, partition: Partition) -> FencedError:
+    # Another owner, or an operator (rebuild --force), moved the checkpoint.
+    return FencedError(
+        f"checkpoint of {projection} worker {partition} moved under us; another process owns this partition"
+    )
