@@ -287,3 +287,16 @@ def test_a_pool_whose_workers_died_before_it_looked_raises_their_error(db_url: s
     pool.start = start_and_let_them_die  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="cannot be created"):
         pool.run()
+
+
+def test_a_fenced_worker_is_not_ready_until_it_has_rejoined(db_url: str) -> None:
+    hooks = Collect()
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.1, hooks=hooks)
+    with connect(db_url, autocommit=True) as conn, _running(worker):
+        load_sample(conn, 20, 5)
+        assert _wait(lambda: applied_count(conn) == 20 and worker.state is WorkerState.LIVE)
+        conn.execute("UPDATE projection_checkpoints SET last_global_position = 0")  # moved under it
+        assert _wait(lambda: any(kind == "fenced" for kind, _ in hooks.errors))
+        assert _wait(lambda: worker.state is WorkerState.LIVE)
+    after = [state for state, _ in hooks.states[hooks.states.index((WorkerState.LIVE, "caught up")) :]]
+    assert WorkerState.STARTING in after, hooks.states

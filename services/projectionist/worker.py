@@ -156,6 +156,8 @@ class Worker:
                 self._sleep(delay)
             except FencedError as e:
                 self.hooks.on_error(self.info, "fenced", e)
+                # Not ready until it has re-checked ownership: it may have lost it.
+                self._set_state(WorkerState.STARTING, f"fenced, re-checking ownership: {_one_line(e)}")
                 log.error("worker %s: %s; reconnecting to re-check ownership", self.partition, e)
                 self._sleep(self.reconnect_backoff.next_delay())
             finally:
