@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
+from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend, store
 from projectionist.db import Connection, connect
 from projectionist.partitioning import fnv1a_32
 from projectionist.records import RecordedEvent, recorded_event_from_row
@@ -211,6 +211,18 @@ def test_bulk_appends_crossing_on_exact_versions_end_in_a_conflict_not_a_deadloc
     for t in threads:
         t.join()
     assert [sorted(o) for o in outcomes] == [["conflict", "ok"]] * rounds
+
+
+def test_a_unique_violation_names_the_stream_whose_version_was_taken(conn: Connection) -> None:
+    # An id may contain ", ", so "a" must not be taken for "a, 1" in the error's key.
+    append(conn, "a, 1", [ev()])
+    appends = [StreamAppend("a", [ev()]), StreamAppend("a, 1", [ev()])]
+    with pytest.raises(psycopg.errors.UniqueViolation) as raised:
+        conn.execute(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
+            "payload) VALUES (gen_random_uuid(), 'a, 1', 1, 0, 'E', '{}')"
+        )
+    assert store._conflicting_aggregate(raised.value, appends) == "a, 1"
 
 
 def test_older_caller_transaction_cannot_append_behind_a_newer_one(db_url: str) -> None:

@@ -656,9 +656,10 @@ def _expected_of(appends: Sequence[StreamAppend], agg: str) -> ExpectedVersion:
 
 def _conflicting_aggregate(e: psycopg.Error, appends: Sequence[StreamAppend]) -> str:
     # detail reads: Key (aggregate_id, aggregate_version)=(order-7, 3) already exists.
+    # Matched whole, up to the version: a prefix test would take "a" for "a, 1".
     detail = e.diag.message_detail or ""
     for a in appends:
-        if f"=({a.aggregate_id}, " in detail:
+        if re.search(re.escape(f"=({a.aggregate_id}, ") + r"\d+\) already exists", detail):
             return a.aggregate_id
     return appends[0].aggregate_id
 
