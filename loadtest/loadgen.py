@@ -206,9 +206,13 @@ def judge(
     max_error_ratio: float,
     max_p95_ms: float,
     min_requests: int = 1,
+    exceptions: int = 0,
 ) -> Verdict:
-    """Compare a run's totals with the thresholds; a run that sent too few requests fails too."""
+    """Compare a run's totals with the thresholds; a run that sent too few requests fails too,
+    and so does one whose users raised unhandled exceptions (Locust's own rule for exit 1)."""
     problems: list[str] = []
+    if exceptions:
+        problems.append(f"users raised {exceptions} unhandled exceptions")
     ratio = failures / requests if requests else 0.0
     if requests < min_requests:
         problems.append(f"only {requests} requests were made (at least {min_requests} required)")

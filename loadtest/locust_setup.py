@@ -60,6 +60,8 @@ def _on_quitting(environment: Any, **kwargs: Any) -> None:
     if options is None or getattr(options, "worker", False):
         return
     total = environment.stats.total
+    runner = getattr(environment, "runner", None)
+    exceptions = sum(int(row.get("count", 1)) for row in (getattr(runner, "exceptions", None) or {}).values())
     verdict = judge(
         total.num_requests,
         total.num_failures,
@@ -67,6 +69,7 @@ def _on_quitting(environment: Any, **kwargs: Any) -> None:
         max_error_ratio=options.max_error_ratio,
         max_p95_ms=options.max_p95_ms,
         min_requests=options.min_requests,
+        exceptions=exceptions,
     )
     summary = (
         f"{verdict.requests} requests, {verdict.failures} failed ({verdict.error_ratio:.2%}), "

@@ -10,6 +10,7 @@ psycopg 3 cooperates with gevent's monkey-patching, so users do not block each o
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -52,8 +53,6 @@ class DatabaseUser(User):
             append(self.conn, aggregate_id, batch, expected_version=ANY)
         except Exception as e:  # reported to Locust as a failed request
             error = e
-            if self.conn.closed or self.conn.broken:
-                self.conn = psycopg.connect(CONFIG.database_url or "", autocommit=True)
         self.environment.events.request.fire(
             request_type="DB",
             name="append",
@@ -62,3 +61,10 @@ class DatabaseUser(User):
             exception=error,
             context={},
         )
+        if error is not None and (self.conn.closed or self.conn.broken):
+            # A reconnect that fails too must not escape the task: the append
+            # was already counted as failed, and the next one tries again.
+            with contextlib.suppress(psycopg.Error):
+                self.conn = psycopg.connect(
+                    CONFIG.database_url or "", autocommit=True, application_name="locust-db-user"
+                )

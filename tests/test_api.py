@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from projectionist.api import ApiSettings, build_openapi, create_app
 from projectionist.db import Connection, connect
+from projectionist.errors import ConfigError
 from projectionist.records import NewEvent
 from projectionist.store import append
 from tests.conftest import Server, fresh_database
@@ -527,3 +528,19 @@ def test_probes_metrics_and_openapi_stay_open_with_a_token(secured: Api) -> None
         assert secured.client.get(path).status_code == 200, path
     doc = secured.client.get("/openapi.json").json()
     assert doc["paths"][EVENTS_ROUTE]["post"]["security"] == [{"bearerAuth": []}]
+
+
+# A secret mounted from a file often ends in a newline; HTTP strips a header
+# value's whitespace, so such a token could never match: take it stripped.
+def test_api_token_with_a_trailing_newline_is_refused_or_usable(db_url: str) -> None:
+    # A secret mounted from a file usually ends with a newline.
+    try:
+        settings = ApiSettings.from_env({"API_TOKEN": "s3cret\n"})
+    except ConfigError as e:
+        assert "API_TOKEN" in str(e)
+        return
+    app = create_app(db_url, settings, registry=CollectorRegistry())
+    with ServedApp(app) as served:
+        r = httpx.get(f"{served.url}/streams/s", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+    # The server started with auth on, yet no client can ever present that token.
+    assert r.status_code != 401, "API_TOKEN was accepted but no Bearer header can match it"

@@ -49,6 +49,9 @@ class ApiSettings:
             )
         if self.token is not None and not self.token.strip():
             raise ConfigError("API_TOKEN must not be blank (unset it to turn authentication off)")
+        if self.token is not None and self.token != self.token.strip():
+            # HTTP strips a header value's surrounding whitespace: no client could send it.
+            raise ConfigError("API_TOKEN must not start or end with whitespace")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ApiSettings:
@@ -73,6 +76,7 @@ class ApiSettings:
         if env.get("API_POOL_TIMEOUT", "").strip():
             values["pool_timeout"] = parse_positive_float(env["API_POOL_TIMEOUT"], "API_POOL_TIMEOUT")
         if env.get("API_TOKEN"):
-            values["token"] = env["API_TOKEN"]
+            # Like every other API_* value: a secret read from a file often ends in a newline.
+            values["token"] = env["API_TOKEN"].strip() or env["API_TOKEN"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -10,6 +10,7 @@ its threshold (see ``loadtest/locust_setup.py``), else 0.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -105,6 +106,17 @@ def locust_command(
     return argv
 
 
+def _duration(raw: str) -> float:
+    """LOAD_DURATION as the locustfiles parse it: a finite number of seconds >= 0."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HarnessError(f"LOAD_DURATION={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise HarnessError(f"LOAD_DURATION={raw!r} must be a number >= 0")
+    return value
+
+
 def _prepare_database(args: argparse.Namespace) -> str:
     if args.database_url:
         url = str(args.database_url)
@@ -120,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise HarnessError(f"no locustfiles in {args.locust_dir}; run from the repository root")
     args.out.mkdir(parents=True, exist_ok=True)
     env = child_env(**_overrides(args))
+    # Checked before anything is started: a bad value is a message, not a traceback.
+    duration = _duration(env.get("LOAD_DURATION") or "60")
     api: Child | None = None
     host = args.host
     try:
@@ -132,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
                 host = f"http://127.0.0.1:{port}"
                 wait_for_http(f"{host}/readyz", api)
                 print(f"API on {host} (log: {api.log_path})", file=sys.stderr)
-        duration = float(env.get("LOAD_DURATION") or 60)
         argv = locust_command(
             args.locust_dir,
             args.target,
