@@ -84,6 +84,7 @@ def test_no_migrate_leaves_an_empty_database_not_ready(empty_db: str) -> None:
         ({"API_PORT": "70000"}, "API_PORT=70000 is not a TCP port"),
         ({"API_MAX_BODY_BYTES": "0"}, "API_MAX_BODY_BYTES='0' must be at least 1"),
         ({"API_TOKEN": "   "}, "API_TOKEN must not be blank"),
+        ({"API_POOL_TIMEOUT": "inf"}, "API_POOL_TIMEOUT='inf' must be a finite number greater than 0"),
     ],
 )
 def test_invalid_settings_exit_2_naming_the_variable(db_url: str, env: dict[str, str], message: str) -> None:

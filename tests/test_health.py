@@ -261,6 +261,12 @@ def test_busy_metrics_port_exits_2_with_one_line() -> None:
     ("env", "args", "message"),
     [
         ({"HEALTH_MAX_TICK_AGE": "soon"}, [], "HEALTH_MAX_TICK_AGE='soon' is not a number"),
+        (
+            {"HEALTH_MAX_TICK_AGE": "inf"},
+            [],
+            "HEALTH_MAX_TICK_AGE='inf' must be a finite number greater than 0",
+        ),
+        ({"POLL_INTERVAL": "nan"}, [], "POLL_INTERVAL='nan' must be a finite number greater than 0"),
         ({"LAG_COUNT_CAP": "0"}, [], "LAG_COUNT_CAP='0' must be at least 1"),
         ({}, ["--metrics-port", "70000"], "METRICS_PORT=70000 is not a TCP port"),
     ],

@@ -6,6 +6,7 @@ variable; the CLI turns that into exit code 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -51,8 +52,9 @@ def parse_positive_float(raw: str, name: str) -> float:
         number = float(raw.strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not number > 0:
-        raise ConfigError(f"{name}={raw!r} must be greater than 0")
+    # Not infinity either: a timeout or interval of "inf" would wait forever.
+    if not (0 < number < math.inf):
+        raise ConfigError(f"{name}={raw!r} must be a finite number greater than 0")
     return number
 
 
