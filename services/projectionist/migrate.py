@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from projectionist.db import Connection
 
@@ -46,7 +47,13 @@ def migrate(conn: Connection) -> list[Migration]:
     so the losers of the race find nothing left to do.
     """
     applied_now: list[Migration] = []
+    top_level = conn.info.transaction_status == TransactionStatus.IDLE
     with conn.transaction():
+        if top_level:
+            # Under a REPEATABLE READ or SERIALIZABLE default the lock's own
+            # statement would take the snapshot, before the previous holder
+            # committed, and its migrations would be applied a second time.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
         conn.execute(
             sql.SQL(

@@ -272,15 +272,17 @@ def drop_indexes(
     check_total_workers(total_workers)
     if not conn.autocommit:
         raise ValueError("drop_indexes needs an autocommit connection (DROP INDEX CONCURRENTLY)")
-    users = live_users(conn, total_workers)
-    if users and not force:
-        raise ConfigError(
-            f"workers of {', '.join(users)} with {total_workers} partitions are running and read "
-            "through these indexes; without them each batch would sort the rest of its partition "
-            "until the workers notice, within 30 s. Stop them first, or pass --force"
-        )
     dropped = []
     with _builder_lock(conn, progress):
+        # Checked once the lock is ours: waiting for another build may take
+        # minutes, and workers may start meanwhile.
+        users = live_users(conn, total_workers)
+        if users and not force:
+            raise ConfigError(
+                f"workers of {', '.join(users)} with {total_workers} partitions are running and read "
+                "through these indexes; without them each batch would sort the rest of its partition "
+                "until the workers notice, within 30 s. Stop them first, or pass --force"
+            )
         for found in list_indexes(conn):
             if found.total_workers == total_workers:
                 conn.execute(

@@ -14,7 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from psycopg.conninfo import conninfo_to_dict
+
 from projectionist.errors import ConfigError
+
+#: Partition counts and ids are int4 in the database and in the ownership lock keys.
+MAX_TOTAL_WORKERS = 2**31 - 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # A StatefulSet pod is named <statefulset>-<ordinal>; the ordinal is the worker id.
 _POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(?P<ordinal>\d+)$")
@@ -81,6 +87,16 @@ class Settings:
     max_retries: int = 5
 
     def __post_init__(self) -> None:
+        if self.database_url is not None:
+            try:
+                conninfo_to_dict(self.database_url)
+            except Exception as e:
+                # Not the URL itself: it may hold a password.
+                raise ConfigError(
+                    f"DATABASE_URL is not a valid connection string ({' '.join(str(e).split())})"
+                ) from None
+        if self.total_workers > MAX_TOTAL_WORKERS:
+            raise ConfigError(f"TOTAL_WORKERS={self.total_workers} must be at most {MAX_TOTAL_WORKERS}")
         if self.worker_id is not None and self.worker_id >= self.total_workers:
             raise ConfigError(
                 f"WORKER_ID={self.worker_id} must be less than TOTAL_WORKERS={self.total_workers}"
@@ -93,6 +109,10 @@ class Settings:
             raise ConfigError(f"MAX_RETRIES={self.max_retries} must be at least 1")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"METRICS_PORT={self.metrics_port} is not a TCP port")
+        if not (self.poll_interval > 0 and math.isfinite(self.poll_interval)):
+            raise ConfigError(f"POLL_INTERVAL={self.poll_interval} must be a finite number greater than 0")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL={self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
