@@ -24,7 +24,11 @@ statement's text.
   instead: it takes ``cap * N`` rows after the checkpoint in index order,
   without a partition predicate, and applies the partition filter to that
   window. Past about ``cap`` events of the partition that is a lower bound.
-  The age stays exact, because the oldest unapplied event comes first. Each
+  The age is exact when the window holds any of the partition's events,
+  because the oldest unapplied event comes first. When it holds none (a
+  stopped partition whose aggregates get few events, behind more than
+  ``cap * N`` rows of the others), the partition reads as caught up: only
+  its partition index makes that exact. Each
   of N partitions walks N times its own share, so a group far behind costs
   ``cap * N * N`` rows a scrape, against ``cap * N`` through the indexes.
 
