@@ -90,10 +90,11 @@ class Settings:
         if self.database_url is not None:
             try:
                 conninfo_to_dict(self.database_url)
-            except Exception as e:
-                # Not the URL itself: it may hold a password.
+            except Exception:
+                # Neither the URL nor libpq's message, which quotes parts of it:
+                # it may hold a password.
                 raise ConfigError(
-                    f"DATABASE_URL is not a valid connection string ({' '.join(str(e).split())})"
+                    "DATABASE_URL is not a valid connection string (a postgresql:// URL or key=value pairs)"
                 ) from None
         if self.total_workers > MAX_TOTAL_WORKERS:
             raise ConfigError(f"TOTAL_WORKERS={self.total_workers} must be at most {MAX_TOTAL_WORKERS}")
