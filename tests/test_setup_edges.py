@@ -46,9 +46,12 @@ def test_poll_interval_flag_is_validated_like_the_environment(value: float) -> N
 
 
 # A malformed DATABASE_URL used to end every command in a psycopg traceback (exit 1).
-def test_malformed_database_url_is_a_one_line_config_error() -> None:
-    result = run_cli("status", env={"DATABASE_URL": "notaurl"})
+# The message must not quote it: libpq's own message quotes a bad password.
+@pytest.mark.parametrize(("url", "secret"), [("notaurl", "notaurl"), ("postgresql://u:p%zz@h/db", "p%zz")])
+def test_malformed_database_url_is_a_one_line_config_error(url: str, secret: str) -> None:
+    result = run_cli("status", env={"DATABASE_URL": url})
     _one_config_error_line(result, "DATABASE_URL")
+    assert secret not in result.stderr
 
 
 # The columns and lock keys are int4: a larger count used to end in NumericValueOutOfRange.
