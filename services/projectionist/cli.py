@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+import psycopg
+
 from projectionist import __version__, admin
 from projectionist.deadletters import PoisonPolicy
 from projectionist.errors import ConfigError, ProjectionistError
@@ -224,6 +226,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except ProjectionistError as e:
         print(f"projectionist: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.errors.UndefinedTable as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(
+            f"projectionist: the database is not migrated ({first}); run `projectionist migrate`",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except psycopg.OperationalError as e:
+        # The server is down or unreachable: a runtime failure, one line, no traceback.
+        print(f"projectionist: database unavailable: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -8,6 +8,8 @@ We drive ``initdb``/``pg_ctl`` ourselves rather than through the wheel's
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -18,7 +20,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -164,21 +166,57 @@ class EmbeddedPostgres:
             timeout=120,
         )
 
+    def _pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _not_postgres(pid: int) -> bool:
+        """Whether ``pid`` is known to be some other program (a pid reused after a crash)."""
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip() not in ("postgres", "postmaster")
+        except OSError:
+            return False  # no /proc (or the process just ended): do not guess
+
     def is_running(self) -> bool:
-        pid_file = self.data_dir / "postmaster.pid"
-        if not pid_file.exists():
+        pid = self._pid()
+        if pid is None:
             return False
         try:
-            pid = int(pid_file.read_text().split("\n", 1)[0])
             os.kill(pid, 0)
-        except (ValueError, ProcessLookupError, PermissionError):
+        except (ProcessLookupError, PermissionError):
             return False
-        return True
+        return not self._not_postgres(pid)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise init and start across processes sharing the data directory."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir.parent / f".{self.data_dir.name}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def start(self) -> None:
+        with self._lock():
+            self._start()
+
+    def _start(self) -> None:
         self.init()
         if self.is_running():
+            # Another process may have started it, on a port of its choosing.
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            if len(lines) > 3 and lines[3].strip().isdigit():
+                self.port = int(lines[3])
             return
+        pid = self._pid()
+        if pid is not None and self._not_postgres(pid):
+            # The pid of a crashed server, now another program's: postgres would refuse to start.
+            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
         options = [
             "-h 127.0.0.1",
             f"-p {self.port}",

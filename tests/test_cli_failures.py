@@ -1,0 +1,103 @@
+"""The CLI when the database is not there or not ready (one line, exit 1, no traceback), and the
+embedded server's start-up: a stale pid file of a reused pid, several first users at once."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A well-formed DATABASE_URL whose server is down: every command ends in a
+# psycopg traceback instead of a one-line message with exit 1.
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["migrate"], ["dead-letters", "list"]])
+def test_unreachable_database_is_a_one_line_runtime_error(args: list[str]) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+    result = run_cli(*args, db_url=url)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    return {"DATABASE_URL": "", "PROJECTIONIST_DATA_DIR": str(data_dir)}
+
+
+# A stale postmaster.pid whose pid now belongs to another process (pid reuse
+# after a crash or reboot, common in containers): `db start` prints a URL and
+# exits 0 without starting anything, and every command then fails.
+def test_stale_pid_file_of_a_reused_pid_does_not_fake_a_running_server(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    try:
+        first = run_cli("db", "start", env=env)
+        assert first.returncode == 0, first.stderr
+        assert run_cli("db", "stop", env=env).returncode == 0
+        pid_file = tmp_path / "pg" / "postmaster.pid"
+        assert not pid_file.exists()
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        try:
+            port = first.stdout.strip().rsplit(":", 1)[1].split("/")[0]
+            pid_file.write_text(f"{other.pid}\n{tmp_path / 'pg'}\n1700000000\n{port}\n{tmp_path / 'pg'}\n")
+            started = run_cli("db", "start", env=env)
+            status = run_cli("migrate", env=env)
+        finally:
+            other.kill()
+            other.wait()
+        assert started.returncode == 0, started.stderr
+        assert status.returncode == 0, status.stderr[-600:]
+    finally:
+        run_cli("db", "stop", env=env)
+
+
+# Two commands started together on a fresh data directory (say two workers,
+# `make`-style, without DATABASE_URL): both run initdb on the same directory
+# and one fails with "exists but is not empty" (or connects to a port no
+# server listens on).
+def test_two_first_users_of_the_embedded_server_both_succeed(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    full_env = {**__import__("os").environ, **env}
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "projectionist", "migrate"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=full_env,
+            )
+            for _ in range(3)
+        ]
+        results = [(p.wait(timeout=120), p.stderr.read()[-800:]) for p in procs]  # type: ignore[union-attr]
+        for p in procs:
+            p.stdout.close()  # type: ignore[union-attr]
+            p.stderr.close()  # type: ignore[union-attr]
+        assert all(code == 0 for code, _ in results), results
+    finally:
+        run_cli("db", "stop", env=env)
+
+
+# `status` (and the other read-only commands) on a database nobody migrated yet,
+# e.g. the first command after a fresh checkout: a psycopg UndefinedTable traceback.
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["dead-letters", "list"]])
+def test_commands_on_an_unmigrated_database_fail_with_one_line(pg_server: object, args: list[str]) -> None:
+    from tests.conftest import fresh_database
+
+    with fresh_database(pg_server, template=None) as url:  # type: ignore[arg-type]
+        result = run_cli(*args, db_url=url)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr[-400:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "migrate" in result.stderr
