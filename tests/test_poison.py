@@ -10,6 +10,7 @@ from projectionist import deadletters
 from projectionist.db import Connection, connect
 from projectionist.deadletters import PoisonPolicy
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.partitioning import fnv1a_32
 from projectionist.reader import Partition
 from projectionist.records import NewEvent
 from projectionist.store import append
@@ -171,6 +172,34 @@ def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -
             # With the failed event discarded, the aggregate flows again.
             append(conn, "a", [NewEvent("E", {})])
             _wait(lambda: ("a", 2) in _applied(conn))
+        finally:
+            worker.stop()
+            worker.join(timeout=10)
+
+
+# The json column takes any valid JSON, but Python's json cannot decode a
+# number of more than 4300 digits or nesting past the recursion limit. Such an
+# event (from a writer other than the store) used to kill the worker while it
+# read the batch, before the poison policy could see it.
+@pytest.mark.parametrize(
+    "payload_text",
+    ['{"n": ' + "1" * 5000 + "}", "[" * 3000 + "]" * 3000],
+    ids=["huge-integer", "deep-nesting"],
+)
+def test_an_event_the_reader_cannot_decode_goes_to_the_poison_policy(db_url: str, payload_text: str) -> None:
+    worker = _worker(db_url, PoisonPolicy.PARK, WorkerHooks())
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
+            "payload) VALUES (gen_random_uuid(), 'bad', 1, %s, 'E', %s::json)",
+            (fnv1a_32("bad"), payload_text),
+        )
+        append(conn, "good", [NewEvent("E", {})])
+        worker.start()
+        try:
+            _wait(lambda: ("good", 1) in _applied(conn) and deadletters.list_letters(conn))
+            assert worker.is_alive()
+            assert [(x.aggregate_id, x.reason) for x in deadletters.list_letters(conn)] == [("bad", "failed")]
         finally:
             worker.stop()
             worker.join(timeout=10)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import psycopg
 
-from projectionist import deadletters, partition_index
+from projectionist import deadletters, partition_index, records
 from projectionist.checkpoints import check_checkpoint, load_checkpoint, save_checkpoint
 from projectionist.db import Connection, connection_lost
 from projectionist.deadletters import PoisonPolicy
@@ -24,7 +24,7 @@ from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo
 from projectionist.partitioning import fnv1a_32
 from projectionist.projection import Projection, Tx
 from projectionist.reader import Batch, MarkLayer, Partition, PartitionReader, PendingRead
-from projectionist.records import Position, RecordedEvent
+from projectionist.records import Position, RecordedEvent, UndecodablePayload
 from projectionist.store import read_events
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,11 @@ class Processor:
         if not events:
             return
         try:
+            if records.undecodable_seen:
+                for event in events:
+                    payload: object = event.payload
+                    if isinstance(payload, UndecodablePayload):
+                        raise payload.error  # the reader could not decode it: this event's failure
             if self._apply_batch is not None:
                 self._apply_batch(events, tx)
             else:

@@ -83,6 +83,25 @@ class _UnfrozenRecordedEvent:
     __slots__ = RecordedEvent.__slots__
 
 
+class UndecodablePayload:
+    """A payload PostgreSQL accepted as JSON but Python's ``json`` cannot decode.
+
+    A number of more than 4300 digits, or nesting deeper than the recursion
+    limit, from a writer other than the store. The processor fails the event
+    when it is applied, so the poison policy handles it like any other.
+    """
+
+    __slots__ = ("error", "text")
+
+    def __init__(self, text: str, error: Exception) -> None:
+        self.text = text
+        self.error = error
+
+
+#: Set once this process has read a payload it could not decode, so that the
+#: processor looks for one only from then on, not on every event of every batch.
+undecodable_seen = False
+
 _new_object = object.__new__
 _decode_json = json.JSONDecoder().raw_decode
 
@@ -108,10 +127,15 @@ def recorded_event_from_row(row: Sequence[Any]) -> RecordedEvent:
     e.event_type = row[5]
     try:
         e.payload = _decode_json(row[6])[0]
-    except ValueError:
+    except (ValueError, RecursionError):
         # Leading whitespace, from a writer other than the store (the column
         # keeps the text as given); the column's type has already checked it is JSON.
-        e.payload = json.loads(row[6])
+        try:
+            e.payload = json.loads(row[6])
+        except (ValueError, RecursionError) as error:
+            global undecodable_seen
+            undecodable_seen = True
+            e.payload = UndecodablePayload(row[6], error)
     e.metadata_json = row[7]
     e.created_at = row[8]
     e._metadata = None
