@@ -217,13 +217,11 @@ class WorkerProcess:
         # A process killed mid-response leaves a short read (IncompleteRead,
         # an HTTPException rather than an OSError): that too is nothing answering.
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                code, body = int(response.status), response.read()
-        except urllib.error.HTTPError as e:
             try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    code, body = int(response.status), response.read()
+            except urllib.error.HTTPError as e:
                 code, body = int(e.code), e.read()
-            except (OSError, http.client.HTTPException):
-                return Observation(time.monotonic(), None, "", "nothing answers")
         except (OSError, http.client.HTTPException):
             return Observation(time.monotonic(), None, "", "nothing answers")
         try:

@@ -166,11 +166,16 @@ class EmbeddedPostgres:
             timeout=120,
         )
 
-    def _pid(self) -> int | None:
+    def _pid_file(self) -> list[str]:
+        """postmaster.pid's lines (the pid first, the port fourth), or none."""
         try:
-            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
+            return (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return []
+
+    def _pid(self) -> int | None:
+        lines = self._pid_file()
+        return int(lines[0]) if lines and lines[0].strip().isdigit() else None
 
     @staticmethod
     def _not_postgres(pid: int) -> bool:
@@ -209,7 +214,7 @@ class EmbeddedPostgres:
         self.init()
         if self.is_running():
             # Another process may have started it, on a port of its choosing.
-            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            lines = self._pid_file()
             if len(lines) > 3 and lines[3].strip().isdigit():
                 self.port = int(lines[3])
             return

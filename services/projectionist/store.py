@@ -516,7 +516,7 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
         # appends that insert the same versions in opposite orders wait on
         # each other's index entries. Both expected the same versions, so at
         # most one could succeed: the server aborted this one.
-        raise _deadlock(e, appends) from e
+        raise _deadlock(appends) from e
     return _results(appends, rows)
 
 
@@ -612,7 +612,7 @@ def _unique_violation(e: pg_errors.UniqueViolation, appends: Sequence[StreamAppe
     return ConcurrencyError(agg, _expected_of(appends, agg), None, "a concurrent append took the version")
 
 
-def _deadlock(e: pg_errors.DeadlockDetected, appends: Sequence[StreamAppend]) -> ConcurrencyError:
+def _deadlock(appends: Sequence[StreamAppend]) -> ConcurrencyError:
     exact = [a for a in appends if a.expected_version is not ANY] or list(appends)
     return ConcurrencyError(
         exact[0].aggregate_id,
