@@ -14,6 +14,7 @@ from projectionist.reader import Partition, PartitionReader
 from projectionist.records import NewEvent, Position
 from projectionist.store import append
 from projectionist.worker import Worker
+from tests.conftest import wait_until_readable
 from tests.projections import Recorder, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -49,6 +50,7 @@ def test_out_of_order_commit_is_held_back_not_skipped(db_url: str) -> None:
 
         slow.commit()
         assert _naive_read(worker, fast_result.global_positions[0]) == []  # the naive reader lost it
+        wait_until_readable(worker)
         with worker.transaction():
             batch = reader.read(worker, Position())
         assert [e.aggregate_id for e in batch.events] == ["a", "b"]

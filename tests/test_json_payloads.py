@@ -15,7 +15,7 @@ from projectionist.partitioning import fnv1a_32
 from projectionist.reader import Partition, PartitionReader
 from projectionist.records import Position
 from projectionist.store import append, read_stream
-from tests.conftest import Server, fresh_database
+from tests.conftest import Server, fresh_database, wait_until_readable
 
 _PAYLOAD_COLUMNS = """
     SELECT column_name, data_type, column_default FROM information_schema.columns
@@ -96,6 +96,7 @@ def test_payload_keeps_the_writers_key_order(conn: Connection) -> None:
     append(conn, "order", [NewEvent("E", {"zebra": 1, "b": 2, "aa": 3})])
     (stored,) = read_stream(conn, "order")
     assert list(stored.payload) == ["zebra", "b", "aa"]
+    wait_until_readable(conn)
     batch = PartitionReader(Partition(0, 1), 10).read(conn, Position())
     assert [list(e.payload) for e in batch.events] == [["zebra", "b", "aa"]]
 
@@ -109,6 +110,7 @@ def test_text_from_another_writer_is_read_as_written(conn: Connection, partition
         _insert_raw(conn, "hand", 2, '{"y": "z"}')
     assert [e.payload for e in read_stream(conn, "hand")] == [{"x": [1, 2]}, {"y": "z"}]
     reader = PartitionReader(Partition(fnv1a_32("hand") % partitions, partitions), 10)
+    wait_until_readable(conn)
     assert [e.payload for e in reader.read(conn, Position()).events] == [{"x": [1, 2]}, {"y": "z"}]
 
 
@@ -123,6 +125,7 @@ def test_the_new_release_appends_and_reads_before_the_migration_ran(before_0004:
         append(conn, "early", [NewEvent("New", {"zebra": 1, "a": [1, 2]})])
         (stored,) = read_stream(conn, "early")
         assert stored.payload == {"zebra": 1, "a": [1, 2]}
+        wait_until_readable(conn)
         assert [e.payload for e in PartitionReader(Partition(0, 1), 10).read(conn, Position()).events] == [
             stored.payload
         ]

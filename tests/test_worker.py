@@ -18,6 +18,7 @@ from projectionist.reader import MarkLayer, Partition, PartitionReader, build_re
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.store import append
 from projectionist.worker import Worker
+from tests.conftest import wait_until_readable
 from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -336,6 +337,7 @@ def test_transaction_ids_arrive_as_the_exact_integers(db_url: str) -> None:
             )
         ]
     with connect(db_url, autocommit=True) as fresh:
+        wait_until_readable(fresh)
         batch = PartitionReader(Partition(0, 1), 10).read(fresh, Position())
         marked = PartitionReader(Partition(1, 2), 10).read(fresh, Position())
     assert [e.transaction_id for e in batch.events] == expected
