@@ -11,6 +11,7 @@ from projectionist.appender import append_sample_events
 from projectionist.db import Connection
 from projectionist.projection import BaseProjection, Tx
 from projectionist.records import RecordedEvent
+from tests.horizon import wait_until_readable
 
 if TYPE_CHECKING:
     from projectionist.processor import Processor
@@ -67,9 +68,10 @@ class Recorder(BaseProjection):
 
 
 def load_sample(conn: Connection, count: int, aggregates: int) -> None:
-    """The sample appender's events, in batches of 200, always the same for a given count."""
+    """The sample appender's events in batches of 200, the same for a given count; readable on return."""
     for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=200, seed=7):
         pass
+    wait_until_readable(conn)
 
 
 def drain(conn: Connection, processor: Processor, timeout: float = 10.0) -> None:

@@ -14,7 +14,7 @@ from projectionist.reader import Partition, PartitionReader
 from projectionist.records import NewEvent, Position
 from projectionist.store import append
 from projectionist.worker import Worker
-from tests.conftest import wait_until_readable
+from tests.horizon import wait_until_readable
 from tests.projections import Recorder, verify_exactly_once
 
 pytestmark = pytest.mark.integration

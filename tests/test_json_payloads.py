@@ -15,7 +15,8 @@ from projectionist.partitioning import fnv1a_32
 from projectionist.reader import Partition, PartitionReader
 from projectionist.records import Position
 from projectionist.store import append, read_stream
-from tests.conftest import Server, fresh_database, wait_until_readable
+from tests.conftest import Server, fresh_database
+from tests.horizon import wait_until_readable
 
 _PAYLOAD_COLUMNS = """
     SELECT column_name, data_type, column_default FROM information_schema.columns

@@ -18,6 +18,7 @@ from projectionist.records import NewEvent
 from projectionist.status import read_status
 from projectionist.store import append
 from tests.conftest import run_cli
+from tests.horizon import wait_until_readable
 from tests.projections import (
     PoisonSensitive,
     Recorder,
@@ -38,6 +39,7 @@ def test_rebuild_with_a_queued_retry_applies_each_event_once_in_order(db_url: st
         append(conn, "a", [NewEvent("E", {"poison": True})])
         append(conn, "a", [NewEvent("E", {})])
         register_group(conn, "poison_sensitive", 1)
+        wait_until_readable(conn)
         processor = Processor(PoisonSensitive(), Partition(0, 1), policy=PoisonPolicy.PARK)
         processor.start(conn)
         with pytest.raises(ProjectionError):
@@ -118,6 +120,7 @@ def test_status_of_an_unknown_projection_is_an_error(db_url: str) -> None:
 def test_retry_of_a_discarded_letter_is_an_error(db_url: str) -> None:
     with connect(db_url, autocommit=True) as conn:
         append(conn, "a", [NewEvent("E", {"poison": True})])
+        wait_until_readable(conn)
         processor = Processor(PoisonSensitive(), Partition(0, 1), policy=PoisonPolicy.PARK)
         processor.start(conn)
         processor.run_batch(conn, isolate=True)

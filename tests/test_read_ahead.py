@@ -20,6 +20,7 @@ from projectionist.processor import Processor
 from projectionist.projection import Tx
 from projectionist.reader import Partition, PartitionReader
 from projectionist.records import Position, RecordedEvent
+from tests.horizon import wait_until_readable
 from tests.projections import Recorder, drain, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 def _load(conn: Connection, count: int, aggregates: int) -> None:
     for _ in append_sample_events(conn, count=count, aggregates=aggregates, batch_size=100, seed=11):
         pass
+    wait_until_readable(conn)
 
 
 @pytest.mark.parametrize("total_workers", [1, 3])

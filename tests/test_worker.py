@@ -18,7 +18,7 @@ from projectionist.reader import MarkLayer, Partition, PartitionReader, build_re
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.store import append
 from projectionist.worker import Worker
-from tests.conftest import wait_until_readable
+from tests.horizon import wait_until_readable
 from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -111,6 +111,7 @@ def test_projections_see_utc_whatever_the_servers_time_zone(conn: Connection) ->
     conn.execute(f"ALTER DATABASE {conn.info.dbname} SET TimeZone = 'Asia/Tokyo'")
     append(conn, "tz-1", [NewEvent("E", {})])
     conn.execute("UPDATE events SET created_at = '2026-03-01 23:30:00+00'")
+    wait_until_readable(conn)
     with connect(conn.info.dsn, autocommit=True) as worker_conn:
         assert worker_conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
         projection = _DayBook()
