@@ -572,8 +572,12 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         server.start()
         print(server.url)
     elif args.action == "stop":
-        server.stop()
-        print("embedded PostgreSQL stopped")
+        # Stopping what is not running is not an error (the wanted state
+        # holds), but saying "stopped" would hide a wrong DATA_DIR.
+        if server.stop():
+            print("embedded PostgreSQL stopped")
+        else:
+            print(f"embedded PostgreSQL was not running (data directory {server.data_dir})")
     else:
         if not server.is_running():
             print("embedded PostgreSQL is not running; `projectionist db start`", file=sys.stderr)

@@ -252,13 +252,15 @@ class EmbeddedPostgres:
             self.data_dir,
         )
 
-    def stop(self, mode: str = "fast") -> None:
+    def stop(self, mode: str = "fast") -> bool:
+        """Stop the server; False if none was running, so callers can say which it was."""
         if not self.is_running():
-            return
+            return False
         self._run(
             [str(self._bin / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"],
             timeout=90,
         )
+        return True
 
     def restart(self) -> None:
         self.stop()
