@@ -94,7 +94,6 @@ class LoadConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LoadConfig:
         env = os.environ if environ is None else environ
-        seed = env.get("LOAD_SEED", "").strip()
         d = cls()  # the defaults
         return cls(
             keys=_int(env, "LOAD_KEYS", d.keys),
@@ -112,7 +111,8 @@ class LoadConfig:
             trace=env.get("LOAD_TRACE", "").strip().lower() in ("1", "true", "yes", "on"),
             api_token=env.get("LOAD_API_TOKEN") or env.get("API_TOKEN") or None,
             database_url=env.get("LOAD_DATABASE_URL") or env.get("DATABASE_URL") or None,
-            seed=int(seed) if seed.lstrip("-").isdigit() else None,
+            # A typo must not silently mean "unseeded": the run would not repeat.
+            seed=_int(env, "LOAD_SEED", 0, low=-(2**63)) if env.get("LOAD_SEED", "").strip() else None,
         )
 
     @property

@@ -544,3 +544,10 @@ def test_api_token_with_a_trailing_newline_is_refused_or_usable(db_url: str) -> 
         r = httpx.get(f"{served.url}/streams/s", headers={"Authorization": "Bearer s3cret"}, timeout=10)
     # The server started with auth on, yet no client can ever present that token.
     assert r.status_code != 401, "API_TOKEN was accepted but no Bearer header can match it"
+
+
+def test_a_page_size_below_one_is_refused_at_construction() -> None:
+    # Built in code (no environment variable checks it), a 0 would make every
+    # GET /streams a 422 that names an impossible range.
+    with pytest.raises(ConfigError, match="max_page_size=0"):
+        ApiSettings(max_page_size=0)

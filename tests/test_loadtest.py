@@ -83,11 +83,13 @@ def test_load_config_from_env_and_errors_name_the_variable() -> None:
     assert config.trace
     assert config.api_token == "t"
     assert loadgen.LoadConfig.from_env({}) == loadgen.LoadConfig()
+    assert loadgen.LoadConfig.from_env({"LOAD_SEED": "-7"}).seed == -7
     for env, message in [
         ({"LOAD_KEYS": "0"}, "LOAD_KEYS='0' must be at least 1"),
         ({"LOAD_BATCH_SIZE": "ten"}, "LOAD_BATCH_SIZE='ten' is not an integer"),
         ({"LOAD_DISTRIBUTION": "pareto"}, "LOAD_DISTRIBUTION='pareto' must be one of"),
         ({"LOAD_RATE": "-1"}, "LOAD_RATE='-1' must be a number >= 0"),
+        ({"LOAD_SEED": "abc"}, "LOAD_SEED='abc' is not an integer"),
     ]:
         with pytest.raises(loadgen.LoadConfigError, match=re.escape(message)):
             loadgen.LoadConfig.from_env(env)

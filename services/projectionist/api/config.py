@@ -42,6 +42,8 @@ class ApiSettings:
             raise ConfigError(f"API_MAX_BODY_BYTES={self.max_body_bytes} must be at least 1")
         if self.max_events < 1:
             raise ConfigError(f"API_MAX_EVENTS={self.max_events} must be at least 1")
+        if self.max_page_size < 1:
+            raise ConfigError(f"max_page_size={self.max_page_size} must be at least 1")
         if self.pool_min_size < 0 or self.pool_max_size < max(self.pool_min_size, 1):
             raise ConfigError(
                 f"API_POOL_SIZE={self.pool_max_size} must be at least 1 and at least the minimum "
