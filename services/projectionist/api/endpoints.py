@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -147,7 +148,24 @@ class _AsciiJSONResponse(JSONResponse):
     """Non-ASCII as \\u escapes: a lone surrogate the store kept stays the escape it was stored as."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+        try:
+            text = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        except ValueError:
+            # A number past double range that a raw-SQL writer stored (the
+            # json column takes 1e400; this API refuses it) reads back as inf.
+            text = json.dumps(content, ensure_ascii=True, separators=(",", ":"))
+            text = _INFINITY_OR_STRING.sub(_as_json_number, text)
+        return text.encode("ascii")
+
+
+# Python writes inf as the bare token Infinity, which is not JSON. Matching
+# whole strings too keeps an "Infinity" inside a string as it is. 1e400 reads
+# back as infinity in any reader that parses numbers as doubles, Python's too.
+_INFINITY_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|(-?)Infinity')
+
+
+def _as_json_number(match: re.Match[str]) -> str:
+    return match.group(0) if match.group(0).startswith('"') else f"{match.group(1)}1e400"
 
 
 async def read_events(request: Request) -> Response:
