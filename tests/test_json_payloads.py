@@ -70,7 +70,7 @@ def test_upgrade_keeps_every_payload_of_a_jsonb_store(before_0004: str) -> None:
 
         applied = migrate(conn)
 
-        assert [m.version for m in applied] == [4]
+        assert [m.version for m in applied] == [4, 5]
         assert list(conn.execute(_PAYLOAD_COLUMNS)) == [
             ("metadata", "json", "'{}'::json"),
             ("payload", "json", None),

@@ -35,10 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import Cursor, sql
 from psycopg.pq import Format
 from psycopg.types.numeric import Int8BinaryLoader
 
+from projectionist import unreadable
 from projectionist.db import Connection
 from projectionist.records import Position, RecordedEvent, recorded_event_from_row
 
@@ -242,27 +244,27 @@ class PartitionReader:
         # (a few percent of a backend's CPU in a catch-up).
         if conn.adapters.get_loader(XID8_OID, Format.BINARY) is None:
             register_xid8_loader(conn)
-        cursor = conn.execute(
-            self._query,
-            {"txid": str(after.transaction_id), "pos": after.global_position, "limit": self.batch_size},
-            binary=True,
-        )
-        return PendingRead(self, conn, cursor, after, single=self._query is _SINGLE_PARTITION_QUERY)
+        cursor = conn.execute(self._query, self._params(after), binary=True)
+        return PendingRead(self, conn, cursor, after, self._query)
+
+    def _params(self, after: Position) -> dict[str, Any]:
+        return {"txid": str(after.transaction_id), "pos": after.global_position, "limit": self.batch_size}
 
 
 class PendingRead:
     """A read that was sent, whose rows are not yet events: see the read-ahead in processor.py."""
 
-    __slots__ = ("_cursor", "_reader", "_single", "after", "conn")
+    __slots__ = ("_cursor", "_query", "_reader", "_single", "after", "conn")
 
     def __init__(
-        self, reader: PartitionReader, conn: Connection, cursor: Cursor[Any], after: Position, *, single: bool
+        self, reader: PartitionReader, conn: Connection, cursor: Cursor[Any], after: Position, query: sql.SQL
     ) -> None:
         self.after = after
         self.conn = conn
         self._cursor = cursor
         self._reader = reader
-        self._single = single
+        self._query = query
+        self._single = query is _SINGLE_PARTITION_QUERY
 
     def next_start(self) -> Position | None:
         """Where the following batch will start if this one is full, else None.
@@ -281,23 +283,34 @@ class PendingRead:
         if rows < size or (not self._single and rows <= size):
             return None
         self._cursor.scroll(size - 1, "absolute")
-        row = self._cursor.fetchone()
+        try:
+            row = self._cursor.fetchone()
+        except psycopg.DataError as e:
+            if not unreadable.loading_failed(e):
+                raise
+            return None  # an unreadable created_at (unreadable.py): batch() reads the rows again
         self._cursor.scroll(0, "absolute")
         if row is None or not (self._single or row[9]):
             return None
         return Position(int(row[1]), row[0])
 
     def batch(self) -> Batch:
-        after, size, rows = self.after, self._reader.batch_size, self._cursor.fetchall()
+        after, size, to_event = self.after, self._reader.batch_size, recorded_event_from_row
+        try:
+            rows = self._cursor.fetchall()
+        except psycopg.DataError as e:
+            if not unreadable.loading_failed(e):
+                raise
+            rows, to_event = self._read_again_tolerantly(), unreadable.event_from_row
         if not rows:
             return Batch([], None, False)
         if self._single:
-            events = [recorded_event_from_row(row) for row in rows]
+            events = [to_event(row) for row in rows]
             self._reader.rows_fetched += len(events)
             return Batch(events, _position_of(events[-1]), len(rows) >= size)
         # Rows are in recorded_event_from_row's column order with "mine" last, which it
         # ignores: no per-row slicing on the hot path.
-        events = [recorded_event_from_row(row) for row in rows if row[9]]
+        events = [to_event(row) for row in rows if row[9]]
         self._reader.rows_fetched += len(events)
         if len(events) >= size:
             # More of ours may follow: stop at the last one read.
@@ -312,6 +325,14 @@ class PendingRead:
             # Unreachable while the marker is the newest visible row; kept safe.
             return Batch(events, _position_of(events[-1]), False)
         return Batch(events, head, False)
+
+    def _read_again_tolerantly(self) -> list[Any]:
+        # Same query, same start: the rows may differ if the horizon moved,
+        # which is as good as any read from this position.
+        self.discard()
+        self._cursor = unreadable.tolerant_cursor(self.conn)
+        self._cursor.execute(self._query, self._reader._params(self.after), binary=True)
+        return self._cursor.fetchall()
 
     def discard(self) -> None:
         """Drop a read-ahead that will not be used, still counting the event rows it received."""

@@ -23,6 +23,7 @@ from psycopg.pq.abc import PGresult
 from psycopg.rows import TupleRow
 from psycopg.types.json import Json
 
+from projectionist import unreadable
 from projectionist.db import NOTIFY_CHANNEL, Connection
 from projectionist.errors import ConcurrencyError
 from projectionist.partitioning import fnv1a_32
@@ -701,10 +702,7 @@ def read_stream(
     conn: Connection, aggregate_id: str, *, from_version: int = 1, limit: int = 100
 ) -> list[RecordedEvent]:
     """Events of one stream in version order, starting at ``from_version``."""
-    return [
-        recorded_event_from_row(row)
-        for row in conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))
-    ]
+    return _fetch_events(conn, _READ_STREAM, (aggregate_id, from_version, limit))
 
 
 async def read_stream_async(
@@ -720,7 +718,19 @@ def read_events(conn: Connection, event_ids: Sequence[str]) -> list[RecordedEven
     query = sql.SQL("SELECT {cols} FROM events e WHERE e.event_id = ANY(%s::uuid[])").format(
         cols=_EVENT_COLUMNS
     )
-    return [recorded_event_from_row(row) for row in conn.execute(query, (list(event_ids),))]
+    return _fetch_events(conn, query, (list(event_ids),))
+
+
+def _fetch_events(conn: Connection, query: sql.Composed, params: tuple[Any, ...]) -> list[RecordedEvent]:
+    try:
+        return [recorded_event_from_row(row) for row in conn.execute(query, params)]
+    except psycopg.DataError as e:
+        if not unreadable.loading_failed(e):
+            raise
+        # A created_at Python cannot hold (unreadable.py): the event comes back
+        # marked, and the processor's poison policy takes it when it is applied.
+        with unreadable.tolerant_cursor(conn) as cursor:
+            return [unreadable.event_from_row(row) for row in cursor.execute(query, params)]
 
 
 def head_position(conn: Connection) -> int:

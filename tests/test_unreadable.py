@@ -1,0 +1,111 @@
+"""A created_at Python's datetime cannot hold: refused when written, handed to the poison policy when read."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from projectionist import deadletters
+from projectionist.db import Connection
+from projectionist.deadletters import PoisonPolicy
+from projectionist.errors import ProjectionError
+from projectionist.partitioning import partition_of
+from projectionist.processor import Processor
+from projectionist.reader import Partition
+from projectionist.records import NewEvent, UndecodablePayload
+from projectionist.store import append, read_stream
+from tests.horizon import wait_until_readable
+from tests.projections import Recorder, drain
+
+pytestmark = pytest.mark.integration
+
+_CONSTRAINT = "events_created_at_in_python_range"
+
+
+@pytest.mark.parametrize(
+    "value", ["infinity", "-infinity", "12000-01-01 00:00:00+00", "0001-01-01 00:00:00+00"]
+)
+def test_the_store_refuses_a_created_at_python_cannot_load(conn: Connection, value: str) -> None:
+    append(conn, "ok", [NewEvent("E", {})])
+    with pytest.raises(psycopg.errors.CheckViolation, match=_CONSTRAINT):
+        conn.execute("UPDATE events SET created_at = %s::timestamptz", (value,))
+
+
+def _old_unreadable_row(conn: Connection, aggregate: str, version: int, value: str = "infinity") -> None:
+    """A row written before migration 0005: the check is NOT VALID, so it stays."""
+    conn.execute(f"ALTER TABLE events DROP CONSTRAINT {_CONSTRAINT}")
+    conn.execute(
+        "UPDATE events SET created_at = %s::timestamptz WHERE aggregate_id = %s AND aggregate_version = %s",
+        (value, aggregate, version),
+    )
+    conn.execute(
+        f"ALTER TABLE events ADD CONSTRAINT {_CONSTRAINT} CHECK (created_at >= '0001-01-02 00:00:00+00'"
+        " AND created_at < '9999-12-31 00:00:00+00') NOT VALID"
+    )
+
+
+def _applied(conn: Connection) -> list[tuple[str, int]]:
+    rows = conn.execute("SELECT aggregate_id, aggregate_version FROM applied_events ORDER BY seq")
+    return [(r[0], r[1]) for r in rows]
+
+
+# The worker used to die on every restart at the same batch (psycopg's
+# DataError while loading it), so the partition stopped for good and no
+# poison policy ever saw the event.
+# Batch sizes put the row inside a batch, and last in a full one, where the
+# read-ahead looks first.
+@pytest.mark.parametrize(("total_workers", "batch_size"), [(1, 5), (1, 6), (2, 2), (2, 3)])
+def test_a_worker_parks_an_old_unreadable_row_and_goes_on(
+    conn: Connection, total_workers: int, batch_size: int
+) -> None:
+    for n in range(12):
+        append(conn, f"agg-{n % 4}", [NewEvent("E", {"n": n})])
+    bad = "agg-1"
+    _old_unreadable_row(conn, bad, 2)
+    wait_until_readable(conn)
+    own = Partition(partition_of(bad, total_workers), total_workers)
+    processor = Processor(Recorder(), own, batch_size=batch_size, policy=PoisonPolicy.PARK)
+    processor.start(conn)
+    with pytest.raises(ProjectionError, match="created_at"):
+        while processor.run_batch(conn).more:
+            pass
+    processor.run_batch(conn, isolate=True)
+    drain(conn, processor)
+
+    (failed, *blocked) = deadletters.list_letters(conn)
+    assert (failed.aggregate_id, failed.aggregate_version, failed.reason) == (bad, 2, "failed")
+    assert "created_at" in (failed.error or "")
+    assert [(x.aggregate_id, x.aggregate_version, x.reason) for x in blocked] == [(bad, 3, "blocked")]
+    expected = [
+        (f"agg-{n % 4}", n // 4 + 1)
+        for n in range(12)
+        if partition_of(f"agg-{n % 4}", total_workers) == own.worker_id and f"agg-{n % 4}" != bad
+    ] + [(bad, 1)]
+    assert sorted(_applied(conn)) == sorted(expected)
+
+
+def test_a_retried_unreadable_row_is_parked_again_not_fatal(conn: Connection) -> None:
+    append(conn, "a", [NewEvent("E", {})])
+    _old_unreadable_row(conn, "a", 1, "20000-06-01 00:00:00+00")
+    wait_until_readable(conn)
+    processor = Processor(Recorder(), Partition(0, 1), policy=PoisonPolicy.PARK)
+    processor.start(conn)
+    processor.run_batch(conn, isolate=True)
+    (letter,) = deadletters.list_letters(conn)
+    assert deadletters.request_retry(conn, letter.id) == 1
+    processor.run_batch(conn)  # reads the letter's event again by id
+    (again,) = deadletters.list_letters(conn)
+    assert (again.status, again.attempts > letter.attempts) == ("parked", True)
+    append(conn, "b", [NewEvent("E", {})])
+    wait_until_readable(conn)
+    drain(conn, processor)
+    assert _applied(conn) == [("b", 1)]
+
+
+def test_reading_the_stream_marks_the_event_instead_of_raising(conn: Connection) -> None:
+    append(conn, "s", [NewEvent("E", {"i": 1}), NewEvent("E", {"i": 2})])
+    _old_unreadable_row(conn, "s", 1)
+    first, second = read_stream(conn, "s")
+    assert isinstance(first.payload, UndecodablePayload)
+    assert "global position 1" in str(first.payload.error)
+    assert second.payload == {"i": 2}
