@@ -70,7 +70,7 @@ def test_summary_rates_shares_lag_percentiles_catch_up_and_cpu() -> None:
     assert first.shares == (1.0, 0.0)
     assert (first.lag_events_p50, first.lag_events_max) == (50, 100)
     assert (first.lag_seconds_p50, first.lag_seconds_max) == (1.0, 2.0)
-    assert first.catch_up == 0.0  # worker 0 had no backlog
+    assert first.catch_up == 1.0  # no backlog, but caught up only once it applied events
     assert first.cpu_busy == 0.75
     assert first.cpu_cores["api"] == 0.5
     assert first.cpu_cores["other"] == pytest.approx(0.5)  # 1.5 cores busy, 1.0 ours
@@ -96,6 +96,18 @@ def test_catch_up_is_the_first_sample_within_the_threshold_or_none() -> None:
     (never,) = report.summarize(samples, phases, [0.0], 3.0, max_lag_seconds=0.25)
     assert never.catch_up is None
     assert "w0: not within the run" in report.markdown_table([never])
+
+
+def test_catch_up_waits_for_the_worker_to_apply_something() -> None:
+    # The sample taken as the worker starts finds a young backlog (the load
+    # has just begun); the lag then grows while the process starts up.
+    phases = [Phase("1 worker", (0,), added=0)]
+    samples = [
+        Sample(float(t), 0, (0,), store(100 * t, (processed, 50, lag)), 0.0, 0.0)
+        for t, (processed, lag) in enumerate([(0, 0.3), (0, 1.3), (0, 2.3), (200, 0.4)])
+    ]
+    (summary,) = report.summarize(samples, phases, [0.0], 3.0, max_lag_seconds=1.0)
+    assert summary.catch_up == 3.0
 
 
 def test_outputs_are_written(tmp_path: Path) -> None:
@@ -149,6 +161,35 @@ def _without_locust_tables(output: str, keep: int = 60) -> str:
     noise = ("Type ", "----", "POST ", "GET ", "Aggregated", "Response time", "# reqs")
     lines = [line for line in output.splitlines() if line.strip() and not line.lstrip().startswith(noise)]
     return "\n".join(lines[-keep:])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_load_run_that_fails_its_thresholds_fails_the_experiment(pg_server: Server, tmp_path: Path) -> None:
+    # Locust exits 1 when appends failed beyond LOAD_MAX_ERROR_RATIO; the
+    # experiment used to take that as success. An unreachable request floor
+    # makes Locust fail its verdict here without breaking the appends.
+    database = f"t_scale_{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOAD_", "API_", "WORKER_", "TOTAL_"))}
+    env.update(DATABASE_URL=pg_server.admin_url, LOAD_MIN_REQUESTS="1000000000")
+    try:
+        args = [
+            "--step-seconds", "2", "--max-workers", "1", "--no-remove", "--rescale-to", "0", "--rate", "200",
+            "--users", "1", "--keys", "50", "--database", database,
+            "--out", str(tmp_path / "results"), "--scratch", str(tmp_path / "scratch"),
+        ]  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "projectionist.experiment.scale", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    finally:
+        with pg_server.admin() as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    assert result.returncode == 1, _without_locust_tables(result.stdout + result.stderr)
+    assert "the load run failed: " in result.stderr and "at least 1000000000 required" in result.stderr
+    assert "PASS: all" in result.stdout  # the data itself is intact, and still verified
+    markdown = (tmp_path / "results" / "scale-experiment.md").read_text()
+    assert "**The load run failed Locust's thresholds:**" in markdown
 
 
 @pytest.mark.integration

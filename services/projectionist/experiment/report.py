@@ -97,17 +97,27 @@ def catch_up_time(
     samples: Sequence[Sample], worker_id: int | None, since: float, max_lag_seconds: float
 ) -> float | None:
     """Seconds after ``since`` until ``worker_id``'s partition (``None``: every partition)
-    first lags by at most ``max_lag_seconds``."""
+    first lags by at most ``max_lag_seconds`` after its worker applied an event.
+
+    Not merely the first sample within the threshold: the one taken as the
+    worker is started finds a backlog younger than a second when the load has
+    just begun, and read "caught up in 0.0 s" while the process was still
+    importing, its lag about to grow.
+    """
+    baseline: int | None = None
     for s in samples:
         if s.t < since:
             continue
         if worker_id is None:
-            lag = s.store.lag_seconds
+            lag, processed = s.store.lag_seconds, sum(p.processed for p in s.store.partitions)
         elif worker_id in s.running and worker_id < len(s.store.partitions):
-            lag = s.store.partitions[worker_id].lag_seconds
+            own = s.store.partitions[worker_id]
+            lag, processed = own.lag_seconds, own.processed
         else:
             continue
-        if lag <= max_lag_seconds:
+        if baseline is None:
+            baseline = processed
+        elif processed > baseline and lag <= max_lag_seconds:
             return s.t - since
     return None
 

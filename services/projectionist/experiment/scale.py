@@ -116,6 +116,8 @@ class Experiment:
         self.retired: list[Child] = []
         self.api: Child | None = None
         self.locust: Child | None = None
+        #: Why Locust judged the load run a failure (too many failed appends), or None.
+        self.load_failed: str | None = None
         self.loading = False
         self.t0 = 0.0
         self.end = 0.0
@@ -298,6 +300,10 @@ class Experiment:
         # Locust exits 0 or 1 (thresholds); anything else means it crashed.
         if code not in (0, 1):
             raise HarnessError(f"Locust exited with {code}:\n{self.locust.tail()}")
+        if code == 1:
+            # The rates measured are of a run whose appends partly failed:
+            # still reported, with the verdict, but the run does not pass.
+            self.load_failed = load_verdict(self.locust.tail(20_000))
 
     def _cleanup(self) -> None:
         for child in list(self.workers.values()):
@@ -307,6 +313,13 @@ class Experiment:
         if self.api is not None:
             self.api.stop()
         self.conn.close()
+
+
+def load_verdict(locust_log: str) -> str:
+    """The reason locust_setup.py logged for failing the run, or a pointer to the log."""
+    marker = "thresholds exceeded: "
+    found = [line.split(marker, 1)[1].strip() for line in locust_log.splitlines() if marker in line]
+    return found[-1] if found else "Locust exited with 1; see its log"
 
 
 def _machine() -> str:
@@ -388,10 +401,19 @@ def write_outputs(exp: Experiment, verification: Verification, started_at: dt.da
         f"Load: Locust, {o.users} users offering {o.rate:,.0f} events/s "
         f"({o.rate / o.batch_size:,.0f} requests/s of {o.batch_size} events) through the API, "
         f"over {o.keys:,} aggregates ({o.distribution}). Phases of {o.step_seconds:.0f} s, sampled every "
-        f"{o.sample_interval:g} s; 'catch-up' is the time until the added worker's partition lags by "
-        f"at most {o.catch_up_seconds:g} s (after the rescale: until every partition does). Lag is "
+        f"{o.sample_interval:g} s; 'catch-up' is the time until the added worker, having applied events, "
+        f"lags by at most {o.catch_up_seconds:g} s (after the rescale: until every partition does). Lag is "
         "summed over all partitions, including those without a running worker.",
         "",
+        *(
+            [
+                f"**The load run failed Locust's thresholds:** {exp.load_failed}. "
+                "The rates below are of what was appended.",
+                "",
+            ]
+            if exp.load_failed
+            else []
+        ),
         report.markdown_table(summaries),
         "",
         "CPU per role (cores; the machine has " + str(os.cpu_count()) + "):",
@@ -469,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_outputs(experiment, verification, started_at)
     print("\n".join(format_verification(verification)))
     print(f"results: {path} (+ .csv, -phases.csv, .png)")
+    if experiment.load_failed:
+        print(f"make scale-experiment: the load run failed: {experiment.load_failed}", file=sys.stderr)
+        return 1
     return 0 if verification.ok else 1
 
 
