@@ -92,7 +92,20 @@ def install(environment: Any, port: int, host: str = "0.0.0.0") -> LocustExporte
         return None
     registry = CollectorRegistry()
     exporter = LocustExporter(registry, runner_users(environment))
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        # Another Locust on this host (a second run, or --processes) holds the
+        # port. The load is what the user asked for; the dashboard is extra,
+        # so go on without it, loudly.
+        log.warning(
+            "Locust metrics are off in this process: cannot serve on %s:%d (%s); "
+            "set LOAD_METRICS_PORT to a free port, or 0 to silence this",
+            host,
+            port,
+            e.strerror or e,
+        )
+        return None
     environment.events.request.add_listener(exporter.on_request)
-    start_http_server(port, addr=host, registry=registry)
     log.info("Locust metrics on http://%s:%d/metrics", host, port)
     return exporter

@@ -10,12 +10,15 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import logging
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import loadgen
+import locust_exporter
 from locust_exporter import LocustExporter
 from projectionist.api import ApiSettings, create_app
 from projectionist.db import connect
@@ -129,6 +133,29 @@ def test_exporter_counts_failures_and_times_in_seconds() -> None:
     assert registry.get_sample_value("locust_users") == 3
     users[0] = 9
     assert registry.get_sample_value("locust_users") == 9
+
+
+def test_a_taken_metrics_port_leaves_the_load_running_without_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two Locust processes on one host (a second run, --processes) both used
+    # to bind 9646, and the second died in events.init before any load.
+    listeners: list[object] = []
+    environment = types.SimpleNamespace(
+        events=types.SimpleNamespace(request=types.SimpleNamespace(add_listener=listeners.append)),
+        runner=None,
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.WARNING):
+            assert locust_exporter.install(environment, port, host="127.0.0.1") is None
+    assert listeners == []
+    assert f"cannot serve on 127.0.0.1:{port}" in caplog.text and "LOAD_METRICS_PORT" in caplog.text
+    free = free_port()
+    assert locust_exporter.install(environment, free, host="127.0.0.1") is not None
+    assert len(listeners) == 1 and "locust_users" in _scrape(free)
 
 
 # --- real headless runs ------------------------------------------------------------------
