@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 
 from projectionist.db import connect
+from projectionist.demo import demo_lock_key
 from projectionist.demo_verify import verify
 from tests.conftest import ROOT, Server, run_cli
 
@@ -216,3 +217,64 @@ def test_no_worker_outlives_the_demo(pg_server: Server, sig: signal.Signals) -> 
         for pid in _workers_of(proc.pid):
             os.kill(pid, signal.SIGKILL)
         _drop(pg_server, name)
+
+
+# A second demo on the same database used to drop it WITH (FORCE) under the
+# first one, whose workers then all failed.
+def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_server: Server) -> None:
+    name = f"demo_{uuid.uuid4().hex[:10]}"
+    with pg_server.admin() as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with connect(pg_server.url_for(name), autocommit=True) as first:
+            first.execute("CREATE TABLE still_here ()")
+        with pg_server.admin() as running:  # what a running demo holds
+            running.execute("SELECT pg_advisory_lock(%s)", (demo_lock_key(name),))
+            result = run_cli(*DEMO_ARGS, "--database", name, db_url=pg_server.admin_url, timeout=60)
+            verify_only = run_cli("demo", "--verify-only", "--database", name, db_url=pg_server.admin_url)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"another demo is using the database {name!r}" in result.stderr
+        assert verify_only.returncode == 1 and "another demo" in verify_only.stderr
+        with connect(pg_server.url_for(name), autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('still_here') IS NOT NULL").fetchone() == (True,)
+        other = run_cli("demo", "--verify-only", "--database", f"{name}_x", db_url=pg_server.admin_url)
+        assert "another demo" not in other.stderr  # the lock is per database
+    finally:
+        _drop(pg_server, name)
+
+
+# The demo stops the embedded server it started, even when something else
+# began to use it meanwhile (a worker, psql, a second demo): cut off.
+def test_the_demo_leaves_its_embedded_server_running_for_other_clients(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "", "PROJECTIONIST_DATA_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS")}
+    full_env.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "projectionist", "demo", *SMALL, "--step-seconds", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (found := run_cli("db", "url", env=env)).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, found.stderr
+            time.sleep(0.2)
+        with connect(found.stdout.strip(), autocommit=True) as user:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out
+            assert "left the embedded server running: 1 other connection(s) use it" in out
+            assert user.execute("SELECT 1").fetchone() == (1,)
+        # Alone on it, the demo stops the server it started: its own workers'
+        # connections are not "other clients".
+        assert run_cli("db", "stop", env=env).returncode == 0
+        alone = run_cli(*DEMO_ARGS, env=env, timeout=120)
+        assert alone.returncode == 0, alone.stdout + alone.stderr
+        assert "left the embedded server running" not in alone.stdout
+        assert run_cli("db", "url", env=env).returncode == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        run_cli("db", "stop", env=env)

@@ -6,6 +6,7 @@ It runs on a dedicated ``projectionist_demo`` database, never the user's own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import threading
 import time
@@ -92,9 +93,12 @@ def run_demo(
     console = Console(highlight=False)
     embedded = None if settings.database_url else embedded_server(settings.data_dir)
     started_server = embedded is not None and not embedded.is_running()
+    server_url = ""
     try:
-        with _sigterm_as_interrupt():
-            url = _demo_database(database_url(settings), database, create=not verify_only)
+        with _sigterm_as_interrupt(), contextlib.ExitStack() as held:
+            server_url = database_url(settings)
+            held.enter_context(_only_demo_on(server_url, database))
+            url = _demo_database(server_url, database, create=not verify_only)
             if verify_only:
                 try:
                     conn = connect(url, autocommit=True)
@@ -114,7 +118,71 @@ def run_demo(
         return EXIT_INTERRUPTED
     finally:
         if started_server and embedded is not None:
-            embedded.stop()
+            others = _other_clients(server_url, database)
+            if others:
+                # Someone began to use the server the demo started (a worker,
+                # psql, a second demo): stopping it would cut them off.
+                console.print(
+                    f"left the embedded server running: {others} other connection(s) use it; "
+                    "`projectionist db stop` stops it",
+                    markup=False,
+                    soft_wrap=True,
+                )
+            else:
+                embedded.stop()
+
+
+# Any constant works; with the demo database's name it keys the lock below.
+_DEMO_LOCK_PREFIX = "projectionist demo "
+
+
+def demo_lock_key(database: str) -> int:
+    """The advisory lock one demo holds on ``database`` for as long as it runs."""
+    return int.from_bytes(
+        hashlib.blake2b((_DEMO_LOCK_PREFIX + database).encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+@contextlib.contextmanager
+def _only_demo_on(server_url: str, database: str) -> Iterator[None]:
+    """Refuse to start while another demo uses ``database``: it would drop that demo's database.
+
+    A session lock on the server's own database (not the demo's, which is
+    dropped), held on a connection kept open until the demo ends; a killed
+    demo's lock goes with its connection.
+    """
+    try:
+        conn = connect(server_url, autocommit=True, application_name="projectionist demo lock")
+    except psycopg.Error as e:
+        raise ProjectionistError(f"cannot connect to the server: {' '.join(str(e).split())}") from e
+    with conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (demo_lock_key(database),)).fetchone()
+        if not row or not row[0]:
+            raise ProjectionistError(
+                f"another demo is using the database {database!r} on this server; "
+                "wait for it to end, or give this one another --database"
+            )
+        yield
+
+
+def _other_clients(server_url: str, database: str) -> int:
+    """Client connections to the server outside the demo's database, other than this check's own.
+
+    The demo's workers have exited by now; their database is left out in case
+    the server has not yet noticed a closed connection.
+    """
+    if not server_url:
+        return 0
+    try:
+        with connect(server_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid() AND datname IS DISTINCT FROM %s",
+                (database,),
+            ).fetchone()
+    except psycopg.Error:
+        return 0  # the server is not answering: nobody can be using it
+    return int(row[0]) if row else 0
 
 
 def _demo_database(server_url: str, name: str, *, create: bool) -> str:
