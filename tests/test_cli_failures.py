@@ -3,9 +3,12 @@ embedded server's start-up: a stale pid file of a reused pid, several first user
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +75,7 @@ def test_stale_pid_file_of_a_reused_pid_does_not_fake_a_running_server(tmp_path:
 # server listens on).
 def test_two_first_users_of_the_embedded_server_both_succeed(tmp_path: Path) -> None:
     env = _env(tmp_path)
-    full_env = {**__import__("os").environ, **env}
+    full_env = {**os.environ, **env}
     try:
         procs = [
             subprocess.Popen(
@@ -105,3 +108,42 @@ def test_commands_on_an_unmigrated_database_fail_with_one_line(pg_server: object
     assert "Traceback" not in result.stderr, result.stderr[-400:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "migrate" in result.stderr
+
+
+# Killed while initdb ran (the container stopped on first start, say): the
+# half-built data directory used to make every later start fail.
+def test_a_start_killed_during_initdb_leaves_nothing_that_blocks_the_next(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    full_env = {**os.environ, **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "projectionist", "db", "start"],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.rglob("PG_VERSION")):  # initdb is halfway
+            assert proc.poll() is None and time.monotonic() < deadline, "initdb never started"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        started = run_cli("db", "start", env=env, timeout=120)
+        assert started.returncode == 0, started.stderr[-800:]
+        migrated = run_cli("migrate", env=env)
+        assert migrated.returncode == 0, migrated.stderr[-800:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        run_cli("db", "stop", env=env)
+
+
+def test_a_data_directory_holding_something_else_is_refused_untouched(tmp_path: Path) -> None:
+    data = tmp_path / "pg"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    result = run_cli("db", "start", env=_env(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "is not empty and holds no database" in result.stderr
+    assert (data / "notes.txt").read_text() == "mine"

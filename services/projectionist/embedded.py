@@ -136,9 +136,28 @@ class EmbeddedPostgres:
                 )
 
     def init(self) -> None:
+        """Create the cluster, all or nothing.
+
+        initdb writes into a sibling directory that is renamed into place once
+        it succeeded: killed halfway (SIGKILL of a container, say) it used to
+        leave a data directory that every later start refused, or took for
+        complete. The caller holds the data directory's lock.
+        """
         if (self.data_dir / "PG_VERSION").exists():
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.data_dir.exists() and any(self.data_dir.iterdir()):
+            raise EmbeddedPostgresError(
+                f"{self.data_dir} is not empty and holds no database (no PG_VERSION); "
+                "remove it, or point PROJECTIONIST_DATA_DIR elsewhere"
+            )
+        building = self.data_dir.with_name(f".{self.data_dir.name}.initdb")
+        shutil.rmtree(building, ignore_errors=True)  # a killed earlier attempt's
+        building.mkdir(parents=True)
+        self._initdb(building)
+        # rename(2) replaces an empty directory, and is atomic on one file system.
+        building.rename(self.data_dir)
+
+    def _initdb(self, data_dir: Path) -> None:
         if self._user is not None:
             _open_path_for(self._bin.parent)
             for root, dirs, files in os.walk(self._bin.parent):
@@ -150,13 +169,13 @@ class EmbeddedPostgres:
                         | stat.S_IROTH
                         | (stat.S_IXGRP | stat.S_IXOTH if p.is_dir() or os.access(p, os.X_OK) else 0)
                     )
-            _open_path_for(self.data_dir.parent)
-            os.chown(self.data_dir, self._user.pw_uid, self._user.pw_gid)
+            _open_path_for(data_dir.parent)
+            os.chown(data_dir, self._user.pw_uid, self._user.pw_gid)
         self._run(
             [
                 str(self._bin / "initdb"),
                 "-D",
-                str(self.data_dir),
+                str(data_dir),
                 "-U",
                 "postgres",
                 "--auth=trust",
