@@ -192,6 +192,20 @@ def test_standby_process_is_alive_but_not_ready(db_url: str) -> None:
 
 
 @pytest.mark.integration
+def test_readiness_holds_while_scrapes_take_every_pooled_connection(db_url: str) -> None:
+    # Two slow scrapes at once (two Prometheus replicas, a long count) held
+    # the metrics pool's two connections, and /readyz said the database was
+    # unreachable after waiting 2 s for one.
+    with running_worker(db_url, Partition(0, 1)) as (worker, telemetry):
+        wait_for(lambda: worker.state == WorkerState.LIVE, "the worker to go live")
+        pool = telemetry._pool
+        assert pool is not None
+        with pool.connection(timeout=5), pool.connection(timeout=5):
+            status, body = get_json(f"{base_url(telemetry)}/readyz")
+        assert (status, body["reason"]) == (200, "database reachable and every partition owned")
+
+
+@pytest.mark.integration
 def test_readiness_reports_an_unreachable_database() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

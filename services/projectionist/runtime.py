@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from projectionist._version import __version__
 from projectionist.db import Connection, connect
@@ -114,6 +114,7 @@ class Telemetry:
     options: TelemetryOptions = field(default_factory=TelemetryOptions)
     server: HealthServer | None = None
     _pool: ConnectionPool[Any] | None = None
+    _database_url: str | None = None
 
     def register(self, info: WorkerInfo) -> None:
         """Announce a worker before it runs, so its series and health entry exist from the start."""
@@ -126,7 +127,18 @@ class Telemetry:
         """Raise unless the database answers (``/readyz``)."""
         if self._pool is None:
             return
-        with self._pool.connection(timeout=2.0) as conn:
+        try:
+            with self._pool.connection(timeout=_PING_POOL_WAIT) as conn:
+                conn.execute("SELECT 1")
+                return
+        except PoolTimeout:
+            if self._database_url is None:
+                raise
+        # Both pooled connections are busy with scrapes (two Prometheus
+        # replicas, a slow count): that says nothing about the database, and a
+        # probe failing for it would mark the worker not ready. Ask it directly.
+        with connect(self._database_url, autocommit=True, application_name="projectionist:readyz") as conn:
+            conn.execute("SET statement_timeout = 2000")
             conn.execute("SELECT 1")
 
     def start(self) -> None:
@@ -163,6 +175,11 @@ class Telemetry:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+# Long enough for a free connection's check; a pool busier than that is
+# busy with scrapes, and /readyz connects on its own instead.
+_PING_POOL_WAIT = 0.5
 
 
 def build_telemetry(
@@ -230,6 +247,7 @@ def build_telemetry(
         telemetry.health = health
         telemetry.collector = collector
         telemetry._pool = pool
+        telemetry._database_url = database_url
     return telemetry
 
 
