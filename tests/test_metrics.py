@@ -146,6 +146,20 @@ def test_batch_duration_exemplar_is_the_batch_span_trace_id() -> None:
     assert generate_openmetrics(registry).decode().count("trace_id=") == 1
 
 
+def test_a_failed_batch_leaves_no_exemplar_behind() -> None:
+    # A failed batch has no after_batch; the next checkpoint move without
+    # events has no batch scope, and it took the failed batch's trace id.
+    registry = CollectorRegistry()
+    provider = TracerProvider()
+    metrics = MetricsHooks(registry, version="0.1.0")
+    chain = HookChain([TracingHooks(provider.get_tracer("test")), metrics])
+
+    with pytest.raises(RuntimeError), chain.batch_scope(INFO, []):
+        raise RuntimeError("the projection failed")
+    chain.after_batch(INFO, BatchResult(0, 0.002, Position(1, 5), None))
+    assert "trace_id=" not in generate_openmetrics(registry).decode()
+
+
 # -- the store Collector (real PostgreSQL) ------------------------------------
 
 

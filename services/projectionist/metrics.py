@@ -228,7 +228,13 @@ class MetricsHooks(WorkerHooks):
             self._exemplar[info] = format(span_context.trace_id, "032x")
         else:
             self._exemplar.pop(info, None)
-        yield
+        try:
+            yield
+        except BaseException:
+            # No after_batch follows a failed batch, but one may follow a
+            # checkpoint move with no events and no scope of its own.
+            self._exemplar.pop(info, None)
+            raise
 
     def after_batch(self, info: WorkerInfo, result: BatchResult) -> None:
         series = self._for(info)
