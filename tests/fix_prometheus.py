@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,6 +39,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind
 
 from projectionist.appender import append_sample_events
@@ -142,6 +144,24 @@ class WorkerProcess:
             return ""
 
 
+class _OwnRandomIds(IdGenerator):
+    """Span and trace ids from a Random of its own.
+
+    The SDK's default draws from the global ``random``, which this thread
+    would then change while other tests run; Hypothesis warns when a test's
+    data generation sees the global state move under it.
+    """
+
+    def __init__(self) -> None:
+        self._rng = random.Random()
+
+    def generate_span_id(self) -> int:
+        return self._rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self._rng.getrandbits(128) or 1
+
+
 class LoadGenerator:
     """Appends ``events_per_tick`` sample events every ``interval`` seconds, each in a producer span."""
 
@@ -157,7 +177,7 @@ class LoadGenerator:
         self._idle = threading.Event()
         # No span processor: the spans only need to exist so their context is
         # injected into the events' metadata.
-        self._tracer = TracerProvider().get_tracer("tests.load")
+        self._tracer = TracerProvider(id_generator=_OwnRandomIds()).get_tracer("tests.load")
         self._thread = threading.Thread(target=self._run, name="load-generator", daemon=True)
 
     def start(self) -> None:
