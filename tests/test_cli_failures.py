@@ -147,3 +147,29 @@ def test_a_data_directory_holding_something_else_is_refused_untouched(tmp_path: 
     assert result.returncode == 1, result.stderr
     assert "is not empty and holds no database" in result.stderr
     assert (data / "notes.txt").read_text() == "mine"
+
+
+# A database the seed's Go example set up holds tables named events and
+# projection_checkpoints: migrate died with a DuplicateTable traceback.
+def test_migrate_on_the_seeds_tables_explains_and_changes_nothing(pg_server: object) -> None:
+    from projectionist.db import connect
+    from tests.conftest import fresh_database
+
+    with fresh_database(pg_server, template=None) as url:  # type: ignore[arg-type]
+        with connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE events (global_position bigserial PRIMARY KEY, data jsonb)")
+            conn.execute(
+                "CREATE TABLE projection_checkpoints (projection_name text, last_global_position bigint)"
+            )
+            conn.execute("""INSERT INTO events (data) VALUES ('{"seed": 1}')""")
+        result = run_cli("migrate", db_url=url)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert 'migration 0001_event_store cannot run: relation "events" already exists' in result.stderr
+        assert "ALTER TABLE events RENAME TO seed_events" in result.stderr
+        with connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT data FROM events").fetchall() == [({"seed": 1},)]
+            assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
+            conn.execute("ALTER TABLE events RENAME TO seed_events")
+            conn.execute("ALTER TABLE projection_checkpoints RENAME TO seed_projection_checkpoints")
+        assert run_cli("migrate", db_url=url).returncode == 0

@@ -11,6 +11,10 @@ class ConfigError(ProjectionistError, ValueError):
     """A setting is invalid. The message is one line and names the setting."""
 
 
+class MigrationError(ProjectionistError):
+    """A migration cannot be applied to this database; nothing of it was applied."""
+
+
 class ConcurrencyError(ProjectionistError):
     """An append's expected version did not match the stream's current version."""
 

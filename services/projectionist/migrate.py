@@ -7,10 +7,11 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from psycopg import sql
+from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
 from projectionist.db import Connection
+from projectionist.errors import MigrationError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,21 @@ def migrate(conn: Connection) -> list[Migration]:
             if migration.version in done:
                 continue
             log.info("applying migration %04d_%s", migration.version, migration.name)
-            # Migration files are trusted, versioned source, not user input.
-            conn.execute(migration.sql.encode())
+            try:
+                # Migration files are trusted, versioned source, not user input.
+                conn.execute(migration.sql.encode())
+            except (errors.DuplicateTable, errors.DuplicateObject) as e:
+                # Typically the seed's own schema (tables named events and
+                # projection_checkpoints, of other columns): taking it over
+                # would guess at data we did not write. The transaction rolls
+                # back, so nothing of the migration stays.
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} cannot run: "
+                    f"{str(e).splitlines()[0]}, and schema_migrations does not record creating it. "
+                    "The database holds another schema (the seed's Go example makes `events` and "
+                    "`projection_checkpoints`); projectionist does not adopt it. Use a database of "
+                    "its own, or rename those tables first (ALTER TABLE events RENAME TO seed_events)"
+                ) from e
             conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                 (migration.version, migration.name),
