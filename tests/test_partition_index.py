@@ -228,6 +228,16 @@ def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: 
     assert [(x["total_workers"], x["valid"], x["groups"]) for x in listed] == [(3, 3, ["orders"])]
     status = json.loads(run_cli("status", "--json", db_url=db_url).stdout)
     assert status["projections"]["orders"]["indexed_partitions"] == 3
+    assert status["planner_statistics"] is True
+    # Without statistics no worker reads through its index, which "3 of 3" hid.
+    conn.execute("DELETE FROM pg_statistic WHERE starelid = 'events'::regclass")
+    status = json.loads(run_cli("status", "--json", db_url=db_url).stdout)
+    assert (status["planner_statistics"], status["projections"]["orders"]["indexed_partitions"]) == (False, 3)
+    Processor(Recorder("orders"), Partition(0, 3), batch_size=10).start(conn)
+    text = " ".join(run_cli("status", db_url=db_url).stdout.split())  # the caption wraps
+    assert "partition indexes 3 of 3, not used until the events table has planner statistics" in text
+    conn.execute("ANALYZE events")
+    assert "not used until" not in run_cli("status", db_url=db_url).stdout
 
     dropped = run_cli("partition-index", "drop", "--total-workers", "3", db_url=db_url)
     assert dropped.returncode == 0 and "3 dropped" in dropped.stdout

@@ -478,6 +478,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 if g.indexed_partitions == g.total_workers
                 else f" (projectionist partition-index create --total-workers {g.total_workers})"
             )
+            + (
+                ""
+                if status.planner_statistics or not g.indexed_partitions
+                else ", not used until the events table has planner statistics (autovacuum gathers them; "
+                "or run ANALYZE events)"
+            )
         )
         table.caption = (table.caption + "\n" if table.caption else "") + (
             f"{g.projection}: {g.total_workers} partitions, generation {g.generation}{indexes}"

@@ -163,6 +163,12 @@ _ANALYZED = sql.SQL(
 )
 
 
+def has_statistics(conn: Connection) -> bool:
+    """Whether the events table has the planner statistics without which no partition index is used."""
+    row = conn.execute(sql.SQL("SELECT {}").format(_ANALYZED)).fetchone()
+    return bool(row and row[0])
+
+
 def why_not_ready(conn: Connection, total_workers: int, worker_id: int) -> str | None:
     """Why partition ``worker_id`` of ``total_workers`` cannot read through its index; None if it can."""
     name = index_name(total_workers, worker_id)

@@ -53,6 +53,9 @@ class StoreStatus:
     head_position: int
     workers: list[WorkerStatus]
     groups: list[GroupStatus]
+    #: Whether the events table has planner statistics: until it has, workers
+    #: read without their partition indexes, however many exist.
+    planner_statistics: bool = True
 
     def as_json(self) -> dict[str, Any]:
         projections: dict[str, Any] = {
@@ -67,7 +70,11 @@ class StoreStatus:
         }
         for w in self.workers:
             projections[w.projection]["workers"].append(w.as_json())
-        return {"head_position": self.head_position, "projections": projections}
+        return {
+            "head_position": self.head_position,
+            "planner_statistics": self.planner_statistics,
+            "projections": projections,
+        }
 
 
 # "live" means a process holds the partition's ownership lock right now.
@@ -143,4 +150,4 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
             (projection, projection),
         ).fetchall()
     ]
-    return StoreStatus(head_position(conn), workers, groups)
+    return StoreStatus(head_position(conn), workers, groups, partition_index.has_statistics(conn))
