@@ -10,7 +10,8 @@ from psycopg import sql
 
 from projectionist import lag, partition_index
 from projectionist.checkpoints import register_group
-from projectionist.db import Connection
+from projectionist.db import Connection, connect
+from projectionist.metrics import read_store_snapshot
 from projectionist.processor import Processor
 from projectionist.reader import Partition
 from projectionist.status import read_status
@@ -153,3 +154,33 @@ def test_a_caught_up_partition_never_scans_the_table(conn: Connection) -> None:
     scans = [n for n in _executed(conn, query) if n.get("Relation Name") == "events"]
     assert scans and all(n["Node Type"] != "Seq Scan" for n in scans), scans
     assert [p.lag_events for p in _lags(conn, 10_000).values()] == [0]
+
+
+# A rescale committed between the scrape's group query and its lag query
+# used to be read half before, half after: the old count's partitions with
+# the checkpoints gone, a lag spike of the whole store on every one of them.
+def test_a_scrape_reads_one_snapshot_across_a_rescale(
+    conn: Connection, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_sample(conn, 600, 31)
+    register_group(conn, "recorder", 2)
+    for k in range(2):
+        processor = Processor(Recorder(), Partition(k, 2), batch_size=500)
+        processor.start(conn)
+        drain(conn, processor)
+    group_queries = lag._group_queries
+    switched: list[object] = []
+
+    def rescale_meanwhile(*args: Any, **kwargs: Any) -> list[sql.Composed]:
+        if not switched:
+            with connect(db_url, autocommit=True) as other:
+                switched.append(register_group(other, "recorder", 3, allow_rescale=True))
+        return group_queries(*args, **kwargs)
+
+    monkeypatch.setattr(lag, "_group_queries", rescale_meanwhile)
+    snapshot = read_store_snapshot(conn, ["recorder"], 10_000)
+    assert switched  # the rescale did commit in between
+    assert [(p.total_workers, p.worker_id, p.lag_events) for p in snapshot.lag.partitions] == [
+        (2, 0, 0),
+        (2, 1, 0),
+    ]

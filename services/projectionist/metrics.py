@@ -269,7 +269,12 @@ class StoreSnapshot:
 def read_store_snapshot(
     conn: psycopg.Connection[Any], projections: Sequence[str], lag_count_cap: int
 ) -> StoreSnapshot:
-    return StoreSnapshot(read_lag(conn, projections, lag_count_cap), deadletters.stats(conn, projections))
+    # One snapshot for the three statements: a rescale committed between the
+    # group query and the lag query was read half before and half after, the
+    # new count's labels on the old count's partitions.
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        return StoreSnapshot(read_lag(conn, projections, lag_count_cap), deadletters.stats(conn, projections))
 
 
 class StoreCollector(Collector):
