@@ -150,6 +150,10 @@ class EmbeddedPostgres:
                 f"{self.data_dir} is not empty and holds no database (no PG_VERSION); "
                 "remove it, or point PROJECTIONIST_DATA_DIR elsewhere"
             )
+        if self.data_dir.is_mount():
+            # A volume cannot be renamed onto: build in place, as initdb would.
+            self._initdb(self.data_dir)
+            return
         building = self.data_dir.with_name(f".{self.data_dir.name}.initdb")
         shutil.rmtree(building, ignore_errors=True)  # a killed earlier attempt's
         building.mkdir(parents=True)
