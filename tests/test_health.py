@@ -8,8 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -24,6 +23,7 @@ from projectionist.worker import Worker
 from tests.conftest import ROOT, run_cli
 from tests.fix_prometheus import free_port, http_get
 from tests.projections import Recorder
+from tests.waiting import wait_for
 
 INFO = WorkerInfo("orders", 0, 2)
 
@@ -36,13 +36,6 @@ def get_json(url: str) -> tuple[int, dict[str, object]]:
 def clean_env() -> dict[str, str]:
     drop = ("WORKER_ID", "TOTAL_WORKERS", "METRICS_PORT", "HEALTH_MAX_TICK_AGE", "LAG_COUNT_CAP")
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OTEL_")}
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- the verdicts, with a controlled clock -----------------------------------

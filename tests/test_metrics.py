@@ -6,9 +6,8 @@ real PostgreSQL of the session; nothing is mocked.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -31,6 +30,7 @@ from projectionist.store import StreamAppend, append_many
 from projectionist.tracing import TracingHooks
 from projectionist.worker import Worker
 from tests.projections import Recorder
+from tests.waiting import wait_for
 
 INFO = WorkerInfo("orders", 1, 4)
 LABELS = {"projection": "orders", "worker": "1", "total_workers": "4"}
@@ -172,13 +172,6 @@ def append_events(conn: Connection, per_aggregate: dict[str, int]) -> None:
                 for agg, n in per_aggregate.items()
             ],
         )
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def catch_up(db_url: str, projection: str, partition: Partition) -> None:

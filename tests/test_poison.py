@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from projectionist import deadletters
@@ -17,6 +15,7 @@ from projectionist.store import append
 from projectionist.worker import Worker
 from tests.conftest import run_cli
 from tests.projections import PoisonSensitive, verify_exactly_once
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,15 +64,6 @@ def _applied(conn: Connection) -> list[tuple[str, int]]:
     ]
 
 
-def _wait(predicate: object, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) -> None:
     hooks = States()
     worker = _worker(db_url, PoisonPolicy.STOP, hooks)
@@ -82,8 +72,8 @@ def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) 
         worker.start()
         try:
             # Everything before the poison event is applied, nothing after it.
-            _wait(lambda: _applied(conn) == [("a", 1), ("b", 1)])
-            _wait(lambda: hooks.errors.count("poison") >= 2)
+            wait_for(lambda: _applied(conn) == [("a", 1), ("b", 1)])
+            wait_for(lambda: hooks.errors.count("poison") >= 2)
             assert worker.state is WorkerState.FAILING
             assert _applied(conn) == [("a", 1), ("b", 1)]
             checkpoint = conn.execute("SELECT last_global_position FROM projection_checkpoints").fetchone()
@@ -94,8 +84,8 @@ def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) 
             assert deadletters.list_letters(conn) == []
 
             conn.execute("CREATE TABLE poison_healed ()")  # the operator fixes the bug
-            _wait(lambda: len(_applied(conn)) == 6)
-            _wait(lambda: worker.state is WorkerState.LIVE)
+            wait_for(lambda: len(_applied(conn)) == 6)
+            wait_for(lambda: worker.state is WorkerState.LIVE)
         finally:
             worker.stop()
             worker.join(timeout=10)
@@ -114,7 +104,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
         _load(conn)
         worker.start()
         try:
-            _wait(lambda: sorted(_applied(conn)) == [("a", 1), ("b", 1), ("b", 2), ("b", 3)])
+            wait_for(lambda: sorted(_applied(conn)) == [("a", 1), ("b", 1), ("b", 2), ("b", 3)])
             letters = deadletters.list_letters(conn)
             assert [(x.aggregate_id, x.aggregate_version, x.reason) for x in letters] == [
                 ("a", 2, "failed"),
@@ -125,7 +115,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
             assert "Traceback" in (letters[0].traceback or "")
             # Later events of a parked aggregate keep queueing behind it.
             append(conn, "a", [NewEvent("E", {})])
-            _wait(lambda: len(deadletters.list_letters(conn)) == 3)
+            wait_for(lambda: len(deadletters.list_letters(conn)) == 3)
             assert ("a", 4) not in _applied(conn)
 
             # The CLI sees them; a retry while still broken re-parks them.
@@ -137,9 +127,9 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
             conn.execute("CREATE TABLE poison_healed ()")
             retried = run_cli("dead-letters", "retry", str(letters[0].id), db_url=db_url)
             assert retried.returncode == 0, retried.stderr
-            _wait(lambda: deadletters.list_letters(conn) == [])
+            wait_for(lambda: deadletters.list_letters(conn) == [])
             append(conn, "a", [NewEvent("E", {})])
-            _wait(lambda: ("a", 5) in _applied(conn))
+            wait_for(lambda: ("a", 5) in _applied(conn))
         finally:
             worker.stop()
             worker.join(timeout=10)
@@ -159,7 +149,7 @@ def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -
         append(conn, "a", [NewEvent("E", {"poison": True})])
         worker.start()
         try:
-            _wait(lambda: len(deadletters.list_letters(conn)) == 1)
+            wait_for(lambda: len(deadletters.list_letters(conn)) == 1)
             count, age = deadletters.stats(conn, ["poison_sensitive"])["poison_sensitive"]
             assert count == 1 and age >= 0
             (letter,) = deadletters.list_letters(conn)
@@ -171,7 +161,7 @@ def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -
             assert missing.returncode == 2 and "999" in missing.stderr
             # With the failed event discarded, the aggregate flows again.
             append(conn, "a", [NewEvent("E", {})])
-            _wait(lambda: ("a", 2) in _applied(conn))
+            wait_for(lambda: ("a", 2) in _applied(conn))
         finally:
             worker.stop()
             worker.join(timeout=10)
@@ -197,7 +187,7 @@ def test_an_event_the_reader_cannot_decode_goes_to_the_poison_policy(db_url: str
         append(conn, "good", [NewEvent("E", {})])
         worker.start()
         try:
-            _wait(lambda: ("good", 1) in _applied(conn) and deadletters.list_letters(conn))
+            wait_for(lambda: ("good", 1) in _applied(conn) and deadletters.list_letters(conn))
             assert worker.is_alive()
             assert [(x.aggregate_id, x.reason) for x in deadletters.list_letters(conn)] == [("bad", "failed")]
         finally:

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, run_cli
 from tests.fix_prometheus import http_get
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -87,14 +88,6 @@ class WorkerProc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30, interval: float = 0.05) -> float:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
-    return time.monotonic()
 
 
 @contextmanager

@@ -8,9 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
@@ -32,6 +30,7 @@ from tests.conftest import ROOT
 from tests.fix_otlp import OtlpReceiver
 from tests.fix_prometheus import free_port, http_get
 from tests.projections import Recorder
+from tests.waiting import wait_for
 
 MESSAGING = {
     "messaging.system": "projectionist",
@@ -39,13 +38,6 @@ MESSAGING = {
     "messaging.operation.name": "process",
     "messaging.consumer.group.name": "recorder",
 }
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def produce(conn: Connection, tracer_provider: TracerProvider, aggregates: list[str]) -> SpanContext:
