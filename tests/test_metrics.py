@@ -158,6 +158,12 @@ def test_a_failed_batch_leaves_no_exemplar_behind() -> None:
         raise RuntimeError("the projection failed")
     chain.after_batch(INFO, BatchResult(0, 0.002, Position(1, 5), None))
     assert "trace_id=" not in generate_openmetrics(registry).decode()
+    # Failed after its scope closed: the commit or the checkpoint write.
+    with chain.batch_scope(INFO, []):
+        pass
+    chain.on_error(INFO, "database", RuntimeError("the commit failed"))
+    chain.after_batch(INFO, BatchResult(0, 0.002, Position(1, 6), None))
+    assert "trace_id=" not in generate_openmetrics(registry).decode()
 
 
 # -- the store Collector (real PostgreSQL) ------------------------------------

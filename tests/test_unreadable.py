@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import httpx
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
-from projectionist import deadletters
+from projectionist import deadletters, lag, partition_index
+from projectionist.api import ApiSettings, create_app
+from projectionist.checkpoints import register_group
 from projectionist.db import Connection
 from projectionist.deadletters import PoisonPolicy
 from projectionist.errors import ProjectionError
@@ -14,6 +18,7 @@ from projectionist.processor import Processor
 from projectionist.reader import Partition
 from projectionist.records import NewEvent, UndecodablePayload
 from projectionist.store import append, read_stream
+from tests.fix_api import ServedApp
 from tests.horizon import wait_until_readable
 from tests.projections import Recorder, drain
 
@@ -109,3 +114,27 @@ def test_reading_the_stream_marks_the_event_instead_of_raising(conn: Connection)
     assert isinstance(first.payload, UndecodablePayload)
     assert "global position 1" in str(first.payload.error)
     assert second.payload == {"i": 2}
+
+
+# The API answered 422 invalid_value, blaming the client for stored data.
+def test_the_api_says_which_event_cannot_be_read_and_pages_past_it(conn: Connection, db_url: str) -> None:
+    append(conn, "s", [NewEvent("E", {"i": 1}), NewEvent("E", {"i": 2}), NewEvent("E", {"i": 3})])
+    _old_unreadable_row(conn, "s", 2)
+    app = create_app(db_url, ApiSettings(), registry=CollectorRegistry())
+    with ServedApp(app) as served:
+        whole = httpx.get(f"{served.url}/streams/s", timeout=10)
+        after = httpx.get(f"{served.url}/streams/s", params={"from_version": 3}, timeout=10)
+    assert whole.status_code == 500, whole.text
+    assert whole.json()["error"] == "unreadable_event"
+    assert "version 2 of this stream cannot be read" in whole.json()["message"]
+    assert [e["data"] for e in after.json()["events"]] == [{"i": 3}]
+
+
+def test_lag_stays_finite_and_not_negative_behind_such_a_row(conn: Connection) -> None:
+    register_group(conn, "recorder", 2)
+    partition_index.create_indexes(conn, 2)
+    for n, value in enumerate(["infinity", "-infinity", "20000-01-01 00:00:00+00"]):
+        append(conn, f"x{n}", [NewEvent("E", {})])
+        _old_unreadable_row(conn, f"x{n}", 1, value)
+        lags = lag.read_lag(conn, ["recorder"], 1000).partitions
+        assert lags and all(0 <= p.lag_seconds < 1e12 for p in lags), (value, lags)

@@ -117,11 +117,19 @@ _AFTER_CHECKPOINT = sql.SQL(
 # the window's size a literal, the planner's estimate for it grew with N and
 # tipped the plan into a sequential scan plus a sort of the table's remainder
 # (one-off EXPLAIN, 16 partitions).
+# The age of the oldest unapplied event, never negative: a created_at that
+# raw SQL set to 'infinity' or a far year (see unreadable.py) would otherwise
+# put -inf or minus centuries into the lag gauges until the row is parked.
+_AGE = sql.SQL(
+    "greatest(coalesce(extract(epoch FROM clock_timestamp()"
+    " - CASE WHEN isfinite(lag.oldest) THEN lag.oldest END), 0), 0)::float8"
+)
+
 _UNINDEXED = sql.SQL(
     """
     SELECT g.projection_name, g.total_workers, k.worker_id,
            coalesce(c.last_global_position, 0) AS checkpoint, lag.n,
-           coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8 AS lag_seconds
+           {age} AS lag_seconds
     FROM projection_groups g
     CROSS JOIN unnest({worker_ids}::int[]) AS k(worker_id)
     LEFT JOIN projection_checkpoints c
@@ -142,7 +150,7 @@ _INDEXED = sql.SQL(
     """
     SELECT {projection}::text AS projection_name, {n}::int AS total_workers, {k}::int AS worker_id,
            coalesce(c.last_global_position, 0) AS checkpoint, lag.n,
-           coalesce(extract(epoch FROM clock_timestamp() - lag.oldest), 0)::float8 AS lag_seconds
+           {age} AS lag_seconds
     FROM (SELECT) one
     LEFT JOIN projection_checkpoints c
       ON c.projection_name = {projection} AND c.total_workers = {n} AND c.worker_id = {k}
@@ -199,6 +207,7 @@ def _group_queries(
             else sql.SQL("e.partition_hash % {} = {}").format(n, sql.Literal(k)),
             after=after,
             limit=limit,
+            age=_AGE,
         )
         for k in sorted(ready)
     ]
@@ -210,6 +219,7 @@ def _group_queries(
                 after=after,
                 window=window,
                 projection=sql.Literal(projection),
+                age=_AGE,
             )
         )
     return queries

@@ -250,6 +250,10 @@ class MetricsHooks(WorkerHooks):
         series.last_progress.set(self._clock())
 
     def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
+        # A batch that failed after its scope closed (its commit, its
+        # checkpoint) gets no after_batch either: its trace id must not
+        # become the exemplar of the next checkpoint move.
+        self._exemplar.pop(info, None)
         series = self._for(info)
         counter = series.errors.get(error_type)
         if counter is None:

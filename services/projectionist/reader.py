@@ -288,7 +288,7 @@ class PendingRead:
         except psycopg.DataError as e:
             if not unreadable.loading_failed(e):
                 raise
-            return None  # an unreadable created_at (unreadable.py): batch() reads the rows again
+            row = None  # an unreadable created_at (unreadable.py): batch() reads the rows again
         self._cursor.scroll(0, "absolute")
         if row is None or not (self._single or row[9]):
             return None

@@ -709,8 +709,16 @@ async def read_stream_async(
     conn: AsyncConnection, aggregate_id: str, *, from_version: int = 1, limit: int = 100
 ) -> list[RecordedEvent]:
     """:func:`read_stream` on an asyncio connection."""
-    cur = await conn.execute(_READ_STREAM, (aggregate_id, from_version, limit))
-    return [recorded_event_from_row(row) for row in await cur.fetchall()]
+    params = (aggregate_id, from_version, limit)
+    try:
+        cur = await conn.execute(_READ_STREAM, params)
+        return [recorded_event_from_row(row) for row in await cur.fetchall()]
+    except psycopg.DataError as e:
+        if not unreadable.loading_failed(e):
+            raise
+        async with unreadable.tolerant(conn.cursor()) as cursor:
+            await cursor.execute(_READ_STREAM, params)
+            return [unreadable.event_from_row(row) for row in await cursor.fetchall()]
 
 
 def read_events(conn: Connection, event_ids: Sequence[str]) -> list[RecordedEvent]:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
-from psycopg import Cursor
+from psycopg import AsyncCursor, Cursor
 from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 
 from projectionist import records
@@ -31,6 +31,7 @@ from projectionist.records import RecordedEvent, UndecodablePayload, recorded_ev
 #: Stands in for the value that cannot be loaded; the event never reaches a projection.
 _PLACEHOLDER = datetime(1, 1, 1, tzinfo=UTC)
 _CREATED_AT = 8
+_AnyCursor = TypeVar("_AnyCursor", Cursor[Any], AsyncCursor[Any])
 
 
 class _TextLoader(TimestamptzLoader):
@@ -56,7 +57,11 @@ def loading_failed(error: psycopg.DataError) -> bool:
 
 def tolerant_cursor(conn: Connection) -> Cursor[Any]:
     """A cursor on ``conn`` that loads an out-of-range timestamptz as ``None``."""
-    cursor = conn.cursor()
+    return tolerant(conn.cursor())
+
+
+def tolerant(cursor: _AnyCursor) -> _AnyCursor:
+    """``cursor``, set to load an out-of-range timestamptz as ``None``."""
     cursor.adapters.register_loader("timestamptz", _TextLoader)
     cursor.adapters.register_loader("timestamptz", _BinaryLoader)
     return cursor

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from projectionist import records
 from projectionist.api.errors import ApiError
 from projectionist.api.openapi import build_openapi
 from projectionist.api.validation import (
@@ -23,7 +24,7 @@ from projectionist.api.validation import (
     parse_query_int,
 )
 from projectionist.errors import ConcurrencyError
-from projectionist.records import RecordedEvent
+from projectionist.records import RecordedEvent, UndecodablePayload
 from projectionist.store import append_async, read_stream_async, stream_version_async
 
 if TYPE_CHECKING:
@@ -185,6 +186,16 @@ async def read_events(request: Request) -> Response:
         if not events and await stream_version_async(conn, aggregate_id) == 0:
             raise ApiError(404, "stream_not_found", f"stream {aggregate_id!r} has no events")
     page = events[:limit]
+    if records.undecodable_seen:
+        for event in page:
+            if isinstance(event.payload, UndecodablePayload):
+                # Stored data Python cannot read (raw SQL wrote it), not the
+                # client's fault; the version lets it page past the event.
+                raise ApiError(
+                    500,
+                    "unreadable_event",
+                    f"version {event.aggregate_version} of this stream cannot be read: {event.payload.error}",
+                )
     next_from = page[-1].aggregate_version + 1 if len(events) > limit else None
     return _AsciiJSONResponse(
         {
