@@ -11,13 +11,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
-from projectionist.db import connect
+from projectionist.db import Connection, connect
 from projectionist.demo import demo_lock_key
 from projectionist.demo_verify import verify
-from tests.conftest import ROOT, Server, run_cli
+from tests.conftest import ROOT, Server, fresh_database, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -228,10 +230,15 @@ def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_serv
     try:
         with connect(pg_server.url_for(name), autocommit=True) as first:
             first.execute("CREATE TABLE still_here ()")
-        with pg_server.admin() as running:  # what a running demo holds
+        with (
+            connect(pg_server.url_for("postgres"), autocommit=True) as running,  # what a running demo holds
+            fresh_database(pg_server, template=None) as elsewhere,
+        ):
             running.execute("SELECT pg_advisory_lock(%s)", (demo_lock_key(name),))
             result = run_cli(*DEMO_ARGS, "--database", name, db_url=pg_server.admin_url, timeout=60)
-            verify_only = run_cli("demo", "--verify-only", "--database", name, db_url=pg_server.admin_url)
+            # Advisory locks belong to one database: a DATABASE_URL naming
+            # another must still meet the first demo's lock.
+            verify_only = run_cli("demo", "--verify-only", "--database", name, db_url=elsewhere)
         assert result.returncode == 1, result.stdout + result.stderr
         assert f"another demo is using the database {name!r}" in result.stderr
         assert verify_only.returncode == 1 and "another demo" in verify_only.stderr
@@ -241,6 +248,13 @@ def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_serv
         assert "another demo" not in other.stderr  # the lock is per database
     finally:
         _drop(pg_server, name)
+
+
+def _connect_or_none(url: str) -> Connection | None:
+    try:
+        return connect(url, autocommit=True)
+    except psycopg.OperationalError:
+        return None
 
 
 # The demo stops the embedded server it started, even when something else
@@ -262,7 +276,12 @@ def test_the_demo_leaves_its_embedded_server_running_for_other_clients(tmp_path:
         while (found := run_cli("db", "url", env=env)).returncode != 0:
             assert proc.poll() is None and time.monotonic() < deadline, found.stderr
             time.sleep(0.2)
-        with connect(found.stdout.strip(), autocommit=True) as user:
+        # Someone looking at the demo's read model, in the demo's own database.
+        demo_db = make_conninfo(found.stdout.strip(), dbname="projectionist_demo")
+        while (user := _connect_or_none(demo_db)) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no demo database"
+            time.sleep(0.2)
+        with user:
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, out
             assert "left the embedded server running: 1 other connection(s) use it" in out

@@ -118,7 +118,7 @@ def run_demo(
         return EXIT_INTERRUPTED
     finally:
         if started_server and embedded is not None:
-            others = _other_clients(server_url, database)
+            others = _other_clients(server_url)
             if others:
                 # Someone began to use the server the demo started (a worker,
                 # psql, a second demo): stopping it would cut them off.
@@ -147,14 +147,20 @@ def demo_lock_key(database: str) -> int:
 def _only_demo_on(server_url: str, database: str) -> Iterator[None]:
     """Refuse to start while another demo uses ``database``: it would drop that demo's database.
 
-    A session lock on the server's own database (not the demo's, which is
-    dropped), held on a connection kept open until the demo ends; a killed
-    demo's lock goes with its connection.
+    A session lock held on a connection kept open until the demo ends; a
+    killed demo's lock goes with its connection. Advisory locks belong to one
+    database, so every demo takes it in the same one, ``postgres``, whatever
+    database its DATABASE_URL names (never the demo's, which is dropped).
     """
     try:
-        conn = connect(server_url, autocommit=True, application_name="projectionist demo lock")
+        conn = connect(
+            make_conninfo(server_url, dbname="postgres"), autocommit=True, application_name=_LOCK_APP
+        )
     except psycopg.Error as e:
-        raise ProjectionistError(f"cannot connect to the server: {' '.join(str(e).split())}") from e
+        raise ProjectionistError(
+            "cannot connect to the server's postgres database for the demo's lock: "
+            + " ".join(str(e).split())
+        ) from e
     with conn:
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (demo_lock_key(database),)).fetchone()
         if not row or not row[0]:
@@ -165,24 +171,30 @@ def _only_demo_on(server_url: str, database: str) -> Iterator[None]:
         yield
 
 
-def _other_clients(server_url: str, database: str) -> int:
-    """Client connections to the server outside the demo's database, other than this check's own.
+_LOCK_APP = "projectionist demo lock"
+# Backends of connections the demo just closed (its workers', its lock's)
+# can outlive them by a moment; anyone else's are still there after this.
+_OTHERS_SETTLE_SECONDS = 3.0
 
-    The demo's workers have exited by now; their database is left out in case
-    the server has not yet noticed a closed connection.
-    """
+
+def _other_clients(server_url: str) -> int:
+    """Client connections to the server other than this check's own, once the demo's have gone."""
     if not server_url:
         return 0
+    deadline = time.monotonic() + _OTHERS_SETTLE_SECONDS
     try:
         with connect(server_url, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-                " AND pid <> pg_backend_pid() AND datname IS DISTINCT FROM %s",
-                (database,),
-            ).fetchone()
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ).fetchone()
+                others = int(row[0]) if row else 0
+                if others == 0 or time.monotonic() > deadline:
+                    return others
+                time.sleep(0.1)
     except psycopg.Error:
         return 0  # the server is not answering: nobody can be using it
-    return int(row[0]) if row else 0
 
 
 def _demo_database(server_url: str, name: str, *, create: bool) -> str:
