@@ -3,6 +3,7 @@ embedded server's start-up: a stale pid file of a reused pid, several first user
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.conftest import run_cli
@@ -173,3 +175,32 @@ def test_migrate_on_the_seeds_tables_explains_and_changes_nothing(pg_server: obj
             conn.execute("ALTER TABLE events RENAME TO seed_events")
             conn.execute("ALTER TABLE projection_checkpoints RENAME TO seed_projection_checkpoints")
         assert run_cli("migrate", db_url=url).returncode == 0
+
+
+# A bind mount of the same file system (a Kubernetes subPath) passes for an
+# ordinary directory, but refuses the rename with EBUSY: the cluster stayed
+# in the side directory and every start failed the same way.
+def test_a_data_directory_that_refuses_the_rename_is_initialised_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from projectionist.embedded import EmbeddedPostgres
+
+    data = tmp_path / "pg"
+    data.mkdir()
+    rename = Path.rename
+
+    def refused(self: Path, target: str | Path) -> Path:
+        if Path(target) == data:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refused)
+    server = EmbeddedPostgres(data)
+    try:
+        server.start()
+        assert (data / "PG_VERSION").exists()
+        assert not (tmp_path / ".pg.initdb").exists()
+        with psycopg.connect(server.url, connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        server.destroy()

@@ -158,8 +158,15 @@ class EmbeddedPostgres:
         shutil.rmtree(building, ignore_errors=True)  # a killed earlier attempt's
         building.mkdir(parents=True)
         self._initdb(building)
-        # rename(2) replaces an empty directory, and is atomic on one file system.
-        building.rename(self.data_dir)
+        try:
+            # rename(2) replaces an empty directory, and is atomic on one file system.
+            building.rename(self.data_dir)
+        except OSError as e:
+            # A bind mount of the same file system (a Kubernetes subPath, say)
+            # is not a mount by device number, yet cannot be renamed onto.
+            shutil.rmtree(building, ignore_errors=True)
+            log.info("cannot rename onto %s (%s): initialising it in place", self.data_dir, e.strerror)
+            self._initdb(self.data_dir)
 
     def _initdb(self, data_dir: Path) -> None:
         if self._user is not None:
