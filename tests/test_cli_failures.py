@@ -204,3 +204,21 @@ def test_a_data_directory_that_refuses_the_rename_is_initialised_in_place(
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         server.destroy()
+
+
+# Migration 0005's lock is brief, but queued behind a long query it would
+# hold up every append and read behind it; it gives up after 10 s instead.
+@pytest.mark.slow
+def test_migration_0005_gives_up_behind_a_long_query_and_applies_nothing(db_url: str) -> None:
+    from projectionist.db import connect
+
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events DROP CONSTRAINT events_created_at_in_python_range")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 5")
+    with connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM events")  # holds its lock until the transaction ends
+        result = run_cli("migrate", db_url=db_url)  # without a timeout: waits as long as the reader
+    assert result.returncode == 1, result.stderr
+    assert "migration 0005_created_at_range gave up waiting for its lock" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run_cli("migrate", db_url=db_url).returncode == 0  # once the reader has gone

@@ -77,12 +77,22 @@ def migrate(conn: Connection) -> list[Migration]:
                 # projection_checkpoints, of other columns): taking it over
                 # would guess at data we did not write. The transaction rolls
                 # back, so nothing of the migration stays.
-                raise MigrationError(
-                    f"migration {migration.version:04d}_{migration.name} cannot run: "
-                    f"{str(e).splitlines()[0]}, and schema_migrations does not record creating it. "
-                    "The database holds another schema (the seed's Go example makes `events` and "
+                seed = (
+                    " The database holds another schema (the seed's Go example makes `events` and "
                     "`projection_checkpoints`); projectionist does not adopt it. Use a database of "
                     "its own, or rename those tables first (ALTER TABLE events RENAME TO seed_events)"
+                    if migration.version == 1
+                    else " Drop what was created by hand under that name, then migrate again"
+                )
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} cannot run: "
+                    f"{str(e).splitlines()[0]}, and schema_migrations does not record creating it.{seed}"
+                ) from e
+            except errors.LockNotAvailable as e:
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} gave up waiting for its lock "
+                    "(a long query or transaction holds one on the table; see pg_stat_activity); "
+                    "nothing was applied: run `projectionist migrate` again"
                 ) from e
             conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",

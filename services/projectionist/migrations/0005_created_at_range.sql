@@ -1,5 +1,6 @@
 -- created_at within the years Python's datetime holds (1 to 9999), a day
--- inside them at each end, so that a session in any time zone can load it.
+-- inside them at each end, so that a session in any real time zone (offsets
+-- within a day) can load it; workers read in UTC.
 --
 -- The store always writes the server's clock, but timestamptz also takes
 -- 'infinity' and years up to 294276, which a raw-SQL writer may send; every
@@ -14,6 +15,11 @@
 --    WHERE NOT (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-31 00:00:00+00');
 --   ALTER TABLE events VALIDATE CONSTRAINT events_created_at_in_python_range;
 -- (VALIDATE scans under a lock that lets appends and reads go on.)
+--
+-- The lock is brief, but waiting for it behind a long query would queue
+-- every append and read behind this migration: give up after 10 s instead
+-- (migrate then says so) and let the operator run it again.
+SET LOCAL lock_timeout = '10s';
 ALTER TABLE events
     ADD CONSTRAINT events_created_at_in_python_range
     CHECK (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-31 00:00:00+00') NOT VALID;
