@@ -120,10 +120,18 @@ def test_reading_the_stream_marks_the_event_instead_of_raising(conn: Connection)
 def test_the_api_says_which_event_cannot_be_read_and_pages_past_it(conn: Connection, db_url: str) -> None:
     append(conn, "s", [NewEvent("E", {"i": 1}), NewEvent("E", {"i": 2}), NewEvent("E", {"i": 3})])
     _old_unreadable_row(conn, "s", 2)
+    # The other kind: valid JSON that Python's json refuses (over 4300 digits).
+    append(conn, "big", [NewEvent("E", {})])
+    conn.execute(
+        "UPDATE events SET payload = %s::json WHERE aggregate_id = 'big'", ('{"n": ' + "9" * 5000 + "}",)
+    )
     app = create_app(db_url, ApiSettings(), registry=CollectorRegistry())
     with ServedApp(app) as served:
         whole = httpx.get(f"{served.url}/streams/s", timeout=10)
         after = httpx.get(f"{served.url}/streams/s", params={"from_version": 3}, timeout=10)
+        big = httpx.get(f"{served.url}/streams/big", timeout=10)
+    assert (big.status_code, big.json()["error"]) == (500, "unreadable_event"), big.text
+    assert "version 1 of this stream cannot be read" in big.json()["message"]
     assert whole.status_code == 500, whole.text
     assert whole.json()["error"] == "unreadable_event"
     assert "version 2 of this stream cannot be read" in whole.json()["message"]
