@@ -2,10 +2,10 @@
 
 timestamptz goes from 4713 BC to 294276 AD and has ``infinity``; datetime
 holds years 1 to 9999. The store always writes the server's clock, and
-migration 0005 refuses anything else, but a row written by raw SQL before it
-(or with the check dropped) made psycopg raise ``DataError`` while loading a
-batch: the worker died on every restart at the same batch, and no poison
-policy ever saw the event.
+since migration 0005 the table refuses a value outside that range; but a row
+raw SQL wrote before it (or with the check dropped) made psycopg raise
+``DataError`` while loading a batch: the worker died on every restart at the
+same batch, and no poison policy ever saw the event.
 
 Nothing here runs on the hot path. A read that raises is sent again through
 a cursor whose timestamptz loaders give ``None`` instead of raising, and the
