@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
+import psycopg
 import pytest
 
 from projectionist.db import NOTIFY_CHANNEL, connect
@@ -116,3 +118,24 @@ def _append_some(db_url: str, notifier: Notifier, k: int) -> None:
         for i in range(20):
             append(conn, f"agg-{k}", [NewEvent("E", {"i": i})], notify=False)
             notifier.poke()
+
+
+def test_a_database_error_other_than_a_lost_connection_does_not_end_the_notifier(db_url: str) -> None:
+    # NOTIFY on a server in recovery (after a failover) is an InternalError:
+    # it ended the thread for good, and workers woke only on polls after.
+    calls = [0]
+
+    def flaky_connect(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise psycopg.errors.InternalError("cannot execute NOTIFY during recovery")
+        return connect(*args, **kwargs)
+
+    with (
+        connect(db_url, autocommit=True) as listener,
+        Notifier(db_url, min_interval=0.01, connect_fn=flaky_connect) as notifier,
+    ):
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        notifier.poke()
+        assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+    assert calls[0] >= 2

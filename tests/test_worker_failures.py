@@ -13,6 +13,7 @@ import pytest
 
 from projectionist import deadletters
 from projectionist import processor as processor_module
+from projectionist.backoff import Backoff
 from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.deadletters import PoisonPolicy
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
@@ -300,3 +301,77 @@ def test_a_fenced_worker_is_not_ready_until_it_has_rejoined(db_url: str) -> None
         assert _wait(lambda: worker.state is WorkerState.LIVE)
     after = [state for state, _ in hooks.states[hooks.states.index((WorkerState.LIVE, "caught up")) :]]
     assert WorkerState.STARTING in after, hooks.states
+
+
+def test_the_backoff_stays_at_its_cap_after_a_thousand_failures() -> None:
+    # multiplier ** attempts overflowed at 1024 attempts (about two hours of
+    # an outage at the reconnect cap) and the worker died of OverflowError.
+    backoff = Backoff(initial=0.1, maximum=10.0, jitter=0.0)
+    backoff.attempts = 5000
+    assert backoff.next_delay() == 10.0
+
+
+# The reconnect backoff was reset as soon as the processor started, before
+# anything worked: a read that always fails (here, every read of events
+# times out behind a lock) reconnected at the first step, 4 times a second,
+# forever, dropping and retaking the partition's ownership each time.
+def test_a_failure_after_start_keeps_backing_off(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} SET lock_timeout = 100")
+        load_sample(conn, 20, 2)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2)
+    worker.reconnect_backoff.initial = 0.05
+    with connect(db_url) as holder:
+        holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        with _running(worker):
+            # 0.05, 0.1, 0.2, 0.4, 0.8 s: five attempts take about 1.5 s.
+            assert _wait(lambda: worker.reconnect_backoff.attempts >= 5, timeout=15)
+        holder.rollback()
+    assert worker.reconnect_backoff.attempts >= 5
+
+
+# A rebuild holding the projection's setup lock (or another worker's setup
+# waiting on DDL) left a starting worker deaf to stop() and to SIGTERM, and
+# its loop stopped ticking, until the lock was released.
+def test_a_worker_waiting_for_the_setup_lock_still_stops(db_url: str) -> None:
+    ticks: list[float] = []
+
+    class Ticks(WorkerHooks):
+        def on_tick(self, info: WorkerInfo) -> None:
+            ticks.append(time.monotonic())
+
+    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2, hooks=Ticks())
+    with connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('projectionist.setup'), hashtext('recorder'))")
+        worker.start()
+        try:
+            assert _wait(lambda: len(ticks) >= 3, timeout=10)  # alive while it waits
+            stopped_at = time.monotonic()
+            worker.stop()
+            worker.join(timeout=5)
+            assert not worker.is_alive()
+            assert time.monotonic() - stopped_at < 2
+        finally:
+            worker.stop()
+            holder.execute("SELECT pg_advisory_unlock_all()")
+            worker.join(timeout=10)
+
+
+class _FailsToSetUp(Recorder):
+    def setup(self, conn: Connection) -> None:
+        raise RuntimeError(f"setup of worker {self.worker_id} failed")
+
+
+def test_every_pool_workers_failure_is_reported(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Only the first failure is raised; the second was dropped without a word.
+    made = iter(range(2))
+
+    def factory() -> Recorder:
+        projection = _FailsToSetUp()
+        projection.worker_id = next(made)  # type: ignore[attr-defined]
+        return projection
+
+    pool = WorkerPool(db_url, factory, 2, poll_interval=0.2)
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="setup of worker"):
+        pool.run()
+    assert "setup of worker 0 failed" in caplog.text and "setup of worker 1 failed" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -29,7 +30,14 @@ class Backoff:
             raise ValueError("Backoff jitter must be within [0, 1]")
 
     def next_delay(self) -> float:
-        base = min(self.maximum, self.initial * self.multiplier**self.attempts)
+        try:
+            growth = self.multiplier**self.attempts
+        except OverflowError:
+            # Over a thousand failures in a row (hours of a database outage at
+            # the cap): the delay has long been the maximum, and must not
+            # become an exception in the loop that waits it out.
+            growth = math.inf
+        base = min(self.maximum, self.initial * growth)
         self.attempts += 1
         # Jitter spreads out workers that all lost the database at the same moment.
         return base * (1 - self.jitter * self._rng.random())

@@ -83,7 +83,10 @@ class Notifier:
                     conn.execute("SET synchronous_commit = off")
                     backoff.reset()
                     self._serve(conn)
-            except psycopg.OperationalError as e:
+            except psycopg.Error as e:
+                # Any database error, not only a lost connection (NOTIFY on a
+                # server in recovery is an InternalError): the thread must live
+                # on, or workers would wake only on their polls from then on.
                 delay = backoff.next_delay()
                 # Workers still poll, so a lost notifier costs latency, not events.
                 log.warning("notifier: database unavailable (%s); retrying in %.1fs", e, delay)

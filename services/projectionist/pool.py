@@ -7,7 +7,6 @@ leaving a partition silently unprocessed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -70,11 +69,14 @@ class WorkerPool:
             # Workers that all died before the first look above still report why.
             for worker in self.workers:
                 worker.join(timeout=0)
-        except BaseException:
-            log.error("a pool worker failed; stopping the pool")
+        except BaseException as first:
+            log.error("a pool worker failed; stopping the pool: %s", first)
             self.stop()
             for worker in self.workers:
-                # Only the first failure is re-raised; the others were logged.
-                with contextlib.suppress(BaseException):
+                # Only the first failure is re-raised; the others are logged here.
+                try:
                     worker.join(timeout=30)
+                except BaseException as other:
+                    if other is not first:
+                        log.error("pool worker %s failed too", worker.partition, exc_info=other)
             raise

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import psycopg
+from psycopg import sql
 
 from projectionist import deadletters, partition_index, records
 from projectionist.checkpoints import check_checkpoint, load_checkpoint, save_checkpoint
@@ -34,6 +35,10 @@ INDEX_RECHECK_SECONDS = 30.0
 
 # Read-ahead needs libpq's pipeline mode (libpq 14 or later); without it every batch reads in turn.
 _PIPELINE = psycopg.Pipeline.is_supported()
+
+# One lock per projection, for its setup: the function (blocking or try) goes in.
+_SETUP_LOCK = sql.SQL("SELECT {}(hashtext('projectionist.setup'), hashtext(%s))")
+_SETUP_LOCK_POLL = 0.1
 
 
 class BatchOutcome(NamedTuple):
@@ -76,10 +81,18 @@ class Processor:
             batch_handler if callable(batch_handler) else None
         )
 
-    def start(self, conn: Connection, layers: tuple[MarkLayer, ...] = ()) -> None:
+    def start(
+        self,
+        conn: Connection,
+        layers: tuple[MarkLayer, ...] = (),
+        *,
+        keep_waiting: Callable[[], bool] | None = None,
+    ) -> bool:
         """Prepare the projection and load the checkpoint (after every reconnect).
 
         ``layers`` are the skip marks of retired groups after a rescale.
+        ``keep_waiting`` is asked while another process holds the setup lock;
+        once it says no, nothing is started and the result is False.
         """
         # The worker's session settings, in one round trip:
         # - TimeZone: projections see one clock whatever the server's default
@@ -100,10 +113,8 @@ class Processor:
             # Workers of one projection start together and would race on
             # CREATE TABLE IF NOT EXISTS (it is not atomic against a concurrent
             # create); a transaction lock per projection makes them take turns.
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('projectionist.setup'), hashtext(%s))",
-                (self.projection.name,),
-            )
+            if not self._setup_lock(conn, keep_waiting):
+                return False
             self.projection.setup(conn)
         self.position = load_checkpoint(conn, self.projection.name, self.partition)
         self._drop_read_ahead()
@@ -114,6 +125,24 @@ class Processor:
             self._open_letters = bool(
                 deadletters.open_letters(conn, self.projection.name, self.partition).blocked_aggregates
             )
+        return True
+
+    def _setup_lock(self, conn: Connection, keep_waiting: Callable[[], bool] | None) -> bool:
+        key = (self.projection.name,)
+        if keep_waiting is None:
+            conn.execute(_SETUP_LOCK.format(sql.SQL("pg_advisory_xact_lock")), key)
+            return True
+        # Polled, not waited on: a `rebuild` resetting the projection, or a
+        # worker whose setup waits on DDL, can hold it for long, and the
+        # worker must still stop when told and tick for its liveness probe.
+        while True:
+            row = conn.execute(_SETUP_LOCK.format(sql.SQL("pg_try_advisory_xact_lock")), key).fetchone()
+            if row and row[0]:
+                return True
+            if not keep_waiting():
+                return False
+            self.hooks.on_tick(self.info)
+            time.sleep(_SETUP_LOCK_POLL)
 
     def run_batch(self, conn: Connection, *, isolate: bool = False) -> BatchOutcome:
         """Process one batch and commit it with the checkpoint (see :meth:`_run_batch`)."""

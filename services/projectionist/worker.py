@@ -211,10 +211,10 @@ class Worker:
             return
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
         self._notified = False
-        self.processor.start(conn, group.layers)
+        if not self.processor.start(conn, group.layers, keep_waiting=lambda: not self.stopping):
+            return
         if self.reconnect_backoff.attempts:
             log.info("worker %s: reconnected to the database", self.partition)
-        self.reconnect_backoff.reset()
         log.info(
             "worker %s of %s started at position %s",
             self.partition,
@@ -251,6 +251,11 @@ class Worker:
                 self._projection_failed(e)
                 continue
             self._isolate = False
+            # Only a batch that went through shows the connection works: a
+            # failure that comes after start (a read always cancelled by a
+            # timeout, a session killed at once) must keep backing off, not
+            # reconnect at the first step forever.
+            self.reconnect_backoff.reset()
             if self.retry_backoff.attempts:
                 log.info("worker %s: recovered, processing again", self.partition)
                 self.retry_backoff.reset()
