@@ -29,7 +29,7 @@ from projectionist.settings import Settings
 from projectionist.store import StreamAppend, append_many
 from projectionist.tracing import TracingHooks
 from projectionist.worker import Worker
-from tests.projections import Recorder
+from tests.projections import PoisonSensitive, Recorder
 from tests.waiting import wait_for
 
 INFO = WorkerInfo("orders", 1, 4)
@@ -68,6 +68,7 @@ def test_hooks_count_batches_errors_wakeups_and_state_exactly() -> None:
     now = [1000.0]
     hooks = MetricsHooks(registry, version="0.1.0", clock=lambda: now[0])
 
+    hooks.on_ownership(INFO, True)
     hooks.on_state(INFO, WorkerState.CATCHING_UP, "connected")
     assert sample(registry, "projectionist_partition_owned", **LABELS) == 1
     now[0] = 1010.0
@@ -110,9 +111,12 @@ def test_hooks_count_batches_errors_wakeups_and_state_exactly() -> None:
     assert sample(registry, "projectionist_errors_total", **LABELS, error_type="poison") == 0
     assert sample(registry, "projectionist_events_skipped_total", **LABELS) == 0
 
-    for state in (WorkerState.STANDBY, WorkerState.FAILING, WorkerState.STOPPING):
-        hooks.on_state(INFO, state, "not owning")
-        assert sample(registry, "projectionist_partition_owned", **LABELS) == 0
+    # Ownership is the lock's, not the state's: failing on an event, a worker
+    # still holds it, and nobody else can take the partition over.
+    hooks.on_state(INFO, WorkerState.FAILING, "the projection raised")
+    assert sample(registry, "projectionist_partition_owned", **LABELS) == 1
+    hooks.on_ownership(INFO, False)
+    assert sample(registry, "projectionist_partition_owned", **LABELS) == 0
 
 
 def test_batch_duration_exemplar_is_the_batch_span_trace_id() -> None:
@@ -434,3 +438,32 @@ def test_telemetry_without_a_port_or_endpoint_adds_no_hooks() -> None:
     assert len(build_hooks(settings, ["x"], telemetry).hooks) == 1  # logging only
     with telemetry:  # nothing to start, nothing to close
         assert telemetry.server is None
+
+
+# projectionist_partition_owned followed the state, so a worker stuck on a
+# poison event (POISON_POLICY=stop) reported 0 while holding the lock, and
+# ProjectionistPartitionUncovered paged "no process holds the lock".
+@pytest.mark.integration
+def test_a_worker_failing_on_an_event_still_reports_its_ownership(db_url: str, conn: Connection) -> None:
+    append_events(conn, {"a": 1})
+    conn.execute("""UPDATE events SET payload = '{"poison": true}'""")
+    registry = CollectorRegistry()
+    labels = {"projection": "poison_sensitive", "worker": "0", "total_workers": "1"}
+    worker = Worker(
+        db_url,
+        PoisonSensitive(),
+        Partition(0, 1),
+        poll_interval=0.2,
+        hooks=MetricsHooks(registry, version="t"),
+    )
+    worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05
+    worker.start()
+    try:
+        wait_for(lambda: worker.state == WorkerState.FAILING, "the worker to fail on the event")
+        assert sample(registry, "projectionist_partition_owned", **labels) == 1
+        held = db_scalar(conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+        assert held == 1
+    finally:
+        worker.stop()
+        worker.join(timeout=30)
+    assert sample(registry, "projectionist_partition_owned", **labels) == 0

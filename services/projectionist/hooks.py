@@ -50,6 +50,13 @@ class WorkerHooks:
     def on_tick(self, info: WorkerInfo) -> None:
         """The loop is alive (called every iteration, busy or idle)."""
 
+    def on_ownership(self, info: WorkerInfo, owned: bool) -> None:
+        """The process took (``True``) or let go of (``False``) the partition's ownership lock.
+
+        Not a state: a worker that keeps failing on a poison event still holds
+        the lock, and no other process can take the partition over.
+        """
+
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
         """``source`` is ``notify`` or ``poll``."""
 
@@ -95,6 +102,9 @@ class HookChain(WorkerHooks):
 
     def on_tick(self, info: WorkerInfo) -> None:
         self._each(self.hooks, "on_tick", info)
+
+    def on_ownership(self, info: WorkerInfo, owned: bool) -> None:
+        self._each(self.hooks, "on_ownership", info, owned)
 
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
         self._each(self.hooks, "on_wakeup", info, source)

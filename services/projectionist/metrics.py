@@ -57,8 +57,6 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 #: Default bound on the rows one scrape counts per partition (see :class:`StoreCollector`).
 DEFAULT_LAG_COUNT_CAP = 10_000
 
-_OWNING_STATES = frozenset({WorkerState.CATCHING_UP, WorkerState.LIVE})
-
 
 def worker_labels(info: WorkerInfo) -> tuple[str, str, str]:
     return info.projection, str(info.worker_id), str(info.total_workers)
@@ -157,8 +155,8 @@ class MetricsHooks(WorkerHooks):
         )
         self.partition_owned = Gauge(
             "projectionist_partition_owned",
-            "1 while this process holds the partition's ownership lock, else 0 (standby, starting, "
-            "failing, stopping).",
+            "1 while this process holds the partition's ownership lock, failing on an event included; "
+            "else 0 (standby, starting, disconnected, stopped).",
             labels,
             registry=registry,
         )
@@ -207,7 +205,9 @@ class MetricsHooks(WorkerHooks):
     def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
         series = self._for(info)
         series.state.state(state.value)
-        series.owned.set(1 if state in _OWNING_STATES else 0)
+
+    def on_ownership(self, info: WorkerInfo, owned: bool) -> None:
+        self._for(info).owned.set(1 if owned else 0)
 
     def on_read_path(self, info: WorkerInfo, indexed: bool, reason: str | None) -> None:
         # Created here, not with the worker's other series: until the first

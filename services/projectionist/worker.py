@@ -126,6 +126,7 @@ class Worker:
     def run(self) -> None:
         """Process until stopped. Raises only for errors a restart cannot fix."""
         self._set_state(WorkerState.STARTING, "starting")
+        owned = False
         while not self.stopping:
             conn: Connection | None = None
             try:
@@ -135,6 +136,8 @@ class Worker:
                     autocommit=True,
                 )
                 if self._acquire_ownership(conn):
+                    owned = True
+                    self.hooks.on_ownership(self.info, True)
                     self._serve(conn)
             except ConfigError:
                 raise
@@ -162,7 +165,10 @@ class Worker:
                 self._sleep(self.reconnect_backoff.next_delay())
             finally:
                 if conn is not None:
-                    _close_quietly(conn)
+                    _close_quietly(conn)  # the session lock goes with the session
+                if owned:
+                    owned = False
+                    self.hooks.on_ownership(self.info, False)
         self._set_state(WorkerState.STOPPING, "stop requested")
         log.info("worker %s of %s stopped", self.partition, self.projection.name)
 
