@@ -30,7 +30,8 @@ def _http_errors_by_route() -> str:
 def _http_error_ratio() -> str:
     errors = f'sum(rate({HTTP}{{status=~"5.."}}[$__rate_interval]))'
     every = f"sum(rate({HTTP}[$__rate_interval]))"
-    return f"({errors} or {every} * 0)\n/ {every}"
+    # Over "> 0": with no traffic the ratio is no data, not 0/0 = NaN.
+    return f"({errors} or {every} * 0)\n/ ({every} > 0)"
 
 
 def build() -> Dashboard:
@@ -63,8 +64,9 @@ def build() -> Dashboard:
     layout.panel(
         stat_panel(
             "Events in the store",
-            "The store's head position (highest global_position): the number of events "
-            "ever appended, as the events table never deletes.",
+            "The store's head position: the highest global_position handed out. Nothing is "
+            "ever deleted, but an append that rolled back used a position too, so the count "
+            "of events can be a little lower.",
             "short",
             [Query("max(projectionist_head_position)", "head", instant=True)],
         ),

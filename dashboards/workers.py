@@ -73,17 +73,20 @@ def _partitions_expr() -> str:
     return f"count by (projection) (group by (projection, worker) (projectionist_lag_events{{{PROJ}}}))"
 
 
+# Sums of "== bool 1", not counts of the ones: with no partition live or
+# owned (an outage, exactly when the panel matters) a count has no series at
+# all and the line vanished instead of showing 0.
 def _live_expr() -> str:
     return (
-        "count by (projection) ("
+        "sum by (projection) ("
         "max by (projection, worker) "
-        f'(projectionist_worker_state{{{PROJ}, projectionist_worker_state="live"}}) == 1)'
+        f'(projectionist_worker_state{{{PROJ}, projectionist_worker_state="live"}}) == bool 1)'
     )
 
 
 def _owned_expr() -> str:
     owned = f"max by (projection, worker) (projectionist_partition_owned{{{PROJ}}})"
-    return f"count by (projection) ({owned} == 1)"
+    return f"sum by (projection) ({owned} == bool 1)"
 
 
 def _indexed_expr() -> str:
@@ -126,10 +129,12 @@ def build() -> Dashboard:
     layout.panel(
         stat_panel(
             "Live partitions",
-            "Partitions with a live owner against the partition count (TOTAL_WORKERS). "
-            "Fewer live than partitions means some aggregates are not being projected.",
+            "Partitions with an owner, with a caught-up (live) owner, and the partition count "
+            "(TOTAL_WORKERS). Fewer owned than partitions means some aggregates are not being "
+            "projected; owned but not live means catching up, or failing on an event.",
             "short",
             [
+                Query(_owned_expr(), "owned {{projection}}", instant=True),
                 Query(_live_expr(), "live {{projection}}", instant=True),
                 Query(_partitions_expr(), "partitions {{projection}}", instant=True),
             ],
@@ -193,7 +198,8 @@ def build() -> Dashboard:
     layout.panel(
         timeseries_panel(
             "Lag in events per worker",
-            "Events between the store's head and each partition's checkpoint (max over reporting processes).",
+            "Each partition's events not yet applied, counted at scrape time up to LAG_COUNT_CAP "
+            "(max over reporting processes).",
             "short",
             [Query(LAG_EVENTS, "{{projection}} worker {{worker}}")],
         ),
@@ -256,8 +262,8 @@ def build() -> Dashboard:
     layout.panel(
         timeseries_panel(
             "Up",
-            "1 when Prometheus scraped the worker process, 0 when the scrape failed. "
-            "A process that stopped stays listed for an hour, at 0.",
+            "1 when Prometheus scraped the worker process, 0 when the scrape failed. With static "
+            "targets a stopped process shows 0; with DNS or Kubernetes discovery it drops out instead.",
             "none",
             [
                 Query(
@@ -350,10 +356,11 @@ def build() -> Dashboard:
             "short",
             [
                 Query(
+                    # Over "> 0": no batches is no data, not 0/0 = NaN.
                     "sum by (projection) "
                     f"(rate(projectionist_batch_size_sum{{{SEL}}}[$__rate_interval])) / "
-                    "sum by (projection) "
-                    f"(rate(projectionist_batch_size_count{{{SEL}}}[$__rate_interval]))",
+                    "(sum by (projection) "
+                    f"(rate(projectionist_batch_size_count{{{SEL}}}[$__rate_interval])) > 0)",
                     "mean {{projection}}",
                 ),
                 Query(

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -603,3 +604,62 @@ def test_batch_duration_exemplars_carry_the_trace_id_grafana_links(
         time.sleep(0.5)
     for exemplar in exemplars:
         assert re.fullmatch(r"[0-9a-f]{32}", exemplar["labels"][link]), exemplar
+
+
+def _expressions(name: str, title: str) -> dict[str, str]:
+    """The panel's expressions by legend, with the variables set to match everything."""
+    (panel,) = [p for p in panels(load(name)) if p["title"] == title]
+    values = {"projection": ".*", "worker": ".*"}
+    return {t["legendFormat"].split(" ")[0]: substitute(t["expr"], values, "5m") for t in panel["targets"]}
+
+
+# In an outage (nothing live, nothing owned) the counts had no series at all
+# and their lines vanished; with no traffic the ratios were 0/0 = NaN.
+def test_idle_and_outage_panels_show_zero_or_nothing_not_gaps_or_nan(tmp_path: Path) -> None:
+    coverage = _expressions("projection-workers.json", "Partition coverage")
+    batch = _expressions("projection-workers.json", "Batch size")
+    ratio = _expressions("event-store-and-load.json", "API error ratio")
+    labels = 'projection="orders", worker="0", total_workers="1"'
+    state = "projectionist_worker_state"
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'projectionist_worker_state{{{labels}, {state}="live"}}',
+                        "values": "0x10",
+                    },
+                    {"series": f"projectionist_partition_owned{{{labels}}}", "values": "0x10"},
+                    {"series": f"projectionist_batch_size_sum{{{labels}}}", "values": "40x10"},
+                    {"series": f"projectionist_batch_size_count{{{labels}}}", "values": "4x10"},
+                    {
+                        "series": 'projectionist_http_requests_total{route="/x", status="201"}',
+                        "values": "7x10",
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": coverage["live"],
+                        "eval_time": "10m",
+                        "exp_samples": [{"labels": '{projection="orders"}', "value": 0}],
+                    },
+                    {
+                        "expr": coverage["owned"],
+                        "eval_time": "10m",
+                        "exp_samples": [{"labels": '{projection="orders"}', "value": 0}],
+                    },
+                    {"expr": batch["mean"], "eval_time": "10m", "exp_samples": []},
+                    {"expr": ratio["5xx"], "eval_time": "10m", "exp_samples": []},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "panels.test.yml"
+    path.write_text(json.dumps(tests))
+    binary = shutil.which("promtool")
+    assert binary is not None, "promtool is missing: `apt-get install prometheus` (.ci/run does)"
+    result = subprocess.run([binary, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
