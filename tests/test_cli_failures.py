@@ -222,3 +222,52 @@ def test_migration_0005_gives_up_behind_a_long_query_and_applies_nothing(db_url:
     assert "migration 0005_created_at_range gave up waiting for its lock" in result.stderr
     assert "Traceback" not in result.stderr
     assert run_cli("migrate", db_url=db_url).returncode == 0  # once the reader has gone
+
+
+# Workers are meant to run with DML rights only. The sample projection's
+# CREATE TABLE IF NOT EXISTS needed CREATE on the schema even once its table
+# existed, and a missing right ended in a traceback.
+def test_a_role_with_the_documented_rights_runs_a_worker_and_a_missing_one_is_one_line(
+    pg_server: object,
+) -> None:
+    role = f"w_{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    try:
+        _run_as_a_dml_role(pg_server, role)
+    finally:
+        with pg_server.admin() as admin:  # type: ignore[attr-defined]
+            admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def _run_as_a_dml_role(pg_server: object, role: str) -> None:
+    from psycopg.conninfo import make_conninfo
+
+    from projectionist.db import connect
+    from projectionist.migrate import migrate
+    from projectionist.processor import Processor
+    from projectionist.reader import Partition
+    from projectionist.records import NewEvent
+    from projectionist.sample import ScalableProjection
+    from projectionist.store import append
+    from tests.conftest import fresh_database
+
+    with fresh_database(pg_server, template=None) as url:  # type: ignore[arg-type]
+        with connect(url, autocommit=True) as owner:
+            migrate(owner)
+            ScalableProjection().setup(owner)  # created beforehand, as the README says
+            append(owner, "a", [NewEvent("E", {})])
+            owner.execute(f"CREATE ROLE {role} LOGIN")
+            owner.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON events TO {role}")
+            owner.execute(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON projection_checkpoints, projection_groups, "
+                f"projection_skip_marks, dead_letters, scalable_projection_aggregates TO {role}"
+            )
+        worker_url = make_conninfo(url, user=role)
+        with connect(worker_url, autocommit=True) as conn:
+            processor = Processor(ScalableProjection(), Partition(0, 1))
+            processor.start(conn)
+            assert processor.run_batch(conn).applied == 1
+        # Without SELECT on the sequence, status cannot read the head.
+        result = run_cli("status", db_url=worker_url)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert "the database role lacks a right (permission denied for sequence" in result.stderr

@@ -227,6 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProjectionistError as e:
         print(f"projectionist: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except psycopg.errors.InsufficientPrivilege as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(
+            f"projectionist: the database role lacks a right ({first}); see the README's "
+            '"Database roles" for what each command needs',
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except psycopg.errors.UndefinedTable as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(

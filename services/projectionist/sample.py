@@ -60,7 +60,12 @@ class ScalableProjection(BaseProjection):
             self.name = name
 
     def setup(self, conn: Connection) -> None:
-        conn.execute(_DDL)
+        # Even CREATE TABLE IF NOT EXISTS needs CREATE on the schema, so a
+        # worker role with only DML rights could never start; once the table
+        # exists (its first start, or created beforehand) none is needed.
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (READ_MODEL_TABLE,)).fetchone()
+        if not (row and row[0]):
+            conn.execute(_DDL)
 
     def reset(self, conn: Connection) -> None:
         conn.execute(f"TRUNCATE {READ_MODEL_TABLE}")
