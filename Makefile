@@ -79,16 +79,16 @@ up: compose/.env
 	$(COMPOSE) up --detach --build
 	@./compose/print-urls.sh
 
-down:
+down: compose/.env
 	$(COMPOSE) --profile load down
 
-ps:
+ps: compose/.env
 	$(COMPOSE) --profile load ps
 
-logs:
+logs: compose/.env
 	$(COMPOSE) --profile load logs --follow --tail=100 $(SERVICE)
 
-scale-workers:
+scale-workers: compose/.env
 	@test -n "$(N)" || { echo "usage: make scale-workers N=<processes> (0 = none, 4 = one per partition, more = standbys)"; exit 2; }
 	COMPOSE="$(COMPOSE)" ./compose/scale-workers.sh $(N)
 
