@@ -16,6 +16,7 @@ from projectionist import processor as processor_module
 from projectionist.backoff import Backoff
 from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.deadletters import PoisonPolicy
+from projectionist.health import HealthHooks
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partition_index import create_indexes
 from projectionist.pool import WorkerPool
@@ -375,3 +376,13 @@ def test_every_pool_workers_failure_is_reported(db_url: str, caplog: pytest.LogC
     with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="setup of worker"):
         pool.run()
     assert "setup of worker 0 failed" in caplog.text and "setup of worker 1 failed" in caplog.text
+
+
+def test_readiness_gives_the_latest_reason_of_a_state() -> None:
+    # Failing on the projection, then on the database: /readyz kept the first reason.
+    health = HealthHooks()
+    worker = Worker("postgresql://unused", Recorder(), Partition(0, 1), hooks=health)
+    health.register_worker(worker.info)
+    worker._set_state(WorkerState.FAILING, "projection 'recorder' failed on a batch")
+    worker._set_state(WorkerState.FAILING, "database unavailable: connection refused")
+    assert "database unavailable" in health.readiness().reason

@@ -70,6 +70,7 @@ class Worker:
         )
         self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
         self.state = WorkerState.STARTING
+        self._reason = ""
         self._connect = connect_fn
         #: Switch the projection to this worker's partition count once the old group stops.
         self.allow_rescale = allow_rescale
@@ -114,8 +115,10 @@ class Worker:
             self._error = e
 
     def _set_state(self, state: WorkerState, reason: str) -> None:
-        if state != self.state:
-            self.state = state
+        # A new reason in the same state is news too: /readyz said a worker
+        # that lost the database was still failing on the projection's error.
+        if state != self.state or reason != self._reason:
+            self.state, self._reason = state, reason
             self.hooks.on_state(self.info, state, reason)
 
     def _sleep(self, seconds: float) -> None:
