@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from projectionist.db import Connection
 from projectionist.health import HealthHooks
 from projectionist.hooks import WorkerInfo, WorkerState
 from projectionist.reader import Partition
@@ -22,7 +24,7 @@ from projectionist.settings import Settings
 from projectionist.worker import Worker
 from tests.conftest import ROOT, run_cli
 from tests.fix_prometheus import free_port, http_get
-from tests.projections import Recorder
+from tests.projections import Recorder, applied_count, load_sample
 from tests.waiting import wait_for
 
 INFO = WorkerInfo("orders", 0, 2)
@@ -247,6 +249,37 @@ def test_worker_command_serves_the_port_and_stops_cleanly(db_url: str) -> None:
         output = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, output
     assert f"serving /metrics, /healthz and /readyz on 0.0.0.0:{port}" in output
+    assert "SIGTERM received: finishing the current batch" in output
+
+
+# The handler logged from signal context, where a log line that interrupts
+# another one on stderr can raise; both messages now come from elsewhere.
+@pytest.mark.integration
+def test_a_second_sigterm_exits_at_once_and_says_so(db_url: str, conn: Connection) -> None:
+    load_sample(conn, 200, 10)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "projectionist", "worker", "--worker-id", "0", "--total-workers", "1"),
+            *("--no-migrate", "--batch-size", "10", "--projection", "tests.projections:Recorder"),
+        ],
+        env={**clean_env(), "DATABASE_URL": db_url, "RECORDER_SLEEP": "5"},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: applied_count(conn) > 0 or proc.poll() is not None, "a batch in flight", timeout=60)
+        time.sleep(0.5)  # inside the next batch's 5 s sleep
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=10)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "SIGTERM received: finishing the current batch" in output
+    assert "projectionist: second SIGTERM: exiting without waiting" in output
 
 
 def test_busy_metrics_port_exits_2_with_one_line() -> None:

@@ -336,16 +336,21 @@ class _GracefulStop:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # The handler runs between two bytecodes of the main thread, which may
+        # be inside Event.wait() holding the very lock Event.set() takes, or
+        # inside a logging call writing to stderr: called here, stop() could
+        # deadlock the process, and a log line raise "reentrant call". A
+        # thread of its own does both instead.
+        name = signal.Signals(signum).name
         if self.requested:
-            log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+            os.write(2, f"projectionist: second {name}: exiting without waiting\n".encode())
             os._exit(EXIT_INTERRUPTED)
         self.requested = True
-        log.info("%s received: finishing the current batch", signal.Signals(signum).name)
-        # The handler runs between two bytecodes of the main thread, which may
-        # be inside Event.wait() holding the very lock Event.set() takes: called
-        # here, stop() could deadlock the process. A thread of its own waits
-        # for that lock instead.
-        threading.Thread(target=self._stop, name="projectionist-stop", daemon=True).start()
+        threading.Thread(target=self._stop_for, args=(name,), name="projectionist-stop", daemon=True).start()
+
+    def _stop_for(self, name: str) -> None:
+        log.info("%s received: finishing the current batch", name)
+        self._stop()
 
 
 def _prepare_worker_run(args: argparse.Namespace, settings: Settings) -> tuple[str, Any]:
