@@ -461,7 +461,11 @@ def test_a_worker_failing_on_an_event_still_reports_its_ownership(db_url: str, c
     try:
         wait_for(lambda: worker.state == WorkerState.FAILING, "the worker to fail on the event")
         assert sample(registry, "projectionist_partition_owned", **labels) == 1
-        held = db_scalar(conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+        held = db_scalar(
+            conn,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
         assert held == 1
     finally:
         worker.stop()

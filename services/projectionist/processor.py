@@ -14,7 +14,6 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import psycopg
-from psycopg import sql
 
 from projectionist import deadletters, partition_index, records
 from projectionist.checkpoints import check_checkpoint, load_checkpoint, save_checkpoint
@@ -36,9 +35,9 @@ INDEX_RECHECK_SECONDS = 30.0
 # Read-ahead needs libpq's pipeline mode (libpq 14 or later); without it every batch reads in turn.
 _PIPELINE = psycopg.Pipeline.is_supported()
 
-# One lock per projection, for its setup: the function (blocking or try) goes in.
-_SETUP_LOCK = sql.SQL("SELECT {}(hashtext('projectionist.setup'), hashtext(%s))")
-_SETUP_LOCK_POLL = 0.1
+# One lock per projection, held by its setup until the transaction ends.
+_SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('projectionist.setup'), hashtext(%s))"
+_SETUP_LOCK_TURN_MS = 250
 
 
 class BatchOutcome(NamedTuple):
@@ -130,19 +129,31 @@ class Processor:
     def _setup_lock(self, conn: Connection, keep_waiting: Callable[[], bool] | None) -> bool:
         key = (self.projection.name,)
         if keep_waiting is None:
-            conn.execute(_SETUP_LOCK.format(sql.SQL("pg_advisory_xact_lock")), key)
+            conn.execute(_SETUP_LOCK, key)
             return True
-        # Polled, not waited on: a `rebuild` resetting the projection, or a
-        # worker whose setup waits on DDL, can hold it for long, and the
-        # worker must still stop when told and tick for its liveness probe.
-        while True:
-            row = conn.execute(_SETUP_LOCK.format(sql.SQL("pg_try_advisory_xact_lock")), key).fetchone()
-            if row and row[0]:
-                return True
-            if not keep_waiting():
-                return False
-            self.hooks.on_tick(self.info)
-            time.sleep(_SETUP_LOCK_POLL)
+        # A `rebuild` resetting the projection, or a worker whose setup waits
+        # on DDL, can hold it for long, and the worker must still stop when
+        # told and tick for its liveness probe. So it waits in short turns,
+        # each in a savepoint that a lock timeout rolls back; between turns
+        # it is still a lock waiter to anyone looking at pg_stat_activity.
+        row = conn.execute(
+            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)",
+            (f"{_SETUP_LOCK_TURN_MS}ms",),
+        ).fetchone()
+        assert row is not None
+        try:
+            while True:
+                try:
+                    with conn.transaction():
+                        conn.execute(_SETUP_LOCK, key)
+                    return True
+                except psycopg.errors.LockNotAvailable:
+                    if not keep_waiting():
+                        return False
+                    self.hooks.on_tick(self.info)
+        finally:
+            # The projection's setup runs under the session's own setting.
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (row[0],))
 
     def run_batch(self, conn: Connection, *, isolate: bool = False) -> BatchOutcome:
         """Process one batch and commit it with the checkpoint (see :meth:`_run_batch`)."""

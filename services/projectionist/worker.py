@@ -70,7 +70,7 @@ class Worker:
         )
         self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
         self.state = WorkerState.STARTING
-        self._reason = ""
+        self._reason = "starting"
         self._connect = connect_fn
         #: Switch the projection to this worker's partition count once the old group stops.
         self.allow_rescale = allow_rescale
