@@ -150,10 +150,6 @@ class EmbeddedPostgres:
                 f"{self.data_dir} is not empty and holds no database (no PG_VERSION); "
                 "remove it, or point PROJECTIONIST_DATA_DIR elsewhere"
             )
-        if self.data_dir.is_mount():
-            # A volume cannot be renamed onto: build in place, as initdb would.
-            self._initdb(self.data_dir)
-            return
         building = self.data_dir.with_name(f".{self.data_dir.name}.initdb")
         shutil.rmtree(building, ignore_errors=True)  # a killed earlier attempt's
         building.mkdir(parents=True)
@@ -162,8 +158,8 @@ class EmbeddedPostgres:
             # rename(2) replaces an empty directory, and is atomic on one file system.
             building.rename(self.data_dir)
         except OSError as e:
-            # A bind mount of the same file system (a Kubernetes subPath, say)
-            # is not a mount by device number, yet cannot be renamed onto.
+            # A mount point (a volume, or a bind mount of the same file
+            # system, such as a Kubernetes subPath) cannot be renamed onto.
             shutil.rmtree(building, ignore_errors=True)
             log.info("cannot rename onto %s (%s): initialising it in place", self.data_dir, e.strerror)
             self._initdb(self.data_dir)
