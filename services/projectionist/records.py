@@ -84,11 +84,13 @@ class _UnfrozenRecordedEvent:
 
 
 class UndecodablePayload:
-    """A payload PostgreSQL accepted as JSON but Python's ``json`` cannot decode.
+    """Stands in for the payload of an event Python cannot read.
 
-    A number of more than 4300 digits, or nesting deeper than the recursion
-    limit, from a writer other than the store. The processor fails the event
-    when it is applied, so the poison policy handles it like any other.
+    A payload PostgreSQL accepted as JSON but Python's ``json`` cannot decode
+    (a number of more than 4300 digits, nesting deeper than the recursion
+    limit), or a ``created_at`` outside the years datetime holds (see
+    unreadable.py), from a writer other than the store. The processor fails
+    the event when it is applied, so the poison policy handles it like any other.
     """
 
     __slots__ = ("error", "text")
