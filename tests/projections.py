@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from projectionist.appender import append_sample_events
 from projectionist.db import Connection
+from projectionist.errors import ConfigError
 from projectionist.projection import BaseProjection, Tx
 from projectionist.records import RecordedEvent
 from tests.horizon import wait_until_readable
@@ -132,6 +133,23 @@ def verify_exactly_once(conn: Connection, projection: str = "recorder") -> dict[
         "misordered": int(misordered[0]),
         "wrong_worker": int(wrong_worker[0]),
     }
+
+
+class SetupFailsInWorkers(Recorder):
+    """Sets up once in a process, then fails: stands for a worker that dies of an error no restart fixes.
+
+    ``projectionist rebuild`` calls ``setup`` itself before it starts its own
+    workers, so its workers are the ones that fail.
+    """
+
+    name = "setup_fails_in_workers"
+    calls = 0
+
+    def setup(self, conn: Connection) -> None:
+        type(self).calls += 1
+        if type(self).calls > 1:
+            raise ConfigError("this projection's setup fails in every worker")
+        super().setup(conn)
 
 
 class PoisonSensitive(Recorder):

@@ -151,6 +151,28 @@ def test_rebuild_honours_the_configured_poison_policy(db_url: str) -> None:
         assert [(x.aggregate_id, x.reason) for x in deadletters.list_letters(conn)] == [("b", "failed")]
 
 
+# A rebuild whose own workers die reports why at once, instead of watching a
+# lag that can no longer fall until its --timeout runs out.
+def test_rebuild_stops_when_its_workers_die(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        append(conn, "a", [NewEvent("E", {})])
+    result = run_cli(
+        "rebuild",
+        "--projection",
+        "tests.projections:SetupFailsInWorkers",
+        "--timeout",
+        "600",
+        db_url=db_url,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert (
+        "rebuild of 'setup_fails_in_workers' failed: worker 0/1 stopped: "
+        "ConfigError: this projection's setup fails in every worker"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # A rescale while an old-group worker is starting: the worker must not recreate its
 # deleted checkpoint row and apply its partition next to the new group.
 def test_rescale_under_a_starting_old_worker_never_applies_an_event_twice(db_url: str) -> None:

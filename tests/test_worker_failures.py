@@ -386,3 +386,16 @@ def test_readiness_gives_the_latest_reason_of_a_state() -> None:
     worker._set_state(WorkerState.FAILING, "projection 'recorder' failed on a batch")
     worker._set_state(WorkerState.FAILING, "database unavailable: connection refused")
     assert "database unavailable" in health.readiness().reason
+
+
+# A worker must give up on a vanished peer within seconds, whether its
+# connection is idle (keepalives) or sending (tcp_user_timeout), and so must
+# the server: its session holds the partition's ownership lock.
+def test_connections_give_up_on_a_vanished_peer_within_seconds(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        client = conn.info.get_parameters()
+        assert (client["keepalives"], client["tcp_user_timeout"]) == ("1", "10000")
+        if conn.info.host.startswith("/"):
+            return  # a Unix socket has no TCP timeouts for the server to apply
+        row = conn.execute("SHOW tcp_user_timeout").fetchone()
+        assert row == ("10000",)

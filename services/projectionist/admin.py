@@ -6,15 +6,19 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from projectionist import deadletters, partition_index
 from projectionist.db import connect, database_url
-from projectionist.errors import ConfigError
+from projectionist.errors import ConfigError, one_line
 from projectionist.ownership import LIVE_WORKERS, group_key
 from projectionist.projection import Projection, load_projection
 from projectionist.settings import Settings
+
+if TYPE_CHECKING:
+    from projectionist.pool import WorkerPool
 
 
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
@@ -180,15 +184,43 @@ def _catch_up(url: str, projection: Projection, total: int, settings: Settings, 
         max_retries=settings.max_retries,
     )
     pool.start()
+    reported: set[str] = set()
     try:
-        return _watch(url, projection.name, timeout)
+        return _watch(url, projection.name, timeout, failure=lambda: _stopped_workers(pool, reported))
     finally:
         pool.stop()
         for worker in pool.workers:
-            worker.join(timeout=30)
+            try:
+                worker.join(timeout=30)
+            except Exception as e:
+                if str(worker.partition) not in reported:
+                    print(
+                        f"projectionist: worker {worker.partition} failed: {type(e).__name__}: {one_line(e)}",
+                        file=sys.stderr,
+                    )
 
 
-def _watch(url: str, name: str, timeout: float) -> int:
+def _stopped_workers(pool: WorkerPool, reported: set[str]) -> str | None:
+    """Why the rebuild's own workers stopped, if any did: nothing else would apply their partitions.
+
+    Without this the rebuild would wait out its whole timeout for a worker
+    that died at once (a setup error, the group changed under it).
+    """
+    why = []
+    for worker in pool.workers:
+        if worker.is_alive():
+            continue
+        reported.add(str(worker.partition))
+        try:
+            worker.join(timeout=0)
+        except Exception as e:
+            why.append(f"worker {worker.partition} stopped: {type(e).__name__}: {one_line(e)}")
+        else:
+            why.append(f"worker {worker.partition} stopped")
+    return "; ".join(why) or None
+
+
+def _watch(url: str, name: str, timeout: float, failure: Callable[[], str | None] = lambda: None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from projectionist.status import read_status
@@ -206,6 +238,11 @@ def _watch(url: str, name: str, timeout: float) -> int:
     ):
         task = progress.add_task(f"rebuilding {name}", total=None)
         while time.monotonic() < deadline:
+            why = failure()
+            if why is not None:
+                progress.stop()
+                print(f"projectionist: rebuild of {name!r} failed: {why}", file=sys.stderr)
+                return 1
             workers = read_status(conn, name).workers
             processed = sum(w.events_processed for w in workers)
             lag = sum(w.lag_events for w in workers)

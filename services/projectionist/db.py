@@ -56,6 +56,10 @@ def connect(url: str, *, application_name: str = "projectionist", autocommit: bo
         keepalives_idle=5,
         keepalives_interval=2,
         keepalives_count=3,
+        # Keepalives probe only an idle connection. A worker that is sending
+        # (a batch's commit, a read) to a server whose network vanished would
+        # retransmit for the kernel's ~15 minutes before its call failed.
+        tcp_user_timeout=10_000,
         connect_timeout=5,
         # And the server side: a worker whose machine or network vanished
         # (no FIN, unlike kill -9) would keep its session, hence its

@@ -46,3 +46,8 @@ class PoisonEventError(ProjectionError):
             f"poison event at global position {position} (aggregate {aggregate!r}): {cause!r}; "
             "the worker will not move past it (POISON_POLICY=stop)"
         )
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (server errors span several), or its type when it has none."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -22,7 +22,7 @@ from projectionist.backoff import Backoff
 from projectionist.checkpoints import GroupConfig, register_group
 from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.deadletters import PoisonPolicy
-from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError
+from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError, one_line
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.ownership import TRY_LOCK, group_key
 from projectionist.partition_index import NO_STATISTICS
@@ -151,11 +151,11 @@ class Worker:
                     raise
                 delay = self.reconnect_backoff.next_delay()
                 self.hooks.on_error(self.info, "database", e)
-                self._set_state(WorkerState.FAILING, f"database unavailable: {_one_line(e)}")
+                self._set_state(WorkerState.FAILING, f"database unavailable: {one_line(e)}")
                 log.warning(
                     "worker %s: database unavailable (%s); reconnecting in %.1fs (attempt %d)",
                     self.partition,
-                    _one_line(e),
+                    one_line(e),
                     delay,
                     self.reconnect_backoff.attempts,
                 )
@@ -163,7 +163,7 @@ class Worker:
             except FencedError as e:
                 self.hooks.on_error(self.info, "fenced", e)
                 # Not ready until it has re-checked ownership: it may have lost it.
-                self._set_state(WorkerState.STARTING, f"fenced, re-checking ownership: {_one_line(e)}")
+                self._set_state(WorkerState.STARTING, f"fenced, re-checking ownership: {one_line(e)}")
                 log.error("worker %s: %s; reconnecting to re-check ownership", self.partition, e)
                 self._sleep(self.reconnect_backoff.next_delay())
             finally:
@@ -290,7 +290,7 @@ class Worker:
         delay = self.retry_backoff.next_delay()
         poison = isinstance(error, PoisonEventError)
         self.hooks.on_error(self.info, "poison" if poison else "projection", error)
-        self._set_state(WorkerState.FAILING, _one_line(error))
+        self._set_state(WorkerState.FAILING, one_line(error))
         # The failed batch was rolled back and the checkpoint did not move past
         # the failing event, so retrying can never skip it.
         log.error(
@@ -353,10 +353,6 @@ class Worker:
                 return True
             self.hooks.on_tick(self.info)
         return False
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _close_quietly(conn: Connection) -> None:
