@@ -147,6 +147,8 @@ def test_headless_service_and_disruption_budget(k8s: dict[str, dict[str, Any]]) 
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb["spec"]["maxUnavailable"] == 1
+    # A failing (unready) worker must not block node drains: it processes nothing anyway.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_prometheus_discovers_the_workers(k8s: dict[str, dict[str, Any]], worker: dict[str, Any]) -> None:
