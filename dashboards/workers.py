@@ -117,9 +117,13 @@ def build() -> Dashboard:
             query_variable(
                 "worker",
                 "Worker",
-                f"label_values(projectionist_worker_state{{{PROJ}}}, worker)",
+                # Every running process reports every partition's lag, so a
+                # partition whose worker is stopped is still offered; the
+                # worker's own state covers a database outage, when no lag is.
+                'label_values({__name__=~"projectionist_lag_events|projectionist_worker_state", '
+                f"{PROJ}}}, worker)",
                 include_all=True,
-                description="Partition number (WORKER_ID)",
+                description="Partition number (WORKER_ID); a stopped partition is listed too",
             )
         )
     )

@@ -6,11 +6,14 @@ subprocesses, a load generator, Debian's prometheus with a 1 s scrape.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.fix_prometheus import PROJECTION, SCRAPE_JOB, PrometheusStack
+from tests.test_dashboards import label_values_promql
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,6 +102,9 @@ def test_stopped_worker_shows_lag_seconds_through_its_sibling(prometheus_stack: 
             f"(max by (projection, worker) (projectionist_partition_owned{{{SELECTOR}}}) == 1)"
         )
         assert [s.labels["worker"] for s in uncovered] == [str(stopped)]
+        # The dashboard's $worker menu still offers the stopped partition.
+        offered = stack.query(worker_variable_promql())
+        assert sorted(s.labels["worker"] for s in offered) == ["0", "1"]
         # Worker 0 is still live and at 0 lag seconds or close: the lag is partition 1's alone.
         running_up = stack.value(f'up{{instance="127.0.0.1:{stack.workers[0].port}"}}')
         assert running_up == 1
@@ -133,3 +139,11 @@ def test_rules_load_and_exemplars_reach_prometheus(prometheus_stack: PrometheusS
         f"projectionist_batch_duration_seconds_bucket{{{SELECTOR}}}", start=now - 300, end=now + 60
     )
     assert all(re.fullmatch(r"[0-9a-f]{32}", e["labels"]["trace_id"]) for d in data for e in d["exemplars"])
+
+
+def worker_variable_promql() -> str:
+    """The workers dashboard's ``$worker`` query, as PromQL, with ``$projection`` set to the stack's."""
+    dashboard = json.loads((ROOT / "compose/grafana/dashboards/projection-workers.json").read_text())
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "worker"]
+    promql, _ = label_values_promql(variable["query"].replace("$projection", PROJECTION))
+    return promql
