@@ -203,8 +203,8 @@ def _catch_up(url: str, projection: Projection, total: int, settings: Settings, 
 def _stopped_workers(pool: WorkerPool, reported: set[str]) -> str | None:
     """Why the rebuild's own workers stopped, if any did: nothing else would apply their partitions.
 
-    Without this the rebuild would wait out its whole timeout for a worker
-    that died at once (a setup error, the group changed under it).
+    Without this the rebuild would wait out its whole timeout (an hour by
+    default) for a worker that died at once, of a setup error say.
     """
     why = []
     for worker in pool.workers:
