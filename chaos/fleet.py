@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from projectionist.experiment.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDER = "tests.projections:Recorder"
@@ -61,12 +62,6 @@ _ENV_DROPPED = (
     "MAX_RETRIES",
     "DATABASE_URL",
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True, slots=True)

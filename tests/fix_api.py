@@ -8,7 +8,6 @@ runs the real CLI subcommand, for tests of start-up, migrations and tracing.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -53,12 +52,6 @@ class ServedApp:
     ) -> None:
         self._server.should_exit = True
         self._thread.join(30)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_api_process(

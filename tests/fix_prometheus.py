@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from opentelemetry.trace import SpanKind
 
 from projectionist.appender import append_sample_events
 from projectionist.db import connect
+from projectionist.experiment.harness import free_port
 from tests.conftest import ROOT, Server, fresh_database
 from tests.fix_otlp import OtlpReceiver
 
@@ -51,12 +51,6 @@ RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "projectionist-alerts.ym
 # The compose stack's job name; the alert rules do not depend on it.
 SCRAPE_JOB = "projectionist-workers"
 PROJECTION = "scalable_projection"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prometheus_binary() -> str:

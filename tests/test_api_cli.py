@@ -8,8 +8,9 @@ import httpx
 import pytest
 
 from projectionist.db import connect
+from projectionist.experiment.harness import free_port
 from tests.conftest import Server, fresh_database, run_cli
-from tests.fix_api import free_port, start_api_process, stop_process, wait_until_serving
+from tests.fix_api import start_api_process, stop_process, wait_until_serving
 from tests.fix_otlp import OtlpReceiver, otlp_receiver  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -27,8 +27,9 @@ from dashboards import generate
 from dashboards import workers as workers_module
 from dashboards.common import PROVISIONED_UIDS, REFRESH_INTERVALS
 
+from projectionist.experiment.harness import free_port
 from tests.conftest import ROOT
-from tests.fix_prometheus import PrometheusStack, Sample, free_port, http_get
+from tests.fix_prometheus import PrometheusStack, Sample, http_get
 
 DASHBOARD_DIR = ROOT / "compose" / "grafana" / "dashboards"
 PROVISIONING = ROOT / "compose" / "grafana" / "provisioning"

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from projectionist.db import Connection
+from projectionist.experiment.harness import free_port
 from projectionist.health import HealthHooks
 from projectionist.hooks import WorkerInfo, WorkerState
 from projectionist.reader import Partition
@@ -23,7 +24,7 @@ from projectionist.runtime import Telemetry, TelemetryOptions, build_hooks, buil
 from projectionist.settings import Settings
 from projectionist.worker import Worker
 from tests.conftest import ROOT, run_cli
-from tests.fix_prometheus import free_port, http_get
+from tests.fix_prometheus import http_get
 from tests.projections import Recorder, applied_count, load_sample
 from tests.waiting import wait_for
 

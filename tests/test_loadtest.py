@@ -31,8 +31,9 @@ import locust_exporter
 from locust_exporter import LocustExporter
 from projectionist.api import ApiSettings, create_app
 from projectionist.db import connect
+from projectionist.experiment.harness import free_port
 from tests.conftest import ROOT
-from tests.fix_api import ServedApp, free_port
+from tests.fix_api import ServedApp
 
 APPEND = "/streams/{aggregate_id}/events"
 

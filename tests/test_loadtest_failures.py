@@ -1,5 +1,5 @@
-"""The load test when appends fail: every failure counted, crashed users fail the verdict, and
-`make load` refuses a bad duration with a message."""
+"""The load test when appends fail: every failure counted, crashed users fail the verdict,
+`make load` refuses a bad duration with a message, and no two children get the same port."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from projectionist.experiment import harness
 from projectionist.experiment import load as load_runner
 from tests.conftest import ROOT, Server, fresh_database
 
@@ -130,4 +131,16 @@ def test_make_load_refuses_a_bad_duration_with_a_message(
     assert "LOAD_DURATION" in capsys.readouterr().err
 
 
-# --- 4. API_TOKEN with surrounding whitespace: accepted, then nothing can authenticate ------
+# --- 4. API_TOKEN with surrounding whitespace: covered in test_api.py ---------------------
+
+
+# --- 5. free_port: the same port handed to two children --------------------------------
+
+
+# A port is free until its user binds it, so the kernel may offer it twice in a
+# row; two chaos workers once got the same METRICS_PORT that way.
+def test_free_port_never_hands_out_the_same_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    offers = [40001, 40001, 40002]
+    monkeypatch.setattr(harness, "_port_the_kernel_offers", lambda: offers.pop(0))
+    monkeypatch.setattr(harness, "_handed_out", set())
+    assert [harness.free_port(), harness.free_port()] == [40001, 40002]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from chaos.checks import Db
-from chaos.fleet import free_port
 from chaos.load import Load
 from prometheus_client.parser import text_string_to_metric_families
 
+from projectionist.experiment.harness import free_port
 from tests.conftest import ROOT, run_cli
 from tests.fix_prometheus import http_get
 from tests.waiting import wait_for

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +45,26 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port() -> int:
+    """A port nothing listens on now, and one this process has not handed out before.
+
+    A port is only taken once its user binds it, and the kernel may offer the
+    same free port twice in a row: two workers of one chaos run were once
+    given the same METRICS_PORT, and the second could not start.
+    """
+    with _handed_out_lock:
+        while True:
+            port = _port_the_kernel_offers()
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+
+
+def _port_the_kernel_offers() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
