@@ -22,7 +22,7 @@ import psycopg
 
 from projectionist import __version__, admin
 from projectionist.deadletters import PoisonPolicy
-from projectionist.errors import ConfigError, ProjectionistError
+from projectionist.errors import ConfigError, ProjectionistError, first_line, one_line
 from projectionist.settings import Settings, parse_positive_int, parse_worker_id
 
 log = logging.getLogger("projectionist")
@@ -228,23 +228,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"projectionist: {e}", file=sys.stderr)
         return EXIT_ERROR
     except psycopg.errors.InsufficientPrivilege as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(
-            f"projectionist: the database role lacks a right ({first}); see the README's "
+            f"projectionist: the database role lacks a right ({first_line(e)}); see the README's "
             '"Database roles" for what each command needs',
             file=sys.stderr,
         )
         return EXIT_ERROR
     except psycopg.errors.UndefinedTable as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(
-            f"projectionist: the database is not migrated ({first}); run `projectionist migrate`",
+            f"projectionist: the database is not migrated ({first_line(e)}); run `projectionist migrate`",
             file=sys.stderr,
         )
         return EXIT_ERROR
     except psycopg.OperationalError as e:
         # The server is down or unreachable: a runtime failure, one line, no traceback.
-        print(f"projectionist: database unavailable: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"projectionist: database unavailable: {one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
 
 

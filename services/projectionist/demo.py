@@ -27,7 +27,7 @@ from projectionist.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from projectionist.db import Connection, connect, database_url, embedded_server
 from projectionist.demo_fleet import BackgroundAppender, Fleet, RateMeter
 from projectionist.demo_verify import Check, format_verification, verify
-from projectionist.errors import ConfigError, ProjectionistError
+from projectionist.errors import ConfigError, ProjectionistError, one_line
 from projectionist.migrate import migrate
 from projectionist.partition_index import create_indexes
 from projectionist.reader import Partition
@@ -105,7 +105,7 @@ def run_demo(
                 except psycopg.OperationalError as e:
                     raise ProjectionistError(
                         f"cannot open the demo database {database!r} (run `projectionist demo` first): "
-                        + " ".join(str(e).split())
+                        + one_line(e)
                     ) from e
                 with conn:
                     result = verify(conn, TOTAL_WORKERS)
@@ -158,8 +158,7 @@ def _only_demo_on(server_url: str, database: str) -> Iterator[None]:
         )
     except psycopg.Error as e:
         raise ProjectionistError(
-            "cannot connect to the server's postgres database for the demo's lock: "
-            + " ".join(str(e).split())
+            "cannot connect to the server's postgres database for the demo's lock: " + one_line(e)
         ) from e
     with conn:
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (demo_lock_key(database),)).fetchone()
@@ -208,9 +207,7 @@ def _demo_database(server_url: str, name: str, *, create: bool) -> str:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         except psycopg.Error as e:
-            raise ProjectionistError(
-                f"cannot create the demo database {name!r}: {' '.join(str(e).split())}"
-            ) from e
+            raise ProjectionistError(f"cannot create the demo database {name!r}: {one_line(e)}") from e
     return make_conninfo(server_url, dbname=name)
 
 

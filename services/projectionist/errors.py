@@ -51,3 +51,9 @@ class PoisonEventError(ProjectionError):
 def one_line(error: BaseException) -> str:
     """An error's message on one line (server errors span several), or its type when it has none."""
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line: a server error's message, without its DETAIL and HINT lines."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

@@ -26,6 +26,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from projectionist.errors import one_line
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class HealthHooks(WorkerHooks):
             try:
                 ping()
             except Exception as e:
-                return Verdict(False, f"database unreachable: {' '.join(str(e).split())}", workers)
+                return Verdict(False, f"database unreachable: {one_line(e)}", workers)
         not_ready = [w for w in workers if w.state not in _READY_STATES]
         if not_ready:
             reasons = "; ".join(

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from projectionist import deadletters
+from projectionist.errors import one_line
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.lag import StoreLag, read_lag
 from projectionist.records import RecordedEvent
@@ -323,7 +324,7 @@ class StoreCollector(Collector):
             with self.pool.connection(timeout=self.timeout) as conn:
                 snapshot = read_store_snapshot(conn, self.projections, self.lag_count_cap)
         except (psycopg.Error, PoolTimeout) as e:
-            log.warning("metrics: cannot read lag from the database: %s", " ".join(str(e).split()))
+            log.warning("metrics: cannot read lag from the database: %s", one_line(e))
         yield from self._families(snapshot)
 
     def _families(self, snapshot: StoreSnapshot | None) -> Iterator[Metric]:

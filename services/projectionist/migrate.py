@@ -11,7 +11,7 @@ from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
 from projectionist.db import Connection
-from projectionist.errors import MigrationError
+from projectionist.errors import MigrationError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def migrate(conn: Connection) -> list[Migration]:
                 )
                 raise MigrationError(
                     f"migration {migration.version:04d}_{migration.name} cannot run: "
-                    f"{str(e).splitlines()[0]}, and schema_migrations does not record creating it.{seed}"
+                    f"{first_line(e)}, and schema_migrations does not record creating it.{seed}"
                 ) from e
             except errors.LockNotAvailable as e:
                 raise MigrationError(

@@ -34,20 +34,22 @@ _CREATED_AT = 8
 _AnyCursor = TypeVar("_AnyCursor", Cursor[Any], AsyncCursor[Any])
 
 
-class _TextLoader(TimestamptzLoader):
-    def load(self, data: Any) -> datetime | None:  # type: ignore[override]
+class _Tolerant:
+    """Put before a timestamptz loader: a value datetime cannot hold loads as ``None``."""
+
+    def load(self, data: Any) -> datetime | None:
         try:
-            return super().load(data)
+            return super().load(data)  # type: ignore[misc,no-any-return]
         except psycopg.DataError:
             return None
 
 
-class _BinaryLoader(TimestamptzBinaryLoader):
-    def load(self, data: Any) -> datetime | None:  # type: ignore[override]
-        try:
-            return super().load(data)
-        except psycopg.DataError:
-            return None
+class _TextLoader(_Tolerant, TimestamptzLoader):  # type: ignore[misc]
+    pass
+
+
+class _BinaryLoader(_Tolerant, TimestamptzBinaryLoader):  # type: ignore[misc]
+    pass
 
 
 def loading_failed(error: psycopg.DataError) -> bool:

@@ -28,6 +28,7 @@ from projectionist.api.config import ApiSettings
 from projectionist.api.errors import ApiError, error_response
 from projectionist.api.metrics import ApiMetrics
 from projectionist.api.middleware import BearerAuthMiddleware, MetricsMiddleware
+from projectionist.errors import one_line
 from projectionist.notifier import Notifier
 from projectionist.store import AsyncConnection
 
@@ -164,7 +165,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable: %s", " ".join(str(exc).split()))
+    log.warning("database unavailable: %s", one_line(exc))
     return error_response(
         ApiError(
             503,
@@ -178,7 +179,7 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
 async def _data_error(request: Request, exc: Exception) -> Response:
     # A value the validation let through but PostgreSQL refused. The append
     # ran in one transaction, so nothing was written: it is the client's input.
-    return error_response(ApiError(422, "invalid_value", " ".join(str(exc).split())))
+    return error_response(ApiError(422, "invalid_value", one_line(exc)))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -23,7 +23,7 @@ from projectionist.api.validation import (
     parse_json,
     parse_query_int,
 )
-from projectionist.errors import ConcurrencyError
+from projectionist.errors import ConcurrencyError, one_line
 from projectionist.records import RecordedEvent, UndecodablePayload
 from projectionist.store import append_async, read_stream_async, stream_version_async
 
@@ -225,7 +225,7 @@ async def ready(request: Request) -> Response:
         if not row or not row[0]:
             return JSONResponse({"status": "not_ready", "detail": "not migrated"}, status_code=503)
     except Exception as e:  # any failure means "not ready"; the probe says why
-        detail = " ".join(str(e).split()) or type(e).__name__
+        detail = one_line(e)
         return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503)
     return JSONResponse({"status": "ready"})
 

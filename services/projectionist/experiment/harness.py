@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from projectionist.errors import ProjectionistError
+from projectionist.errors import ProjectionistError, one_line
 
 # Settings a user may have exported that would change what the children run.
 _ENV_DROPPED = ("WORKER_ID", "TOTAL_WORKERS", "PROJECTION", "METRICS_PORT", "API_PORT")
@@ -183,5 +183,5 @@ def dedicated_database(server_url: str, name: str) -> str:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as e:
-        raise HarnessError(f"cannot create database {name!r}: {' '.join(str(e).split())}") from e
+        raise HarnessError(f"cannot create database {name!r}: {one_line(e)}") from e
     return make_conninfo(server_url, dbname=name)
