@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from projectionist.db import Connection
+from tests.waiting import wait_for
 
 
 def wait_until_readable(conn: Connection, timeout: float = 30) -> None:
@@ -15,13 +14,11 @@ def wait_until_readable(conn: Connection, timeout: float = 30) -> None:
     the server can fence a read taken right after a commit. Workers simply poll
     again; a test that reads once has to wait the same way.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        (ready,) = conn.execute(
+
+    def readable() -> bool:
+        row = conn.execute(
             "SELECT coalesce(max(transaction_id) < pg_snapshot_xmin(pg_current_snapshot()), true) FROM events"
-        ).fetchone()  # type: ignore[misc]
-        if ready:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"committed events stayed behind the read horizon for {timeout} s")
-        time.sleep(0.02)
+        ).fetchone()
+        return bool(row and row[0])
+
+    wait_for(readable, "committed events to pass the read horizon", timeout=timeout, interval=0.02)
