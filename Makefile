@@ -35,12 +35,13 @@ demo: venv
 	$(BIN)/projectionist demo
 
 lint: venv
-	$(BIN)/ruff check services tests dashboards bench examples loadtest chaos
-	$(BIN)/ruff format --check services tests dashboards bench examples loadtest chaos
+	$(BIN)/ruff check services tests dashboards bench examples loadtest chaos experiments
+	$(BIN)/ruff format --check services tests dashboards bench examples loadtest chaos experiments
 	$(BIN)/mypy
 	$(BIN)/mypy --strict dashboards
 	$(BIN)/mypy --strict loadtest
 	$(BIN)/mypy --strict chaos
+	$(BIN)/mypy --strict experiments
 
 test: venv lint
 	$(BIN)/python -m pytest -q
@@ -48,13 +49,13 @@ test: venv lint
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Extra arguments: make load ARGS="--target db --shape step"; see `python -m projectionist.experiment.load -h`.
+# Extra arguments: make load ARGS="--target db --shape step"; see `python -m experiments.load -h`.
 load: venv
-	$(BIN)/python -m projectionist.experiment.load $(ARGS)
+	$(BIN)/python -m experiments.load $(ARGS)
 
 # About 3 minutes; ARGS="--step-seconds 30 --rate 3000 --distribution zipf" etc.
 scale-experiment: venv
-	$(BIN)/python -m projectionist.experiment.scale $(ARGS)
+	$(BIN)/python -m experiments.scale $(ARGS)
 
 # The fault-injection suite (chaos/), about 4 minutes; exit 1 if a scenario fails.
 # ARGS="--scenario 'kill -9'" runs one. CI runs the trimmed timings: tests/test_chaos.py.

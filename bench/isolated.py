@@ -6,7 +6,7 @@ run: no contestant inherits the benchmark's heap, threads or another library's
 connection pools, and each starts as a real worker would. The clock covers the
 catch-up loop only, not the process start. Every contestant's process runs
 with the garbage-collector settings of ``projectionist worker``
-(projectionist.gc_tuning). The result is one JSON line:
+(projectionist.worker.gc_tuning). The result is one JSON line:
 ``{"events": n, "seconds": s, "cpu": c}``.
 """
 
@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from bench.contestants import Contestant
-from bench.procs import ROOT, child_env
-from projectionist.gc_tuning import tune_for_throughput
+from bench.procs import ROOT, bench_env
+from projectionist.worker.gc_tuning import tune_for_throughput
 
 
 def build(spec: dict[str, Any]) -> Contestant:
@@ -55,7 +55,7 @@ def run_catch_up(spec: dict[str, Any]) -> tuple[int, float, float]:
     """
     proc = subprocess.run(
         [sys.executable, "-m", "bench.isolated", json.dumps(spec)],
-        env=child_env(spec["url"]),
+        env=bench_env(spec["url"]),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -27,13 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.data import EVENT_TYPE, payload
-from bench.procs import Children, child_env, worker_args
+from bench.procs import Children, bench_env, worker_args
 from bench.projections import LATENCY_DDL
 from bench.results import LatencyRun, Results
 from bench.throughput import Failures, one_line
-from projectionist.db import Connection, connect
 from projectionist.records import NewEvent
-from projectionist.store import StreamAppend, append_many
+from projectionist.store.appending import StreamAppend, append_many
+from projectionist.store.connection import Connection, connect
 
 Log = Callable[[str], None]
 
@@ -143,7 +143,7 @@ def latency(
                 "insert; leaves out both commits"
             )
             with Children(log_dir) as children:
-                env = child_env(url, BENCH_PROJECTION_NAME=PROJECTION)
+                env = bench_env(url, BENCH_PROJECTION_NAME=PROJECTION)
                 for k in range(WORKERS):
                     children.spawn(
                         worker_args(k, WORKERS, "bench.projections:LatencyProjection", batch_size),

@@ -4,7 +4,7 @@ Appends use the default ``expected_version=ANY`` (what ``projectionist append``
 and the demo do), unless ``exact_versions`` is set: then each append passes the
 stream's known version, as an application that loaded the aggregate would.
 With ``notifier`` set, appends run with ``notify=False`` and poke a shared
-coalescing ``projectionist.notifier.Notifier`` after each commit instead of
+coalescing ``projectionist.store.notifier.Notifier`` after each commit instead of
 sending NOTIFY inside the append's transaction.
 """
 
@@ -17,13 +17,13 @@ from typing import Any
 from bench.contestants import Contestant, Writer
 from bench.data import EVENT_TYPE, READ_MODEL_DDL, Event, grouped
 from bench.projections import NoopProjection, ReadModelProjection
-from projectionist.db import Connection, connect
+from projectionist.consume.processor import Processor
 from projectionist.hooks import WorkerHooks
-from projectionist.migrate import migrate
-from projectionist.processor import Processor
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition
 from projectionist.records import ANY, ExpectedVersion, NewEvent
-from projectionist.store import StreamAppend, append, append_many
+from projectionist.store.appending import StreamAppend, append, append_many
+from projectionist.store.connection import Connection, connect
+from projectionist.store.schema import migrate
 
 
 class _Versions:
@@ -80,7 +80,7 @@ class Projectionist(Contestant):
             self.key = "projectionist_exact"
             self.label = "projectionist (exact expected_version)"
         if notifier:
-            from projectionist.notifier import Notifier  # noqa: F401 - fail early if it is missing
+            from projectionist.store.notifier import Notifier  # noqa: F401 - fail early if it is missing
 
             self.key = "projectionist_notifier"
             self.label = "projectionist (notify=False + Notifier)"
@@ -89,7 +89,7 @@ class Projectionist(Contestant):
     def shared_notifier(self) -> Any:
         """The one coalescing Notifier every writer pokes, started on first use (None if not in use)."""
         if self.use_notifier and self._notifier is None:
-            from projectionist.notifier import Notifier
+            from projectionist.store.notifier import Notifier
 
             self._notifier = Notifier(self.url)
             self._notifier.start()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,9 +35,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench.procs import GATE_KEY, Children, Gate, backend_pids, child_env, cpu_seconds, worker_args
+from bench.procs import GATE_KEY, Children, Gate, backend_pids, bench_env, cpu_seconds, worker_args
 from bench.results import PartitionedCell, PartitionedRun, Results
 from bench.throughput import Failures, one_line
+from projectionist.testing import python_module
 
 Log = Callable[[str], None]
 
@@ -127,7 +127,7 @@ def run_ours(
     gate = Gate(url)
     try:
         with Children(log_dir) as children:
-            env = child_env(url, BENCH_GATE_KEY=str(GATE_KEY), BENCH_PROJECTION_NAME=name)
+            env = bench_env(url, BENCH_GATE_KEY=str(GATE_KEY), BENCH_PROJECTION_NAME=name)
             for k in range(n):
                 children.spawn(
                     worker_args(k, n, "bench.projections:NoopProjection", batch_size), env, f"{name}-{k}"
@@ -177,20 +177,12 @@ def run_mdb(
     gate = Gate(url)
     try:
         with Children(log_dir) as children:
-            env = child_env(url)
+            env = bench_env(url)
             procs = [
                 children.spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.member",
-                        url,
-                        str(k),
-                        str(n),
-                        str(batch_size),
-                        str(GATE_KEY),
-                        f"{name}:{k}",
-                    ],
+                    python_module(
+                        "bench.member", url, str(k), str(n), str(batch_size), str(GATE_KEY), f"{name}:{k}"
+                    ),
                     env,
                     f"{name}-{k}",
                 )
@@ -200,12 +192,10 @@ def run_mdb(
             started = gate.open()
             reports = []
             for proc in procs:
-                proc.wait(600)
-                if proc.returncode != 0:
-                    raise RuntimeError(
-                        f"member exited with {proc.returncode}: {children.output(proc)[-300:]}"
-                    )
-                reports.append(json.loads(children.output(proc).strip().splitlines()[-1]))
+                code = proc.wait(600)
+                if code != 0:
+                    raise RuntimeError(f"member exited with {code}: {proc.output(300)}")
+                reports.append(json.loads(proc.last_line()))
     finally:
         gate.close()
     _settle_stats()
@@ -219,13 +209,13 @@ def run_mdb(
 
 def build_partition_indexes(url: str, counts: list[int], results: Results, log: Log) -> None:
     """What ``projectionist partition-index create --total-workers N`` does, for each N; not timed."""
-    from projectionist import partition_index
+    from projectionist.consume import partition_indexes
 
     took = []
     with psycopg.connect(url, autocommit=True) as conn:
         for n in counts:
             started = time.perf_counter()
-            partition_index.create_indexes(conn, n)
+            partition_indexes.create_indexes(conn, n)
             took.append(f"N={n} in {time.perf_counter() - started:.1f} s")
         # Flush what the builds dirtied now, not during a timed run.
         with contextlib.suppress(psycopg.Error):

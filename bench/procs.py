@@ -1,91 +1,54 @@
-"""Worker subprocesses: the real ``python -m projectionist worker`` CLI, and the start gate."""
+"""Worker subprocesses for the benchmarks: the real ``projectionist worker`` CLI, and the start gate."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
+
+from projectionist.testing import ChildProcess, child_env, projectionist_command, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The advisory lock key of the start gate ("benc"); see bench.projections.
 GATE_KEY = 0x62656E63
 
 
-def child_env(url: str, **extra: str) -> dict[str, str]:
-    # A bare worker: no inherited worker identity and no exporters, so every
-    # run measures the same thing whatever the caller's shell has set.
-    drop = ("WORKER_ID", "TOTAL_WORKERS", "METRICS_PORT", "PROJECTION", "BATCH_SIZE", "DATABASE_URL")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OTEL_")}
-    env["DATABASE_URL"] = url
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
+def bench_env(url: str, **extra: str) -> dict[str, str]:
+    """A bare child: no inherited worker settings and no exporters, so every run measures the same
+    thing whatever the caller's shell has set; the benchmark's own modules importable."""
+    return child_env({"DATABASE_URL": url, **extra}, drop_tracing=True, pythonpath=[ROOT])
 
 
 class Children:
-    """Subprocesses whose output goes to files (a full pipe would stall them), stopped on exit."""
+    """The child processes of one measurement, stopped together on exit."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.procs: list[tuple[subprocess.Popen[bytes], Path, IO[bytes]]] = []
+        self.procs: list[ChildProcess] = []
 
-    def spawn(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-        path = self.log_dir / f"{name}.log"
-        out = path.open("wb")
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append((proc, path, out))
-        return proc
+    def spawn(self, argv: list[str], env: dict[str, str], name: str) -> ChildProcess:
+        child = ChildProcess(name, argv, env=env, log_path=self.log_dir / f"{name}.log", cwd=ROOT)
+        self.procs.append(child)
+        return child
 
     def check_alive(self) -> None:
-        for proc, path, _ in self.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{path.stem} exited with {proc.returncode}: {tail(path)}")
+        for child in self.procs:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited with {child.returncode}: {child.last_line()}")
 
-    def running(self) -> list[subprocess.Popen[bytes]]:
-        return [proc for proc, _, _ in self.procs if proc.poll() is None]
-
-    def output(self, proc: subprocess.Popen[bytes]) -> str:
-        for p, path, out in self.procs:
-            if p is proc:
-                out.flush()
-                return path.read_text(errors="replace")
-        return ""
-
-    def stop(self, timeout: float = 15) -> None:
-        for proc, _, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc, _, out in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            out.close()
-        self.procs.clear()
+    def running(self) -> list[ChildProcess]:
+        return [child for child in self.procs if child.alive()]
 
     def __enter__(self) -> Children:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-def tail(path: Path) -> str:
-    """The last line of a child's log: for a crash, the exception itself."""
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1].strip() if lines else "(no output)"
+        stop_all(self.procs, timeout=15)
+        self.procs.clear()
 
 
 def cpu_seconds(pids: list[int]) -> float | None:
@@ -115,23 +78,12 @@ def backend_pids(conn: psycopg.Connection[Any], app_prefix: str) -> list[int]:
 
 
 def worker_args(worker_id: int, total: int, projection: str, batch_size: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "projectionist",
+    return projectionist_command(
         "worker",
-        "--worker-id",
-        str(worker_id),
-        "--total-workers",
-        str(total),
-        "--projection",
-        projection,
-        "--batch-size",
-        str(batch_size),
-        "--no-migrate",
-        "--log-level",
-        "WARNING",
-    ]
+        *("--worker-id", str(worker_id), "--total-workers", str(total)),
+        *("--projection", projection, "--batch-size", str(batch_size)),
+        *("--no-migrate", "--log-level", "WARNING"),
+    )
 
 
 class Gate:

@@ -18,9 +18,9 @@ import os
 from collections.abc import Sequence
 
 from bench.data import READ_MODEL_DDL, READ_MODEL_UPSERT, coalesce
-from projectionist.db import Connection
-from projectionist.projection import BaseProjection, Tx
+from projectionist.consume.projection import BaseProjection, Tx
 from projectionist.records import RecordedEvent
+from projectionist.store.connection import Connection
 
 
 def _wait_at_gate(conn: Connection) -> None:

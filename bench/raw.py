@@ -30,9 +30,9 @@ from bench.data import (
     READ_MODEL_DDL,
     Event,
 )
-from projectionist.migrate import migrate
+from projectionist.consume.reader import register_xid8_loader
 from projectionist.partitioning import fnv1a_32
-from projectionist.reader import register_xid8_loader
+from projectionist.store.schema import migrate
 
 _INSERT = (
     "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "

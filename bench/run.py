@@ -348,8 +348,8 @@ def run_workloads(
         )
     if "latency" in only:
         from bench.latency import latency
-        from projectionist.db import connect
-        from projectionist.migrate import migrate
+        from projectionist.store.connection import connect
+        from projectionist.store.schema import migrate
 
         latency_url = server.fresh_database("bench_latency")
         with connect(latency_url, autocommit=True) as conn:

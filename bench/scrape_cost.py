@@ -20,10 +20,10 @@ from bench.data import batched_plan
 from bench.ours import Projectionist
 from bench.results import markdown_table
 from bench.server import BenchServer
-from projectionist import lag, partition_index
-from projectionist.checkpoints import register_group
-from projectionist.db import connect
-from projectionist.metrics import DEFAULT_LAG_COUNT_CAP
+from projectionist.consume import lag, partition_indexes
+from projectionist.consume.checkpoints import register_group
+from projectionist.store.connection import connect
+from projectionist.telemetry.metrics import DEFAULT_LAG_COUNT_CAP
 
 COUNTS = (2, 4, 8, 16)
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for indexed in (False, True):
                 if indexed:
                     for n in COUNTS:
-                        partition_index.create_indexes(conn, n)
+                        partition_indexes.create_indexes(conn, n)
                 for n in COUNTS:
                     name = f"behind_{n}"
                     lag.read_lag(conn, [name], args.cap)  # warm-up

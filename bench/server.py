@@ -93,7 +93,7 @@ class BenchServer:
 
     def __enter__(self) -> BenchServer:
         if self._given_url is None:
-            from projectionist.embedded import EmbeddedPostgres
+            from projectionist.store.embedded import EmbeddedPostgres
 
             self._tmp = Path(tempfile.mkdtemp(prefix="projectionist-bench-"))
             self._embedded = EmbeddedPostgres(self._tmp / "data", settings=SERVER_SETTINGS)

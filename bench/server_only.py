@@ -34,9 +34,9 @@ from bench.data import EVENT_TYPE, aggregate_id, payload
 from bench.raw import _INSERT as RAW_INSERT
 from bench.results import Cell, Results
 from bench.throughput import Log, rotated
-from projectionist.embedded import bundled_binary
-from projectionist.migrate import migrate
-from projectionist.store import _ONE_EVENT_APPENDS
+from projectionist.store.appending import _ONE_EVENT_APPENDS
+from projectionist.store.embedded import bundled_binary
+from projectionist.store.schema import migrate
 
 #: Statement key -> what the report calls it, in report order.
 STATEMENTS = {

@@ -3,7 +3,7 @@
 The cost comparison runs the same no-op catch-up through ``Processor`` with
 ``hooks=WorkerHooks()`` (nothing) and with what a worker process runs when
 ``METRICS_PORT`` and ``OTEL_EXPORTER_OTLP_ENDPOINT`` are set: the hook chain
-from ``projectionist.runtime.build_hooks`` (logging, tracing, metrics, health)
+from ``projectionist.telemetry._telemetry.build_hooks`` (logging, tracing, metrics, health)
 and its traced connection, which makes every statement a child span. Spans go
 through the real OTLP/HTTP exporter to :mod:`bench.otlp_sink`, a separate
 process, so serialising and sending them is in the measurement; the metrics
@@ -39,8 +39,8 @@ def telemetry(url: str, projection: str) -> Iterator[TelemetrySetup | str]:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        from projectionist.runtime import TelemetryOptions, build_hooks, build_telemetry
         from projectionist.settings import Settings
+        from projectionist.telemetry._telemetry import TelemetryOptions, build_hooks, build_telemetry
     except ImportError as e:
         yield f"the telemetry API is not available: {e}"
         return
@@ -69,7 +69,7 @@ def telemetry(url: str, projection: str) -> Iterator[TelemetrySetup | str]:
 def catch_up_kwargs(url: str, projection: str, *, with_telemetry: bool) -> Iterator[dict[str, Any]]:
     """``hooks=`` and ``connect_fn=`` for ``Projectionist.catch_up``: bare, or fully instrumented."""
     if not with_telemetry:
-        from projectionist.db import connect
+        from projectionist.store.connection import connect
 
         yield {"hooks": WorkerHooks(), "connect_fn": connect}
         return

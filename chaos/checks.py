@@ -9,8 +9,8 @@ import psycopg
 from psycopg import sql
 from tests.projections import verify_exactly_once
 
-from projectionist.db import Connection, connect
-from projectionist.ownership import group_key
+from projectionist.consume.ownership import group_key
+from projectionist.store.connection import Connection, connect
 
 
 @dataclass(frozen=True, slots=True)

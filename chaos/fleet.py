@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -22,46 +18,14 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from projectionist.experiment.harness import free_port
+from projectionist.testing import ChildProcess, child_env, free_port, projectionist_command, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDER = "tests.projections:Recorder"
 POISON_SENSITIVE = "tests.projections:PoisonSensitive"
-
-# The ordinary CLI, preceded by asking Linux to SIGTERM the worker when the
-# runner dies, so even a runner killed with SIGKILL leaves no orphan behind.
-# PR_SET_PDEATHSIG fires when the *thread* that forked exits: spawn from the
-# main thread only. The parent check closes the race of the runner dying
-# before prctl() ran.
-_BOOT = """
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
-except (AttributeError, OSError):
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(0)
-from projectionist.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-# Anything the caller's shell exports that would make a worker run something else.
-_ENV_DROPPED = (
-    "WORKER_ID",
-    "TOTAL_WORKERS",
-    "PROJECTION",
-    "METRICS_PORT",
-    "BATCH_SIZE",
-    "POLL_INTERVAL",
-    "RESCALE",
-    "POISON_POLICY",
-    "MAX_RETRIES",
-    "DATABASE_URL",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,80 +94,56 @@ class WorkerProcess:
         self._env = {**env, "DATABASE_URL": database_url}
         self._lock = threading.Lock()
         self._halt = threading.Event()
-        self._log: IO[bytes] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._prober = threading.Thread(target=self._probe_loop, name=f"probe-{name}", daemon=True)
 
     # -- the process -----------------------------------------------------------
 
     def start(self) -> None:
-        self._log = self.log_path.open("ab")
         args = [*self.spec.args(), "--metrics-port", str(self.port), "--log-level", "INFO"]
         self.started_at = time.monotonic()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, str(os.getpid()), *args],
-            cwd=ROOT,
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches only the runner.
-            start_new_session=True,
+        self._child = ChildProcess(
+            self.name, projectionist_command(*args), env=self._env, log_path=self.log_path, cwd=ROOT
         )
         self._prober.start()
 
     @property
     def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        assert self._child is not None
+        return self._child.pid
 
     @property
     def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
+        return None if self._child is None else self._child.returncode
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.alive()
 
     def kill9(self) -> float:
         """SIGKILL, then reap. Returns the monotonic time of the kill."""
-        assert self._proc is not None
-        self.killed_at = time.monotonic()
-        self._proc.send_signal(signal.SIGKILL)
-        self._proc.wait(timeout=10)
+        assert self._child is not None
+        self.killed_at = self._child.kill9()
         return self.killed_at
 
     def terminate(self) -> None:
         """SIGTERM: the worker finishes its batch and exits 0."""
-        if self.alive():
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGTERM)
+        if self._child is not None:
+            self._child.terminate()
 
-    def wait(self, timeout: float) -> int:
-        assert self._proc is not None
-        try:
-            return self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-            return -1000  # never a real exit code: reported as "did not stop"
+    @property
+    def child(self) -> ChildProcess:
+        assert self._child is not None, f"{self.name} was never started"
+        return self._child
 
     def close(self) -> None:
         self._halt.set()
-        if self.alive():
-            assert self._proc is not None
-            self._proc.kill()
-            self._proc.wait()
+        if self._child is not None:
+            self._child.close()
         if self._prober.is_alive():
             self._prober.join(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def log_tail(self, limit: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
+        return self._child.output(limit) if self._child is not None else ""
 
     # -- what it says over HTTP ------------------------------------------------
 
@@ -256,7 +196,7 @@ class WorkerProcess:
                 last = self.timeline[-1] if self.timeline else None
                 if last is None or (last.code, last.state) != (observation.code, observation.state):
                     self.timeline.append(observation)
-            if observation.code is None and not self.alive() and self._proc is not None:
+            if observation.code is None and not self.alive() and self._child is not None:
                 return  # dead and gone: nothing more to see
             self._halt.wait(self.probe_interval)
 
@@ -302,11 +242,8 @@ class Fleet:
         self.database_url = database_url
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in _ENV_DROPPED and not k.startswith("OTEL_")}
         # The workers load the test projections from this checkout.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env.update(extra_env or {})
-        self._env = env
+        self._env = child_env(extra_env or {}, drop_tracing=True, pythonpath=[ROOT])
         self.processes: list[WorkerProcess] = []
 
     def spawn(self, spec: WorkerSpec, role: str = "") -> WorkerProcess:
@@ -323,12 +260,8 @@ class Fleet:
         return [p for p in self.processes if p.alive()]
 
     def stop(self, procs: Iterable[WorkerProcess], timeout: float = 30) -> dict[str, int]:
-        """SIGTERM ``procs`` together and wait; returns exit codes by name."""
-        procs = list(procs)
-        for p in procs:
-            p.terminate()
-        deadline = time.monotonic() + timeout
-        return {p.name: p.wait(max(0.1, deadline - time.monotonic())) for p in procs}
+        """SIGTERM ``procs`` together and wait, killing what is left; returns exit codes by name."""
+        return stop_all([p.child for p in procs], timeout)
 
     def close(self) -> None:
         for p in self.processes:
@@ -338,14 +271,3 @@ class Fleet:
         return "\n".join(
             f"--- {p.name} (exit {p.returncode}) ---\n{p.log_tail(limit)}" for p in self.processes
         )
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float | None:
-    """Poll ``predicate``; the monotonic time it first held, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)

@@ -16,9 +16,9 @@ import time
 import psycopg
 
 from projectionist.backoff import Backoff
-from projectionist.db import Connection, connect
 from projectionist.records import NewEvent
-from projectionist.store import append
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
 
 #: Every scenario's aggregates are named ``agg-0`` … ``agg-{aggregates-1}``.
 AGGREGATE_PREFIX = "agg-"

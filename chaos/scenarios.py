@@ -14,10 +14,8 @@ operator's fix that the policy waits for.
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -26,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from chaos.checks import Db
-from chaos.fleet import POISON_SENSITIVE, ROOT, Fleet, Observation, WorkerProcess, WorkerSpec, wait_for
+from chaos.fleet import POISON_SENSITIVE, ROOT, Fleet, Observation, WorkerProcess, WorkerSpec
 from chaos.load import AGGREGATE_PREFIX, Load
 from chaos.report import Check, ScenarioResult
 from chaos.server import ChaosServer
-from projectionist.db import connect
-from projectionist.partition_index import create_indexes
+from projectionist.consume.partition_indexes import create_indexes
 from projectionist.partitioning import partition_of
 from projectionist.records import NewEvent
-from projectionist.store import append
+from projectionist.store.appending import append
+from projectionist.store.connection import connect
+from projectionist.testing import child_env, poll_until, projectionist_command
 
 #: Standby takeover must happen within this many seconds of the owner's death (issue 6, §2).
 TAKEOVER_LIMIT = 5.0
@@ -132,7 +131,7 @@ class Harness:
     ) -> None:
         self.server = server
         self.profile = profile
-        self.url = server.fresh_database(name.replace("-", "_"))
+        self.url = server.scenario_database(name.replace("-", "_"))
         self.db = Db(self.url)
         self.fleet = Fleet(self.url, log_root / name, extra_env={"RECORDER_SLEEP": str(recorder_sleep)})
         self.load = Load(self.url, rate=profile.load_rate, seed=seed)
@@ -165,17 +164,17 @@ class Harness:
         projection: str = "recorder",
         timeout: float = 60,
     ) -> float | None:
-        return wait_for(lambda: self.recovered(procs, projection, total, old_owners or set()), timeout)
+        return poll_until(lambda: self.recovered(procs, projection, total, old_owners or set()), timeout)
 
     def wait_state(self, procs: Sequence[WorkerProcess], state: str, timeout: float = 60) -> float | None:
         """Until every process's ``/readyz`` reports ``state``."""
-        return wait_for(lambda: all(p.last is not None and p.last.state == state for p in procs), timeout)
+        return poll_until(lambda: all(p.last is not None and p.last.state == state for p in procs), timeout)
 
     def warm_up(self, procs: Sequence[WorkerProcess], projection: str = "recorder") -> None:
         self.load.start()
-        ready = wait_for(lambda: self.all_ready(procs), 60)
+        ready = poll_until(lambda: self.all_ready(procs), 60)
         self.check(ready is not None, "workers start and report ready", _states(procs))
-        applied = wait_for(lambda: self.db.applied(projection) > 0, 30)
+        applied = poll_until(lambda: self.db.applied(projection) > 0, 30)
         self.check(applied is not None, "events are applied before the fault")
         time.sleep(self.profile.warmup)
 
@@ -185,7 +184,7 @@ class Harness:
             self.load.stop()
         except Exception as e:
             self.check(False, "the append load ran without unexpected errors", repr(e))
-        caught_up = wait_for(lambda: self.db.unapplied(projection) == 0, self.profile.catch_up_timeout, 0.2)
+        caught_up = poll_until(lambda: self.db.unapplied(projection) == 0, self.profile.catch_up_timeout, 0.2)
         self.check(
             caught_up is not None,
             "every event of the store is applied once the load stops",
@@ -404,13 +403,13 @@ def long_transaction(h: Harness) -> None:
     h.check(
         not wavered, "workers stayed ready while stalled (the lag and the metric show it)", ", ".join(wavered)
     )
-    done = wait_for(lambda: h.db.unapplied("recorder", up_to_position=head) == 0, 60)
+    done = poll_until(lambda: h.db.unapplied("recorder", up_to_position=head) == 0, 60)
     h.check(
         done is not None,
         "after the commit, every event held back (and the long transaction's own) is applied",
         f"{h.db.unapplied('recorder', up_to_position=head)} not applied",
     )
-    cleared = wait_for(
+    cleared = poll_until(
         lambda: (workers[0].sample("projectionist_oldest_transaction_age_seconds") or 0.0) < 2.0, 15, 0.25
     )
     h.check(cleared is not None, "the oldest-transaction metric falls back after the commit")
@@ -606,7 +605,7 @@ def poison_stop(h: Harness) -> None:
     h.check(h.db.scalar("SELECT count(*) FROM dead_letters") == 0, "policy stop parks nothing")
     h.db.execute("CREATE TABLE poison_healed ()")  # the operator's fix
     healed_at = time.monotonic()
-    done = wait_for(
+    done = poll_until(
         lambda: (
             victim.ready()
             and h.db.scalar("SELECT count(*) FROM applied_events WHERE event_id = %s", (event_id,)) == 1
@@ -640,7 +639,9 @@ def poison_park(h: Harness) -> None:
         f"the worker of {k}/4 reports failing (503) while it retries",
         victim.describe(poisoned_at),
     )
-    back = wait_for(lambda: failing is not None and victim.first(lambda o: o.ready, failing) is not None, 60)
+    back = poll_until(
+        lambda: failing is not None and victim.first(lambda o: o.ready, failing) is not None, 60
+    )
     h.check(
         back is not None,
         f"the worker of {k}/4 parks the event and is ready again",
@@ -649,7 +650,7 @@ def poison_park(h: Harness) -> None:
     ready_again = victim.first(lambda o: o.ready, failing or poisoned_at)
     recovery = None if ready_again is None else ready_again.at - poisoned_at
     version = int(h.db.scalar("SELECT aggregate_version FROM events WHERE event_id = %s", (event_id,)))
-    blocked = wait_for(
+    blocked = poll_until(
         lambda: (
             h.db.scalar(
                 "SELECT count(*) FROM dead_letters WHERE reason = 'blocked' AND aggregate_id = %s",
@@ -682,7 +683,7 @@ def poison_park(h: Harness) -> None:
         (_POISON_AGGREGATE, version),
     )
     h.check(later == 0, "no event of the poisoned aggregate was applied past it", f"{later} applied")
-    flowing = wait_for(
+    flowing = poll_until(
         lambda: (
             h.db.scalar(
                 "SELECT count(*) FROM applied_events a JOIN events e USING (event_id)"
@@ -710,22 +711,15 @@ def poison_park(h: Harness) -> None:
     h.load.hot, h.load.hot_share = _POISON_AGGREGATE, 0.3
     time.sleep(0.5)
     retried = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "projectionist",
-            "dead-letters",
-            "retry",
-            str(failed[0][0]) if failed else "0",
-        ],
-        env={**_cli_env(), "DATABASE_URL": h.url},
+        projectionist_command("dead-letters", "retry", str(failed[0][0] if failed else 0)),
+        env=child_env({"DATABASE_URL": h.url}),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     h.check(retried.returncode == 0, "`projectionist dead-letters retry` is accepted", retried.stderr.strip())
-    drained = wait_for(
+    drained = poll_until(
         lambda: h.db.scalar("SELECT count(*) FROM dead_letters WHERE status IN ('parked', 'retry')") == 0, 30
     )
     left = h.db.rows(
@@ -753,10 +747,6 @@ def _applied_outside(h: Harness, partition: int) -> int:
             (partition,),
         )
     )
-
-
-def _cli_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS", "PROJECTION")}
 
 
 #: Every scenario, in the order the table lists them.

@@ -1,4 +1,4 @@
-"""Direct-database load: users appending through projectionist.store, no API in between.
+"""Direct-database load: users appending through projectionist.store.appending, no API in between.
 
     LOAD_DATABASE_URL=postgresql://... \
         locust -f loadtest/locustfile_db.py,loadtest/shape_constant_rate.py --headless
@@ -20,7 +20,7 @@ from locust import User, constant, constant_throughput, events, task
 import locust_setup
 from loadgen import KeyPicker, LoadConfig, payload
 from projectionist.records import ANY, NewEvent
-from projectionist.store import append
+from projectionist.store.appending import append
 
 CONFIG = LoadConfig.from_env()
 locust_setup.register(events)

@@ -20,12 +20,9 @@ must restore it before returning: the stack is shared by the whole session.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,11 +38,19 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind
 
-from projectionist.appender import append_sample_events
-from projectionist.db import connect
-from projectionist.experiment.harness import free_port
-from tests.conftest import ROOT, Server, fresh_database
+from projectionist.demo.sample_events import append_sample_events
+from projectionist.store.connection import connect
+from projectionist.testing import (
+    ChildProcess,
+    PostgresServer,
+    child_env,
+    free_port,
+    poll_until,
+    projectionist_command,
+    wait_for,
+)
 from tests.fix_otlp import OtlpReceiver
+from tests.helpers import ROOT, TEMPLATE_DB
 
 RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "projectionist-alerts.yml"
 # The compose stack's job name; the alert rules do not depend on it.
@@ -78,58 +83,39 @@ class Sample:
 
 
 class WorkerProcess:
-    """One ``projectionist worker`` subprocess with its metrics port and log file."""
+    """One ``projectionist worker`` subprocess of the stack, with its metrics port (restartable)."""
 
     def __init__(self, worker_id: int, port: int, log_path: Path) -> None:
         self.worker_id = worker_id
         self.port = port
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: ChildProcess | None = None
         self.started = False
 
     def start(self, db_url: str, total_workers: int, env: dict[str, str]) -> None:
         self.started = True
-        full_env = {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS")}
-        full_env.update(env)
-        full_env.update({"DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"})
-        with self.log_path.open("ab") as log_file:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "projectionist",
-                    "worker",
-                    "--worker-id",
-                    str(self.worker_id),
-                    "--total-workers",
-                    str(total_workers),
-                    "--metrics-port",
-                    str(self.port),
-                    "--no-migrate",
-                ],
-                env=full_env,
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
+        self.child = ChildProcess(
+            f"worker-{self.worker_id}",
+            projectionist_command(
+                "worker",
+                *("--worker-id", str(self.worker_id), "--total-workers", str(total_workers)),
+                *("--metrics-port", str(self.port), "--no-migrate"),
+            ),
+            env=child_env({**env, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}),
+            log_path=self.log_path,
+            cwd=ROOT,
+        )
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (graceful), then SIGKILL if it does not exit; returns the exit code."""
-        if self.proc is None:
+        if self.child is None:
             return None
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        child, self.child = self.child, None
+        return child.stop(timeout)
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.child is not None and self.child.alive()
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -234,7 +220,7 @@ class PrometheusStack:
         self.load = LoadGenerator(db_url)
         self.prometheus_port = free_port()
         self.url = f"http://127.0.0.1:{self.prometheus_port}"
-        self._prometheus: subprocess.Popen[bytes] | None = None
+        self._prometheus: ChildProcess | None = None
         #: Worker processes started again after a stop: counters restarted at 0.
         self.restarts = 0
 
@@ -256,8 +242,8 @@ class PrometheusStack:
 
     def reload(self) -> None:
         """Make Prometheus re-read ``workdir/prometheus.yml`` (SIGHUP), e.g. after adding a scrape job."""
-        assert self._prometheus is not None and self._prometheus.poll() is None, "prometheus is not running"
-        self._prometheus.send_signal(signal.SIGHUP)
+        assert self._prometheus is not None and self._prometheus.alive(), "prometheus is not running"
+        self._prometheus.send(signal.SIGHUP)
 
     def stop_worker(self, worker_id: int) -> int | None:
         return self.workers[worker_id].stop()
@@ -283,8 +269,8 @@ class PrometheusStack:
         }
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        log_file = (self.workdir / "prometheus.log").open("ab")
-        self._prometheus = subprocess.Popen(
+        self._prometheus = ChildProcess(
+            "prometheus",
             [
                 prometheus_binary(),
                 f"--config.file={config_path}",
@@ -293,35 +279,27 @@ class PrometheusStack:
                 "--enable-feature=exemplar-storage",
                 "--log.level=warn",
             ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
+            env=child_env(),
+            log_path=self.workdir / "prometheus.log",
         )
-        log_file.close()
-        deadline = time.monotonic() + 60
-        while True:
-            if self._prometheus.poll() is not None:
+
+        def ready() -> bool:
+            assert self._prometheus is not None
+            if not self._prometheus.alive():
                 raise RuntimeError(f"prometheus exited:\n{self.prometheus_log()}")
             try:
-                status, _ = http_get(f"{self.url}/-/ready", timeout=1)
-                if status == 200:
-                    return
+                return http_get(f"{self.url}/-/ready", timeout=1)[0] == 200
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not become ready:\n{self.prometheus_log()}")
-            time.sleep(0.2)
+                return False
+
+        wait_for(ready, "prometheus to become ready", timeout=60, interval=0.2)
 
     def close(self) -> None:
         self.load.close()
         for worker in self.workers.values():
             worker.stop()
         if self._prometheus is not None:
-            self._prometheus.terminate()
-            try:
-                self._prometheus.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._prometheus.kill()
-                self._prometheus.wait()
+            self._prometheus.stop(timeout=15)
         self.otlp.close()
 
     # -- queries -----------------------------------------------------------
@@ -364,39 +342,40 @@ class PrometheusStack:
         timeout: float = 30.0,
     ) -> list[Sample]:
         """Poll ``promql`` until ``condition(result)`` holds; fail with the last result after ``timeout``."""
-        deadline = time.monotonic() + timeout
         result: list[Sample] = []
-        while True:
+
+        def holds() -> bool:
+            nonlocal result
             self._check_processes()
             result = self.query(promql)
-            if condition(result):
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out after {timeout}s waiting for {what}: {promql} = {result}\n"
-                    + "\n".join(f"--- worker {k} log:\n{w.log_tail()}" for k, w in self.workers.items())
-                )
-            time.sleep(0.5)
+            return condition(result)
+
+        if poll_until(holds, timeout, interval=0.5) is None:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}: {promql} = {result}\n"
+                + "\n".join(f"--- worker {k} log:\n{w.log_tail()}" for k, w in self.workers.items())
+            )
+        return result
 
     def wait_until_exemplars(
         self, promql: str, *, start: float, end: float, timeout: float = 30.0
     ) -> list[dict[str, Any]]:
         """``/api/v1/query_exemplars`` once it returns at least one exemplar."""
-        deadline = time.monotonic() + timeout
-        while True:
-            data: list[dict[str, Any]] = self.api(
-                "query_exemplars", query=promql, start=str(start), end=str(end)
-            )
-            if any(d.get("exemplars") for d in data):
-                return data
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no exemplars for {promql} within {timeout}s: {data}")
-            time.sleep(0.5)
+        data: list[dict[str, Any]] = []
+
+        def found() -> bool:
+            nonlocal data
+            data = self.api("query_exemplars", query=promql, start=str(start), end=str(end))
+            return any(d.get("exemplars") for d in data)
+
+        if poll_until(found, timeout, interval=0.5) is None:
+            raise AssertionError(f"no exemplars for {promql} within {timeout}s: {data}")
+        return data
 
     def _check_processes(self) -> None:
         if self.load.error is not None:
             raise AssertionError(f"the load generator failed: {self.load.error!r}")
-        if self._prometheus is not None and self._prometheus.poll() is not None:
+        if self._prometheus is not None and not self._prometheus.alive():
             raise AssertionError(f"prometheus exited:\n{self.prometheus_log()}")
 
     def appended(self) -> int:
@@ -418,9 +397,9 @@ class PrometheusStack:
 
 
 @pytest.fixture(scope="session")
-def prometheus_stack(pg_server: Server) -> Iterator[PrometheusStack]:
+def prometheus_stack(pg_server: PostgresServer) -> Iterator[PrometheusStack]:
     """Real workers + load + a real Prometheus, shared by the session (see the module docstring)."""
-    with fresh_database(pg_server) as url:
+    with pg_server.fresh_database(TEMPLATE_DB) as url:
         workdir = Path(tempfile.mkdtemp(prefix="projectionist-prometheus-"))
         stack = PrometheusStack(url, workdir)
         try:

@@ -7,15 +7,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from projectionist.appender import append_sample_events
-from projectionist.db import Connection
+from projectionist.consume.projection import BaseProjection, Tx
+from projectionist.demo.sample_events import append_sample_events
 from projectionist.errors import ConfigError
-from projectionist.projection import BaseProjection, Tx
 from projectionist.records import RecordedEvent
-from tests.horizon import wait_until_readable
+from projectionist.store.connection import Connection
+from projectionist.testing import wait_until_readable
 
 if TYPE_CHECKING:
-    from projectionist.processor import Processor
+    from projectionist.consume.processor import Processor
 
 
 class Recorder(BaseProjection):

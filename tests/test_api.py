@@ -15,12 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from projectionist.api import ApiSettings, build_openapi, create_app
-from projectionist.db import Connection, connect
 from projectionist.errors import ConfigError
 from projectionist.records import NewEvent
-from projectionist.store import append
-from tests.conftest import Server, fresh_database
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import PostgresServer
 from tests.fix_api import ServedApp
+from tests.helpers import TEMPLATE_DB
 
 pytestmark = pytest.mark.integration
 
@@ -68,10 +69,10 @@ def secured(db_url: str) -> Iterator[Api]:
 
 
 @pytest.fixture(scope="module")
-def shared(pg_server: Server) -> Iterator[Api]:
+def shared(pg_server: PostgresServer) -> Iterator[Api]:
     """One server for the many requests that must be refused: each test checks that
     the number of stored events did not change, so they need no database each."""
-    with fresh_database(pg_server) as url:
+    with pg_server.fresh_database(TEMPLATE_DB) as url:
         yield from _serve(url, SETTINGS)
 
 
@@ -443,7 +444,7 @@ def test_readyz_is_503_when_the_database_is_unreachable_and_appends_too(pg_serve
 
 
 def test_readyz_is_503_on_an_unmigrated_database(pg_server: Any) -> None:
-    with fresh_database(pg_server, template=None) as url:
+    with pg_server.fresh_database() as url:
         app = create_app(url, registry=CollectorRegistry())
         with ServedApp(app) as served:
             r = httpx.get(f"{served.url}/readyz", timeout=30)

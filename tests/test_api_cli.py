@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from projectionist.db import connect
-from projectionist.experiment.harness import free_port
-from tests.conftest import Server, fresh_database, run_cli
-from tests.fix_api import start_api_process, stop_process, wait_until_serving
+from projectionist.store.connection import connect
+from projectionist.testing import PostgresServer, free_port, start_api, wait_for_http
 from tests.fix_otlp import OtlpReceiver, otlp_receiver  # noqa: F401  (a fixture)
+from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,25 +20,27 @@ CALLER_SPAN = "00f067aa0ba902b7"
 
 
 @pytest.fixture
-def empty_db(pg_server: Server) -> Iterator[str]:
+def empty_db(pg_server: PostgresServer) -> Iterator[str]:
     """A database without any migration applied."""
-    with fresh_database(pg_server, template=None) as url:
+    with pg_server.fresh_database() as url:
         yield url
 
 
 def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
     empty_db: str,
     otlp_receiver: OtlpReceiver,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     port = free_port()
-    proc = start_api_process(
+    api = start_api(
         empty_db,
         port,
+        tmp_path / "api.log",
         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(proc, url)
+        wait_for_http(f"{url}/healthz", api)
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         r = httpx.post(
             f"{url}/streams/traced/events",
@@ -50,8 +52,8 @@ def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
         (server_span,) = otlp_receiver.wait_for(lambda s: s.span.kind == s.span.SPAN_KIND_SERVER)
         (producer,) = otlp_receiver.wait_for(lambda s: s.span.kind == s.span.SPAN_KIND_PRODUCER)
     finally:
-        err = stop_process(proc)
-    assert proc.returncode == 0, err
+        code = api.stop()
+    assert code == 0, api.output()
     assert server_span.name == "POST /streams/{aggregate_id}/events"
     assert server_span.resource["service.name"] == "projectionist-api"
     assert server_span.span.trace_id.hex() == CALLER_TRACE
@@ -65,17 +67,17 @@ def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
     assert row == (f"00-{CALLER_TRACE}-{producer.span.span_id.hex()}-01",)
 
 
-def test_no_migrate_leaves_an_empty_database_not_ready(empty_db: str) -> None:
+def test_no_migrate_leaves_an_empty_database_not_ready(empty_db: str, tmp_path: Path) -> None:
     port = free_port()
-    proc = start_api_process(empty_db, port, "--no-migrate")
+    api = start_api(empty_db, port, tmp_path / "api.log", "--no-migrate")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(proc, url)
+        wait_for_http(f"{url}/healthz", api)
         r = httpx.get(f"{url}/readyz", timeout=10)
         assert r.status_code == 503
         assert r.json()["detail"] == "not migrated"
     finally:
-        stop_process(proc)
+        api.stop()
 
 
 @pytest.mark.parametrize(

@@ -28,9 +28,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from projectionist.api import ApiSettings, build_openapi, create_app
-from projectionist.db import Connection, connect
-from tests.conftest import Server, fresh_database
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import PostgresServer
 from tests.fix_api import ServedApp
+from tests.helpers import TEMPLATE_DB
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,10 +54,10 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(pg_server: Server) -> Iterator[Target]:
+def target(pg_server: PostgresServer) -> Iterator[Target]:
     # One server and database for the module: hypothesis runs hundreds of
     # examples per test, far too many for a database each.
-    with fresh_database(pg_server) as url:
+    with pg_server.fresh_database(TEMPLATE_DB) as url:
         app = create_app(url, SETTINGS, registry=CollectorRegistry())
         with (
             ServedApp(app) as served,

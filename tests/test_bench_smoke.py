@@ -32,7 +32,7 @@ from bench.server_only import (
 )
 from bench.spread import ReportError, spread, targets_of
 
-from projectionist.appender import append_sample_events
+from projectionist.demo.sample_events import append_sample_events
 
 
 def test_payload_is_about_200_bytes() -> None:

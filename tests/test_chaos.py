@@ -23,12 +23,12 @@ from chaos.checks import Db, Fold
 from chaos.fleet import WorkerProcess, WorkerSpec
 from chaos.report import Check
 
-from projectionist import deadletters
-from projectionist.db import connect
-from projectionist.partitioning import fnv1a_32
-from projectionist.reader import Partition
+from projectionist.consume import dead_letters
+from projectionist.partitioning import Partition, fnv1a_32
 from projectionist.records import NewEvent
-from projectionist.store import append, read_stream
+from projectionist.store.appending import append
+from projectionist.store.connection import connect
+from projectionist.store.streams import read_stream
 from tests.projections import Recorder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -120,15 +120,15 @@ def test_a_retry_that_meets_a_parking_batch_retries_the_letter_that_batch_parked
     with connect(db_url, autocommit=True) as conn:
         append(conn, "a", [NewEvent("E", {}), NewEvent("E", {})])
         first, second = read_stream(conn, "a")
-        deadletters.park(conn, "p", first, fnv1a_32("a"), error=ValueError("boom"), attempts=3)
-        (letter,) = deadletters.list_letters(conn)
+        dead_letters.park(conn, "p", first, fnv1a_32("a"), error=ValueError("boom"), attempts=3)
+        (letter,) = dead_letters.list_letters(conn)
         with connect(db_url) as batch:  # what Processor.run_batch does, held open
-            deadletters.open_letters(batch, "p", Partition(0, 1))
-            deadletters.park(batch, "p", second, fnv1a_32("a"), error=None, attempts=0)
+            dead_letters.open_letters(batch, "p", Partition(0, 1))
+            dead_letters.park(batch, "p", second, fnv1a_32("a"), error=None, attempts=0)
 
             def retry() -> None:
                 with connect(db_url, autocommit=True) as operator:
-                    deadletters.request_retry(operator, letter.id)
+                    dead_letters.request_retry(operator, letter.id)
 
             operator = threading.Thread(target=retry)
             operator.start()
@@ -136,12 +136,12 @@ def test_a_retry_that_meets_a_parking_batch_retries_the_letter_that_batch_parked
             batch.commit()
             operator.join(timeout=10)
         assert not operator.is_alive()
-        assert [(x.aggregate_version, x.status) for x in deadletters.list_letters(conn)] == [
+        assert [(x.aggregate_version, x.status) for x in dead_letters.list_letters(conn)] == [
             (1, "retry"),
             (2, "retry"),
         ]
         with conn.transaction():
-            queued = deadletters.open_letters(conn, "p", Partition(0, 1))
+            queued = dead_letters.open_letters(conn, "p", Partition(0, 1))
         assert [x.aggregate_version for x in queued.retry] == [1, 2]
 
 

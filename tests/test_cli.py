@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from projectionist.cli import _GracefulStop
-from projectionist.db import connect
-from projectionist.migrate import available_migrations
-from tests.conftest import ROOT, Server, fresh_database, run_cli
+from projectionist.cli._main import _GracefulStop
+from projectionist.store.connection import connect
+from projectionist.store.schema import available_migrations
+from projectionist.testing import PostgresServer
+from tests.helpers import ROOT, run_cli
 from tests.projections import verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -112,8 +113,8 @@ def test_the_signal_handler_never_takes_the_stop_lock_itself() -> None:
     assert graceful.requested
 
 
-def test_migrate_is_idempotent_and_safe_in_parallel(pg_server: Server) -> None:
-    with fresh_database(pg_server, template=None) as url:
+def test_migrate_is_idempotent_and_safe_in_parallel(pg_server: PostgresServer) -> None:
+    with pg_server.fresh_database() as url:
         env = {**os.environ, "DATABASE_URL": url}
         procs = [
             subprocess.Popen(

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -102,9 +102,8 @@ def test_two_first_users_of_the_embedded_server_both_succeed(tmp_path: Path) -> 
 # e.g. the first command after a fresh checkout: a psycopg UndefinedTable traceback.
 @pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["dead-letters", "list"]])
 def test_commands_on_an_unmigrated_database_fail_with_one_line(pg_server: object, args: list[str]) -> None:
-    from tests.conftest import fresh_database
 
-    with fresh_database(pg_server, template=None) as url:  # type: ignore[arg-type]
+    with pg_server.fresh_database() as url:
         result = run_cli(*args, db_url=url)
     assert result.returncode == 1, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr[-400:]
@@ -154,10 +153,9 @@ def test_a_data_directory_holding_something_else_is_refused_untouched(tmp_path: 
 # A database the seed's Go example set up holds tables named events and
 # projection_checkpoints: migrate died with a DuplicateTable traceback.
 def test_migrate_on_the_seeds_tables_explains_and_changes_nothing(pg_server: object) -> None:
-    from projectionist.db import connect
-    from tests.conftest import fresh_database
+    from projectionist.store.connection import connect
 
-    with fresh_database(pg_server, template=None) as url:  # type: ignore[arg-type]
+    with pg_server.fresh_database() as url:
         with connect(url, autocommit=True) as conn:
             conn.execute("CREATE TABLE events (global_position bigserial PRIMARY KEY, data jsonb)")
             conn.execute(
@@ -183,7 +181,7 @@ def test_migrate_on_the_seeds_tables_explains_and_changes_nothing(pg_server: obj
 def test_a_data_directory_that_refuses_the_rename_is_initialised_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from projectionist.embedded import EmbeddedPostgres
+    from projectionist.store.embedded import EmbeddedPostgres
 
     data = tmp_path / "pg"
     data.mkdir()
@@ -210,7 +208,7 @@ def test_a_data_directory_that_refuses_the_rename_is_initialised_in_place(
 # hold up every append and read behind it; it gives up after 10 s instead.
 @pytest.mark.slow
 def test_migration_0005_gives_up_behind_a_long_query_and_applies_nothing(db_url: str) -> None:
-    from projectionist.db import connect
+    from projectionist.store.connection import connect
 
     with connect(db_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE events DROP CONSTRAINT events_created_at_in_python_range")
@@ -241,16 +239,15 @@ def test_a_role_with_the_documented_rights_runs_a_worker_and_a_missing_one_is_on
 def _run_as_a_dml_role(pg_server: object, role: str) -> None:
     from psycopg.conninfo import make_conninfo
 
-    from projectionist.db import connect
-    from projectionist.migrate import migrate
-    from projectionist.processor import Processor
-    from projectionist.reader import Partition
+    from projectionist.consume.processor import Processor
+    from projectionist.demo.sample_projection import ScalableProjection
+    from projectionist.partitioning import Partition
     from projectionist.records import NewEvent
-    from projectionist.sample import ScalableProjection
-    from projectionist.store import append
-    from tests.conftest import fresh_database
+    from projectionist.store.appending import append
+    from projectionist.store.connection import connect
+    from projectionist.store.schema import migrate
 
-    with fresh_database(pg_server, template=None) as url:  # type: ignore[arg-type]
+    with pg_server.fresh_database() as url:
         with connect(url, autocommit=True) as owner:
             migrate(owner)
             ScalableProjection().setup(owner)  # created beforehand, as the README says

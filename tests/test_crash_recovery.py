@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from projectionist.appender import append_sample_events
-from projectionist.db import connect
-from tests.conftest import ROOT
+from projectionist.demo.sample_events import append_sample_events
+from projectionist.store.connection import connect
+from tests.helpers import ROOT
 from tests.projections import applied_count, verify_exactly_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -27,9 +27,9 @@ from dashboards import generate
 from dashboards import workers as workers_module
 from dashboards.common import PROVISIONED_UIDS, REFRESH_INTERVALS
 
-from projectionist.experiment.harness import free_port
-from tests.conftest import ROOT
+from projectionist.testing import free_port
 from tests.fix_prometheus import PrometheusStack, Sample, http_get
+from tests.helpers import ROOT
 
 DASHBOARD_DIR = ROOT / "compose" / "grafana" / "dashboards"
 PROVISIONING = ROOT / "compose" / "grafana" / "provisioning"
@@ -288,7 +288,7 @@ def test_prometheus_datasource_links_exemplars_to_the_trace_datasource() -> None
     assert link["name"] == "trace_id"
     assert link["datasourceUid"] == "tempo" and ds["tempo"]["type"] == "tempo"
     assert ds["tempo"]["url"] == "http://tempo:3200"
-    metrics_source = (ROOT / "services" / "projectionist" / "metrics.py").read_text()
+    metrics_source = (ROOT / "services" / "projectionist" / "telemetry" / "metrics.py").read_text()
     assert 'exemplar={"trace_id": trace_id}' in metrics_source
 
 

@@ -16,10 +16,11 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from projectionist.db import Connection, connect
-from projectionist.demo import demo_lock_key
-from projectionist.demo_verify import verify
-from tests.conftest import ROOT, Server, fresh_database, run_cli
+from projectionist.demo.run import demo_lock_key
+from projectionist.demo.verify import verify
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import PostgresServer
+from tests.helpers import ROOT, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,13 +39,13 @@ CHECKS = (
 )
 
 
-def _drop(server: Server, name: str) -> None:
+def _drop(server: PostgresServer, name: str) -> None:
     with server.admin() as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="module")
-def demo_run(pg_server: Server) -> Iterator[tuple[subprocess.CompletedProcess[str], str]]:
+def demo_run(pg_server: PostgresServer) -> Iterator[tuple[subprocess.CompletedProcess[str], str]]:
     """One real demo run, in a database of its own on the test server."""
     name = f"demo_{uuid.uuid4().hex[:10]}"
     result = run_cli(*DEMO_ARGS, "--database", name, db_url=pg_server.admin_url, timeout=120)
@@ -55,7 +56,9 @@ def demo_run(pg_server: Server) -> Iterator[tuple[subprocess.CompletedProcess[st
 
 
 @pytest.fixture
-def demo_copy(pg_server: Server, demo_run: tuple[subprocess.CompletedProcess[str], str]) -> Iterator[str]:
+def demo_copy(
+    pg_server: PostgresServer, demo_run: tuple[subprocess.CompletedProcess[str], str]
+) -> Iterator[str]:
     """A private copy of the demo's database, free to corrupt."""
     name = f"democopy_{uuid.uuid4().hex[:10]}"
     with pg_server.admin() as admin:
@@ -71,7 +74,7 @@ def demo_copy(pg_server: Server, demo_run: tuple[subprocess.CompletedProcess[str
 
 
 def test_demo_scales_one_to_four_workers_and_passes(
-    demo_run: tuple[subprocess.CompletedProcess[str], str], pg_server: Server
+    demo_run: tuple[subprocess.CompletedProcess[str], str], pg_server: PostgresServer
 ) -> None:
     result, name = demo_run
     out = result.stdout
@@ -93,7 +96,9 @@ def test_demo_scales_one_to_four_workers_and_passes(
     assert workers == (4,)
 
 
-def test_verify_only_exits_1_once_the_read_model_is_corrupted(pg_server: Server, demo_copy: str) -> None:
+def test_verify_only_exits_1_once_the_read_model_is_corrupted(
+    pg_server: PostgresServer, demo_copy: str
+) -> None:
     clean = run_cli("demo", "--verify-only", "--database", demo_copy, db_url=pg_server.admin_url)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "PASS: all 5 checks passed" in clean.stdout
@@ -140,7 +145,7 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_verification_catches(corruption: str, pg_server: Server, demo_copy: str) -> None:
+def test_verification_catches(corruption: str, pg_server: PostgresServer, demo_copy: str) -> None:
     statement, check = CORRUPTIONS[corruption]
     with connect(pg_server.url_for(demo_copy), autocommit=True) as conn:
         assert verify(conn, 4).ok
@@ -152,7 +157,7 @@ def test_verification_catches(corruption: str, pg_server: Server, demo_copy: str
 
 
 def _workers_of(demo_pid: int) -> list[int]:
-    """Worker processes the demo ``demo_pid`` started (their boot code gets its pid as argv[1])."""
+    """Worker processes the demo ``demo_pid`` started (their launcher gets its pid as argv[1])."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -161,12 +166,13 @@ def _workers_of(demo_pid: int) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 4 and argv[1] == b"-c" and argv[3] == str(demo_pid).encode() and argv[4] == b"worker":
+        launched = len(argv) > 7 and argv[1] == b"-c" and argv[3] == str(demo_pid).encode()
+        if launched and argv[5:8] == [b"-m", b"projectionist", b"worker"]:
             found.append(int(entry.name))
     return found
 
 
-def _start_demo_until_workers_run(pg_server: Server, name: str) -> subprocess.Popen[str]:
+def _start_demo_until_workers_run(pg_server: PostgresServer, name: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS")}
     env.update(DATABASE_URL=pg_server.admin_url, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -199,7 +205,7 @@ def _wait_gone(demo_pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
-def test_no_worker_outlives_the_demo(pg_server: Server, sig: signal.Signals) -> None:
+def test_no_worker_outlives_the_demo(pg_server: PostgresServer, sig: signal.Signals) -> None:
     name = f"demo_{uuid.uuid4().hex[:10]}"
     proc = _start_demo_until_workers_run(pg_server, name)
     try:
@@ -223,7 +229,7 @@ def test_no_worker_outlives_the_demo(pg_server: Server, sig: signal.Signals) -> 
 
 # A second demo on the same database used to drop it WITH (FORCE) under the
 # first one, whose workers then all failed.
-def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_server: Server) -> None:
+def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_server: PostgresServer) -> None:
     name = f"demo_{uuid.uuid4().hex[:10]}"
     with pg_server.admin() as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -232,7 +238,7 @@ def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_serv
             first.execute("CREATE TABLE still_here ()")
         with (
             connect(pg_server.url_for("postgres"), autocommit=True) as running,  # what a running demo holds
-            fresh_database(pg_server, template=None) as elsewhere,
+            pg_server.fresh_database() as elsewhere,
         ):
             running.execute("SELECT pg_advisory_lock(%s)", (demo_lock_key(name),))
             result = run_cli(*DEMO_ARGS, "--database", name, db_url=pg_server.admin_url, timeout=60)

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from projectionist import __version__
-from projectionist.cli import EXIT_CONFIG
+from projectionist.cli._main import EXIT_CONFIG
 from projectionist.errors import ConfigError
 from projectionist.settings import Settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
 SYSTEMD = ROOT / "deploy" / "systemd"

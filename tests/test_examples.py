@@ -10,9 +10,9 @@ import time
 import pytest
 
 from projectionist import NewEvent, Partition, Worker, append
-from projectionist.db import connect
-from projectionist.projection import load_projection
-from tests.conftest import ROOT
+from projectionist.consume.projection import load_projection
+from projectionist.store.connection import connect
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
 

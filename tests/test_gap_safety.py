@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from projectionist.db import Connection, connect
+from projectionist.consume.reader import PartitionReader
 from projectionist.errors import ConcurrencyError
-from projectionist.reader import Partition, PartitionReader
+from projectionist.partitioning import Partition
 from projectionist.records import NewEvent, Position
-from projectionist.store import append
-from projectionist.worker import Worker
-from tests.horizon import wait_until_readable
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import wait_until_readable
+from projectionist.worker.worker import Worker
 from tests.projections import Recorder, verify_exactly_once
 
 pytestmark = pytest.mark.integration

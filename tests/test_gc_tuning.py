@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from projectionist.gc_tuning import YOUNG_THRESHOLD, tune_for_throughput
+from projectionist.worker.gc_tuning import YOUNG_THRESHOLD, tune_for_throughput
 
 
 @pytest.fixture

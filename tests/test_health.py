@@ -15,18 +15,17 @@ from contextlib import contextmanager
 import pytest
 from prometheus_client import CollectorRegistry
 
-from projectionist.db import Connection
-from projectionist.experiment.harness import free_port
-from projectionist.health import HealthHooks
 from projectionist.hooks import WorkerInfo, WorkerState
-from projectionist.reader import Partition
-from projectionist.runtime import Telemetry, TelemetryOptions, build_hooks, build_telemetry
+from projectionist.partitioning import Partition
 from projectionist.settings import Settings
-from projectionist.worker import Worker
-from tests.conftest import ROOT, run_cli
+from projectionist.store.connection import Connection
+from projectionist.telemetry._telemetry import Telemetry, TelemetryOptions, build_hooks, build_telemetry
+from projectionist.telemetry.health import HealthHooks
+from projectionist.testing import free_port, wait_for
+from projectionist.worker.worker import Worker
 from tests.fix_prometheus import http_get
+from tests.helpers import ROOT, run_cli
 from tests.projections import Recorder, applied_count, load_sample
-from tests.waiting import wait_for
 
 INFO = WorkerInfo("orders", 0, 2)
 

@@ -9,14 +9,14 @@ import psycopg
 import pytest
 
 from projectionist import NewEvent
-from projectionist.db import Connection, connect
-from projectionist.migrate import available_migrations, migrate
-from projectionist.partitioning import fnv1a_32
-from projectionist.reader import Partition, PartitionReader
+from projectionist.consume.reader import PartitionReader
+from projectionist.partitioning import Partition, fnv1a_32
 from projectionist.records import Position
-from projectionist.store import append, read_stream
-from tests.conftest import Server, fresh_database
-from tests.horizon import wait_until_readable
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
+from projectionist.store.schema import available_migrations, migrate
+from projectionist.store.streams import read_stream
+from projectionist.testing import PostgresServer, wait_until_readable
 
 _PAYLOAD_COLUMNS = """
     SELECT column_name, data_type, column_default FROM information_schema.columns
@@ -34,9 +34,9 @@ def _insert_raw(conn: Connection, aggregate: str, version: int, payload: str) ->
 
 
 @pytest.fixture
-def before_0004(pg_server: Server) -> Iterator[str]:
+def before_0004(pg_server: PostgresServer) -> Iterator[str]:
     """An empty database migrated up to 0003 only: a store of the jsonb releases."""
-    with fresh_database(pg_server, template=None) as url:
+    with pg_server.fresh_database() as url:
         with connect(url, autocommit=True) as conn:
             conn.execute(
                 "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"

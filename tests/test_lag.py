@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from psycopg import sql
 
-from projectionist import lag, partition_index
-from projectionist.checkpoints import register_group
-from projectionist.db import Connection, connect
-from projectionist.metrics import read_store_snapshot
-from projectionist.processor import Processor
-from projectionist.reader import Partition
-from projectionist.status import read_status
+from projectionist.consume import lag, partition_indexes
+from projectionist.consume.checkpoints import register_group
+from projectionist.consume.processor import Processor
+from projectionist.consume.status import read_status
+from projectionist.partitioning import Partition
+from projectionist.store.connection import Connection, connect
+from projectionist.telemetry.metrics import read_store_snapshot
 from tests.projections import Recorder, drain, load_sample
 
 pytestmark = pytest.mark.integration
@@ -33,8 +33,8 @@ def _three_partitions(conn: Connection, without_index: int) -> list[int]:
     """3,000 events, a group of 3 whose partition ``without_index`` has no index; each one's events."""
     load_sample(conn, 3000, 61)
     register_group(conn, "recorder", 3)
-    partition_index.create_indexes(conn, 3)
-    dropped = partition_index.index_name(3, without_index)
+    partition_indexes.create_indexes(conn, 3)
+    dropped = partition_indexes.index_name(3, without_index)
     conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(dropped)))
     return _own_counts(conn, 3)
 
@@ -58,7 +58,7 @@ def _executed(conn: Connection, query: sql.Composed) -> list[dict[str, Any]]:
 def test_through_partition_indexes_the_count_is_exact_up_to_the_cap(conn: Connection) -> None:
     load_sample(conn, 3000, 61)
     register_group(conn, "recorder", 3)
-    partition_index.create_indexes(conn, 3)
+    partition_indexes.create_indexes(conn, 3)
     own = _own_counts(conn, 3)
     assert all(n > 50 for n in own)
     exact = _lags(conn, 10_000)
@@ -88,7 +88,7 @@ def test_a_partition_without_its_index_counts_through_a_window(conn: Connection)
 def test_each_count_reads_only_its_partitions_rows_up_to_the_cap(conn: Connection) -> None:
     load_sample(conn, 6000, 97)
     register_group(conn, "recorder", 4)
-    partition_index.create_indexes(conn, 4)
+    partition_indexes.create_indexes(conn, 4)
     queries = lag._group_queries("recorder", 4, {0, 1, 3}, 100)
     assert len(queries) == 4  # three through their index, one for partition 2
     for k, query in zip((0, 1, 3), queries, strict=False):

@@ -30,10 +30,10 @@ import loadgen
 import locust_exporter
 from locust_exporter import LocustExporter
 from projectionist.api import ApiSettings, create_app
-from projectionist.db import connect
-from projectionist.experiment.harness import free_port
-from tests.conftest import ROOT
+from projectionist.store.connection import connect
+from projectionist.testing import free_port
 from tests.fix_api import ServedApp
+from tests.helpers import ROOT
 
 APPEND = "/streams/{aggregate_id}/events"
 
@@ -166,7 +166,7 @@ def _runner(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[s
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LOAD_", "API_"))}
     full_env.update(env or {})
     return subprocess.Popen(
-        [sys.executable, "-m", "projectionist.experiment.load", *args],
+        [sys.executable, "-m", "experiments.load", *args],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,

@@ -11,10 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from experiments import load as load_runner
 
-from projectionist.experiment import harness
-from projectionist.experiment import load as load_runner
-from tests.conftest import ROOT, Server, fresh_database
+from projectionist.testing import PostgresServer, ports
+from tests.helpers import ROOT, TEMPLATE_DB
 
 # --- 1. locustfile_db.py: an append whose reconnect fails is never reported -------------
 
@@ -50,8 +50,10 @@ _DB_USER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.integration
-def test_database_user_reports_every_failed_append_even_when_reconnecting_fails(pg_server: Server) -> None:
-    with fresh_database(pg_server) as url:
+def test_database_user_reports_every_failed_append_even_when_reconnecting_fails(
+    pg_server: PostgresServer,
+) -> None:
+    with pg_server.fresh_database(TEMPLATE_DB) as url:
         dbname = url.split("dbname=")[1].split()[0]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LOAD_", "API_"))}
         env.update(
@@ -141,6 +143,6 @@ def test_make_load_refuses_a_bad_duration_with_a_message(
 # row; two chaos workers once got the same METRICS_PORT that way.
 def test_free_port_never_hands_out_the_same_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     offers = [40001, 40001, 40002]
-    monkeypatch.setattr(harness, "_port_the_kernel_offers", lambda: offers.pop(0))
-    monkeypatch.setattr(harness, "_handed_out", set())
-    assert [harness.free_port(), harness.free_port()] == [40001, 40002]
+    monkeypatch.setattr(ports, "_port_the_kernel_offers", lambda: offers.pop(0))
+    monkeypatch.setattr(ports, "_handed_out", set())
+    assert [ports.free_port(), ports.free_port()] == [40001, 40002]

@@ -11,19 +11,20 @@ import uuid
 from pathlib import Path
 
 import pytest
+from experiments import report
+from experiments.report import Phase, Sample
+from experiments.sampling import PartitionSample, StoreSample, sample_store
+from experiments.scale import plan
+from experiments.verify import verify_rescaled
 from psycopg import sql
 
-from projectionist.db import Connection
-from projectionist.experiment import report
-from projectionist.experiment.report import Phase, Sample
-from projectionist.experiment.sampling import PartitionSample, StoreSample, sample_store
-from projectionist.experiment.scale import plan
-from projectionist.experiment.verify import verify_rescaled
+from projectionist.demo.sample_projection import ScalableProjection
 from projectionist.partitioning import partition_of
 from projectionist.records import NewEvent
-from projectionist.sample import ScalableProjection
-from projectionist.store import append
-from tests.conftest import ROOT, Server
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection
+from projectionist.testing import PostgresServer
+from tests.helpers import ROOT
 
 
 def store(head: int, *parts: tuple[int, int, float]) -> StoreSample:
@@ -165,7 +166,9 @@ def _without_locust_tables(output: str, keep: int = 60) -> str:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_load_run_that_fails_its_thresholds_fails_the_experiment(pg_server: Server, tmp_path: Path) -> None:
+def test_a_load_run_that_fails_its_thresholds_fails_the_experiment(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
     # Locust exits 1 when appends failed beyond LOAD_MAX_ERROR_RATIO; the
     # experiment used to take that as success. An unreachable request floor
     # makes Locust fail its verdict here without breaking the appends.
@@ -179,7 +182,7 @@ def test_a_load_run_that_fails_its_thresholds_fails_the_experiment(pg_server: Se
             "--out", str(tmp_path / "results"), "--scratch", str(tmp_path / "scratch"),
         ]  # fmt: skip
         result = subprocess.run(
-            [sys.executable, "-m", "projectionist.experiment.scale", *args],
+            [sys.executable, "-m", "experiments.scale", *args],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
     finally:
@@ -195,7 +198,9 @@ def test_a_load_run_that_fails_its_thresholds_fails_the_experiment(pg_server: Se
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_short_real_experiment_verifies_and_writes_its_results(pg_server: Server, tmp_path: Path) -> None:
+def test_a_short_real_experiment_verifies_and_writes_its_results(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
     database = f"t_scale_{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOAD_", "API_", "WORKER_", "TOTAL_"))}
     env["DATABASE_URL"] = pg_server.admin_url
@@ -206,7 +211,7 @@ def test_a_short_real_experiment_verifies_and_writes_its_results(pg_server: Serv
             "--out", str(tmp_path / "results"), "--scratch", str(tmp_path / "scratch"),
         ]  # fmt: skip
         result = subprocess.run(
-            [sys.executable, "-m", "projectionist.experiment.scale", *args],
+            [sys.executable, "-m", "experiments.scale", *args],
             cwd=ROOT,
             env=env,
             capture_output=True,

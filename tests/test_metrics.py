@@ -18,19 +18,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from psycopg_pool import ConnectionPool
 
-from projectionist.db import Connection, connect
 from projectionist.hooks import BatchResult, HookChain, WorkerInfo, WorkerState
-from projectionist.metrics import MetricsHooks, StoreCollector
-from projectionist.partitioning import partition_of
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position
-from projectionist.runtime import TelemetryOptions, build_hooks, build_telemetry
 from projectionist.settings import Settings
-from projectionist.store import StreamAppend, append_many
-from projectionist.tracing import TracingHooks
-from projectionist.worker import Worker
+from projectionist.store.appending import StreamAppend, append_many
+from projectionist.store.connection import Connection, connect
+from projectionist.telemetry._telemetry import TelemetryOptions, build_hooks, build_telemetry
+from projectionist.telemetry.metrics import MetricsHooks, StoreCollector
+from projectionist.telemetry.tracing import TracingHooks
+from projectionist.testing import wait_for
+from projectionist.worker.worker import Worker
 from tests.projections import PoisonSensitive, Recorder
-from tests.waiting import wait_for
 
 INFO = WorkerInfo("orders", 1, 4)
 LABELS = {"projection": "orders", "worker": "1", "total_workers": "4"}

@@ -9,12 +9,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from projectionist.db import NOTIFY_CHANNEL, connect
-from projectionist.notifier import Notifier
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition
 from projectionist.records import NewEvent
-from projectionist.store import append
-from projectionist.worker import Worker
+from projectionist.store.appending import append
+from projectionist.store.connection import NOTIFY_CHANNEL, connect
+from projectionist.store.notifier import Notifier
+from projectionist.worker.worker import Worker
 from tests.projections import Recorder, verify_exactly_once
 from tests.test_worker import Collect
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import pytest
 
-from projectionist import deadletters
-from projectionist.checkpoints import GroupConfig, register_group
-from projectionist.db import connect
-from projectionist.deadletters import PoisonPolicy
+from projectionist.consume import dead_letters
+from projectionist.consume.checkpoints import GroupConfig, register_group
+from projectionist.consume.dead_letters import PoisonPolicy
+from projectionist.consume.ownership import TRY_LOCK, group_key
+from projectionist.consume.processor import Processor
+from projectionist.consume.status import read_status
 from projectionist.errors import FencedError, ProjectionError
-from projectionist.ownership import TRY_LOCK, group_key
-from projectionist.processor import Processor
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition
 from projectionist.records import NewEvent
-from projectionist.status import read_status
-from projectionist.store import append
-from tests.conftest import run_cli
-from tests.horizon import wait_until_readable
+from projectionist.store.appending import append
+from projectionist.store.connection import connect
+from projectionist.testing import wait_until_readable
+from tests.helpers import run_cli
 from tests.projections import (
     PoisonSensitive,
     Recorder,
@@ -45,10 +45,10 @@ def test_rebuild_with_a_queued_retry_applies_each_event_once_in_order(db_url: st
         with pytest.raises(ProjectionError):
             processor.run_batch(conn)
         processor.run_batch(conn, isolate=True)  # parks a2 (failed) and a3 (blocked)
-        letters = deadletters.list_letters(conn)
+        letters = dead_letters.list_letters(conn)
         assert [(x.aggregate_version, x.reason) for x in letters] == [(2, "failed"), (3, "blocked")]
         conn.execute("CREATE TABLE poison_healed ()")  # the operator fixes the bug
-        assert deadletters.request_retry(conn, letters[0].id) == 2  # workers are stopped
+        assert dead_letters.request_retry(conn, letters[0].id) == 2  # workers are stopped
         result = run_cli(
             "rebuild",
             "--projection",
@@ -124,8 +124,8 @@ def test_retry_of_a_discarded_letter_is_an_error(db_url: str) -> None:
         processor = Processor(PoisonSensitive(), Partition(0, 1), policy=PoisonPolicy.PARK)
         processor.start(conn)
         processor.run_batch(conn, isolate=True)
-        (letter,) = deadletters.list_letters(conn)
-        deadletters.discard(conn, letter.id)
+        (letter,) = dead_letters.list_letters(conn)
+        dead_letters.discard(conn, letter.id)
     result = run_cli("dead-letters", "retry", str(letter.id), db_url=db_url)
     assert result.returncode != 0, result.stdout
 
@@ -148,7 +148,7 @@ def test_rebuild_honours_the_configured_poison_policy(db_url: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     with connect(db_url, autocommit=True) as conn:
-        assert [(x.aggregate_id, x.reason) for x in deadletters.list_letters(conn)] == [("b", "failed")]
+        assert [(x.aggregate_id, x.reason) for x in dead_letters.list_letters(conn)] == [("b", "failed")]
 
 
 # A rebuild whose own workers die reports why at once, instead of watching a

@@ -12,19 +12,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 from psycopg import sql
 
-from projectionist import partition_index
-from projectionist import processor as processor_module
-from projectionist.checkpoints import register_group
-from projectionist.db import Connection, connect
+from projectionist.consume import partition_indexes
+from projectionist.consume import processor as processor_module
+from projectionist.consume.checkpoints import register_group
+from projectionist.consume.ownership import TRY_LOCK, group_key
+from projectionist.consume.processor import Processor
+from projectionist.consume.reader import RetiredGroupMarks, build_read_query
 from projectionist.errors import ConfigError
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
-from projectionist.metrics import MetricsHooks
-from projectionist.ownership import TRY_LOCK, group_key
-from projectionist.processor import Processor
-from projectionist.reader import MarkLayer, Partition, build_read_query
+from projectionist.partitioning import Partition
 from projectionist.records import Position
-from projectionist.worker import Worker
-from tests.conftest import run_cli
+from projectionist.store.connection import Connection, connect
+from projectionist.telemetry.metrics import MetricsHooks
+from projectionist.worker.worker import Worker
+from tests.helpers import run_cli
 from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -54,13 +55,13 @@ def _scan_of_partition_rows(conn: Connection, query: str) -> dict[str, Any]:
 def test_the_read_walks_the_partitions_own_index(conn: Connection, marks: bool) -> None:
     load_sample(conn, 20000, 50)
     # Built on a table never analyzed: create_indexes gathers the statistics.
-    assert partition_index.create_indexes(conn, 4) == [f"events_partition_4_{k}_idx" for k in range(4)]
-    assert partition_index.is_ready(conn, 4, 1)
+    assert partition_indexes.create_indexes(conn, 4) == [f"events_partition_4_{k}_idx" for k in range(4)]
+    assert partition_indexes.is_ready(conn, 4, 1)
     rows = conn.execute(
         "SELECT transaction_id, global_position FROM events"
         " ORDER BY transaction_id, global_position OFFSET 10000 LIMIT 3"
     ).fetchall()
-    layers = (MarkLayer(3, tuple(Position(int(tx), pos) for tx, pos in rows)),) if marks else ()
+    layers = (RetiredGroupMarks(3, tuple(Position(int(tx), pos) for tx, pos in rows)),) if marks else ()
     query = build_read_query(Partition(1, 4), layers, indexed=True).as_string(conn)
     middle = rows[0]
     # The custom plan and the generic plan psycopg gets after 5 runs, from the
@@ -85,7 +86,7 @@ def test_without_statistics_the_reader_keeps_the_main_index(conn: Connection) ->
     )
     plain = build_read_query(Partition(1, 4), indexed=True).as_string(conn)
     assert "Sort" in _plan(conn, plain, {"txid": "0", "pos": 0, "limit": 500})
-    assert not partition_index.is_ready(conn, 4, 1)
+    assert not partition_indexes.is_ready(conn, 4, 1)
     processor = Processor(Recorder(), Partition(1, 4), batch_size=500)
     processor.start(conn)
     assert not processor.reader.indexed
@@ -115,7 +116,7 @@ def test_a_running_worker_takes_up_and_lets_go_of_its_index(
     assert not processor.reader.indexed
     assert gauge() == 0
     processor.run_batch(conn)
-    partition_index.create_indexes(conn, 2)
+    partition_indexes.create_indexes(conn, 2)
     processor.run_batch(conn)  # the check follows the batch
     assert processor.reader.indexed
     assert gauge() == 1
@@ -140,7 +141,7 @@ def test_with_its_index_a_read_visits_only_its_own_rows(conn: Connection) -> Non
     walked = _scan_of_partition_rows(conn, build_read_query(partition).as_string(conn))
     assert walked["Actual Rows"] == ours[0]
     assert walked["Rows Removed by Filter"] == 4000 - ours[0]
-    partition_index.create_indexes(conn, 3)
+    partition_indexes.create_indexes(conn, 3)
     direct = _scan_of_partition_rows(conn, build_read_query(partition, indexed=True).as_string(conn))
     assert direct["Index Name"] == "events_partition_3_2_idx"
     assert direct["Actual Rows"] == ours[0]
@@ -149,7 +150,7 @@ def test_with_its_index_a_read_visits_only_its_own_rows(conn: Connection) -> Non
 
 def test_workers_use_their_indexes_and_apply_every_event_once(conn: Connection) -> None:
     load_sample(conn, 3000, 61)
-    partition_index.create_indexes(conn, 3)
+    partition_indexes.create_indexes(conn, 3)
     # Partition 1's index is gone: that worker falls back to the main index.
     conn.execute("DROP INDEX events_partition_3_1_idx")
     used = []
@@ -174,42 +175,42 @@ def test_a_single_partition_never_asks_for_an_index(conn: Connection) -> None:
     labels = {"projection": "recorder", "worker": "0", "total_workers": "1"}
     assert registry.get_sample_value("projectionist_partition_index_used", labels) == 1
     with pytest.raises(ConfigError, match="at least 2"):
-        partition_index.create_indexes(conn, 1)
+        partition_indexes.create_indexes(conn, 1)
 
 
 def test_create_is_idempotent_and_rebuilds_an_invalid_build(conn: Connection) -> None:
     load_sample(conn, 500, 11)
     lines: list[str] = []
-    assert len(partition_index.create_indexes(conn, 2, lines.append)) == 2
-    assert partition_index.create_indexes(conn, 2, lines.append) == []
+    assert len(partition_indexes.create_indexes(conn, 2, lines.append)) == 2
+    assert partition_indexes.create_indexes(conn, 2, lines.append) == []
     assert sum("present" in line for line in lines) == 2
     _invalidate(conn, "events_partition_2_0_idx")
-    assert not partition_index.is_ready(conn, 2, 0)
-    assert partition_index.is_ready(conn, 2, 1)
-    assert partition_index.create_indexes(conn, 2, lines.append) == ["events_partition_2_0_idx"]
+    assert not partition_indexes.is_ready(conn, 2, 0)
+    assert partition_indexes.is_ready(conn, 2, 1)
+    assert partition_indexes.create_indexes(conn, 2, lines.append) == ["events_partition_2_0_idx"]
     assert any("dropped an invalid earlier build" in line for line in lines)
-    assert partition_index.is_ready(conn, 2, 0)
+    assert partition_indexes.is_ready(conn, 2, 0)
 
 
 def test_create_needs_autocommit(db_url: str) -> None:
     with connect(db_url) as conn, pytest.raises(ValueError, match="autocommit"):
-        partition_index.create_indexes(conn, 2)
+        partition_indexes.create_indexes(conn, 2)
 
 
 def test_drop_is_refused_while_a_worker_of_that_size_runs(conn: Connection, db_url: str) -> None:
     load_sample(conn, 500, 11)
-    partition_index.create_indexes(conn, 2)
+    partition_indexes.create_indexes(conn, 2)
     register_group(conn, "orders", 2)
     with connect(db_url, autocommit=True) as worker:
         assert worker.execute(TRY_LOCK, (group_key("orders", 2), 1)).fetchone() == (True,)
         with pytest.raises(ConfigError, match="orders"):
-            partition_index.drop_indexes(conn, 2)
-        assert partition_index.is_ready(conn, 2, 0)
-        assert len(partition_index.drop_indexes(conn, 2, force=True)) == 2
-    assert not partition_index.is_ready(conn, 2, 0)
+            partition_indexes.drop_indexes(conn, 2)
+        assert partition_indexes.is_ready(conn, 2, 0)
+        assert len(partition_indexes.drop_indexes(conn, 2, force=True)) == 2
+    assert not partition_indexes.is_ready(conn, 2, 0)
     # With no worker running, no --force is needed.
-    partition_index.create_indexes(conn, 2)
-    assert len(partition_index.drop_indexes(conn, 2)) == 2
+    partition_indexes.create_indexes(conn, 2)
+    assert len(partition_indexes.drop_indexes(conn, 2)) == 2
 
 
 def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: str) -> None:
@@ -246,9 +247,9 @@ def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: 
 
 
 def _ready_in_sql(conn: Connection, total_workers: int, worker_id: int) -> bool:
-    """partition_index.ready_condition, evaluated as lag.py embeds it."""
+    """partition_indexes.ready_condition, evaluated as lag.py embeds it."""
     query = sql.SQL("SELECT {}").format(
-        partition_index.ready_condition(sql.Literal(total_workers), sql.Literal(worker_id))
+        partition_indexes.ready_condition(sql.Literal(total_workers), sql.Literal(worker_id))
     )
     row = conn.execute(query).fetchone()
     assert row is not None
@@ -258,21 +259,21 @@ def _ready_in_sql(conn: Connection, total_workers: int, worker_id: int) -> bool:
 def test_each_reason_for_reading_without_the_index_is_named(conn: Connection) -> None:
     # Each step also checks that the SQL form of the rule (lag.py) agrees.
     conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
-    assert partition_index.why_not_ready(conn, 2, 1) == "there is no index events_partition_2_1_idx"
+    assert partition_indexes.why_not_ready(conn, 2, 1) == "there is no index events_partition_2_1_idx"
     assert not _ready_in_sql(conn, 2, 1)
     conn.execute(
         "CREATE INDEX events_partition_2_1_idx ON events (transaction_id, global_position)"
         " WHERE partition_hash % 2 = 1"
     )
-    assert partition_index.why_not_ready(conn, 2, 1) == partition_index.NO_STATISTICS
+    assert partition_indexes.why_not_ready(conn, 2, 1) == partition_indexes.NO_STATISTICS
     assert not _ready_in_sql(conn, 2, 1)
     load_sample(conn, 300, 7)
     conn.execute("ANALYZE events")
-    assert partition_index.why_not_ready(conn, 2, 1) is None
+    assert partition_indexes.why_not_ready(conn, 2, 1) is None
     assert _ready_in_sql(conn, 2, 1)
     assert not _ready_in_sql(conn, 2, 0)
     _invalidate(conn, "events_partition_2_1_idx")
-    assert "not valid" in (partition_index.why_not_ready(conn, 2, 1) or "")
+    assert "not valid" in (partition_indexes.why_not_ready(conn, 2, 1) or "")
     assert not _ready_in_sql(conn, 2, 1)
 
 
@@ -284,7 +285,7 @@ def test_a_worker_without_its_index_says_so(
         load_sample(conn, 300, 7)
         conn.execute("ANALYZE events")
         if built:
-            partition_index.create_indexes(conn, 2)
+            partition_indexes.create_indexes(conn, 2)
     caplog.set_level(logging.INFO, logger="projectionist")
     hooks = _States()
     worker = Worker(db_url, Recorder(), Partition(1, 2), poll_interval=0.2, hooks=hooks)
@@ -324,7 +325,7 @@ def test_two_builders_at_once_both_succeed(conn: Connection, db_url: str) -> Non
     def build() -> None:
         try:
             with connect(db_url, autocommit=True) as own:
-                built.append(partition_index.create_indexes(own, 4))
+                built.append(partition_indexes.create_indexes(own, 4))
         except BaseException as e:
             errors.append(e)
 
@@ -334,7 +335,7 @@ def test_two_builders_at_once_both_succeed(conn: Connection, db_url: str) -> Non
     for t in threads:
         t.join(60)
     assert errors == []
-    assert all(partition_index.is_ready(conn, 4, k) for k in range(4))
+    assert all(partition_indexes.is_ready(conn, 4, k) for k in range(4))
     # They took turns: the second found the first one's indexes present.
     assert sorted(name for names in built for name in names) == [
         f"events_partition_4_{k}_idx" for k in range(4)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from projectionist import deadletters
-from projectionist.db import Connection, connect
-from projectionist.deadletters import PoisonPolicy
+from projectionist.consume import dead_letters
+from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
-from projectionist.partitioning import fnv1a_32
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition, fnv1a_32
 from projectionist.records import NewEvent
-from projectionist.store import append
-from projectionist.worker import Worker
-from tests.conftest import run_cli
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import wait_for
+from projectionist.worker.worker import Worker
+from tests.helpers import run_cli
 from tests.projections import PoisonSensitive, verify_exactly_once
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +80,7 @@ def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) 
                 "SELECT global_position FROM events WHERE aggregate_id = 'a' AND aggregate_version = 2"
             ).fetchone()
             assert checkpoint is not None and poison is not None and checkpoint[0] < poison[0]
-            assert deadletters.list_letters(conn) == []
+            assert dead_letters.list_letters(conn) == []
 
             conn.execute("CREATE TABLE poison_healed ()")  # the operator fixes the bug
             wait_for(lambda: len(_applied(conn)) == 6)
@@ -105,7 +104,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
         worker.start()
         try:
             wait_for(lambda: sorted(_applied(conn)) == [("a", 1), ("b", 1), ("b", 2), ("b", 3)])
-            letters = deadletters.list_letters(conn)
+            letters = dead_letters.list_letters(conn)
             assert [(x.aggregate_id, x.aggregate_version, x.reason) for x in letters] == [
                 ("a", 2, "failed"),
                 ("a", 3, "blocked"),
@@ -115,7 +114,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
             assert "Traceback" in (letters[0].traceback or "")
             # Later events of a parked aggregate keep queueing behind it.
             append(conn, "a", [NewEvent("E", {})])
-            wait_for(lambda: len(deadletters.list_letters(conn)) == 3)
+            wait_for(lambda: len(dead_letters.list_letters(conn)) == 3)
             assert ("a", 4) not in _applied(conn)
 
             # The CLI sees them; a retry while still broken re-parks them.
@@ -127,7 +126,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
             conn.execute("CREATE TABLE poison_healed ()")
             retried = run_cli("dead-letters", "retry", str(letters[0].id), db_url=db_url)
             assert retried.returncode == 0, retried.stderr
-            wait_for(lambda: deadletters.list_letters(conn) == [])
+            wait_for(lambda: dead_letters.list_letters(conn) == [])
             append(conn, "a", [NewEvent("E", {})])
             wait_for(lambda: ("a", 5) in _applied(conn))
         finally:
@@ -139,7 +138,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
             "misordered": 0,
             "wrong_worker": 0,
         }
-        assert deadletters.stats(conn, ["poison_sensitive"]) == {"poison_sensitive": (0, 0.0)}
+        assert dead_letters.stats(conn, ["poison_sensitive"]) == {"poison_sensitive": (0, 0.0)}
 
 
 def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -> None:
@@ -149,13 +148,13 @@ def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -
         append(conn, "a", [NewEvent("E", {"poison": True})])
         worker.start()
         try:
-            wait_for(lambda: len(deadletters.list_letters(conn)) == 1)
-            count, age = deadletters.stats(conn, ["poison_sensitive"])["poison_sensitive"]
+            wait_for(lambda: len(dead_letters.list_letters(conn)) == 1)
+            count, age = dead_letters.stats(conn, ["poison_sensitive"])["poison_sensitive"]
             assert count == 1 and age >= 0
-            (letter,) = deadletters.list_letters(conn)
+            (letter,) = dead_letters.list_letters(conn)
             assert run_cli("dead-letters", "discard", str(letter.id), db_url=db_url).returncode == 0
-            assert deadletters.list_letters(conn) == []
-            closed = deadletters.list_letters(conn, include_closed=True)
+            assert dead_letters.list_letters(conn) == []
+            closed = dead_letters.list_letters(conn, include_closed=True)
             assert [x.status for x in closed] == ["discarded"]
             missing = run_cli("dead-letters", "discard", "999", db_url=db_url)
             assert missing.returncode == 2 and "999" in missing.stderr
@@ -187,9 +186,11 @@ def test_an_event_the_reader_cannot_decode_goes_to_the_poison_policy(db_url: str
         append(conn, "good", [NewEvent("E", {})])
         worker.start()
         try:
-            wait_for(lambda: ("good", 1) in _applied(conn) and deadletters.list_letters(conn))
+            wait_for(lambda: ("good", 1) in _applied(conn) and dead_letters.list_letters(conn))
             assert worker.is_alive()
-            assert [(x.aggregate_id, x.reason) for x in deadletters.list_letters(conn)] == [("bad", "failed")]
+            assert [(x.aggregate_id, x.reason) for x in dead_letters.list_letters(conn)] == [
+                ("bad", "failed")
+            ]
         finally:
             worker.stop()
             worker.join(timeout=10)

@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.fix_prometheus import PROJECTION, SCRAPE_JOB, PrometheusStack
+from tests.helpers import ROOT
 from tests.test_dashboards import label_values_promql
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

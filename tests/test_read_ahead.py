@@ -12,15 +12,15 @@ from collections.abc import Sequence
 
 import pytest
 
-from projectionist.appender import append_sample_events
-from projectionist.db import Connection, connect
+from projectionist.consume.processor import Processor
+from projectionist.consume.projection import Tx
+from projectionist.consume.reader import PartitionReader
+from projectionist.demo.sample_events import append_sample_events
 from projectionist.errors import ProjectionError
-from projectionist.partitioning import partition_of
-from projectionist.processor import Processor
-from projectionist.projection import Tx
-from projectionist.reader import Partition, PartitionReader
+from projectionist.partitioning import Partition, partition_of
 from projectionist.records import Position, RecordedEvent
-from tests.horizon import wait_until_readable
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import wait_until_readable
 from tests.projections import Recorder, drain, verify_exactly_once
 
 pytestmark = pytest.mark.integration

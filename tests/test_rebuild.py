@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from projectionist.db import connect
-from tests.conftest import ROOT, run_cli
+from projectionist.store.connection import connect
+from tests.helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.integration
 

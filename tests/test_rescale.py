@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from projectionist.checkpoints import Draining, GroupConfig, register_group
-from projectionist.db import Connection, connect
+from projectionist.consume.checkpoints import Draining, GroupConfig, register_group
 from projectionist.errors import ConfigError
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition
 from projectionist.records import NewEvent
-from projectionist.store import append
-from projectionist.worker import Worker
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
+from projectionist.worker.worker import Worker
 from tests.projections import Recorder, applied_count, verify_exactly_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,14 +9,15 @@ import time
 import psycopg
 import pytest
 
-from projectionist import partition_index
-from projectionist.checkpoints import register_group
-from projectionist.db import Connection, connect
+from projectionist.consume import partition_indexes
+from projectionist.consume.checkpoints import register_group
+from projectionist.consume.ownership import TRY_LOCK, group_key
 from projectionist.errors import ConfigError
-from projectionist.migrate import _MIGRATION_LOCK_KEY, migrate
-from projectionist.ownership import TRY_LOCK, group_key
 from projectionist.settings import Settings
-from tests.conftest import Server, fresh_database, run_cli
+from projectionist.store.connection import Connection, connect
+from projectionist.store.schema import _MIGRATION_LOCK_KEY, migrate
+from projectionist.testing import PostgresServer
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -71,17 +72,17 @@ def test_drop_rechecks_running_workers_after_waiting_for_the_builder_lock(
         "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, payload)"
         " SELECT gen_random_uuid(), 'a' || g, 1, g, 'E', '{}' FROM generate_series(1, 200) g"
     )
-    partition_index.create_indexes(conn, 2)
+    partition_indexes.create_indexes(conn, 2)
     register_group(conn, "orders", 2)
     outcome: list[object] = []
     with connect(db_url, autocommit=True) as other_builder, connect(db_url, autocommit=True) as worker:
         # Another session's build or drop is running.
-        assert other_builder.execute(partition_index._TRY_BUILDER_LOCK).fetchone() == (True,)
+        assert other_builder.execute(partition_indexes._TRY_BUILDER_LOCK).fetchone() == (True,)
 
         def drop() -> None:
             try:
                 with connect(db_url, autocommit=True) as own:
-                    outcome.append(partition_index.drop_indexes(own, 2))
+                    outcome.append(partition_indexes.drop_indexes(own, 2))
             except BaseException as e:
                 outcome.append(e)
 
@@ -90,17 +91,17 @@ def test_drop_rechecks_running_workers_after_waiting_for_the_builder_lock(
         time.sleep(1.0)  # drop has checked for live workers and now waits for the lock
         # A worker of the 2-partition group starts meanwhile.
         assert worker.execute(TRY_LOCK, (group_key("orders", 2), 0)).fetchone() == (True,)
-        other_builder.execute(partition_index._BUILDER_UNLOCK)
+        other_builder.execute(partition_indexes._BUILDER_UNLOCK)
         dropper.join(30)
         assert len(outcome) == 1
         assert isinstance(outcome[0], ConfigError), f"dropped under a running worker: {outcome[0]}"
-        assert partition_index.is_ready(conn, 2, 0)
+        assert partition_indexes.is_ready(conn, 2, 0)
 
 
 # Under a REPEATABLE READ default the lock statement would take the snapshot, before
 # the other migrator committed: the second one applied 0001 again and failed.
-def test_concurrent_migrate_under_repeatable_read_default(pg_server: Server) -> None:
-    with fresh_database(pg_server, template=None) as url:
+def test_concurrent_migrate_under_repeatable_read_default(pg_server: PostgresServer) -> None:
+    with pg_server.fresh_database() as url:
         dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
         with pg_server.admin() as admin:
             admin.execute(f"ALTER DATABASE {dbname} SET default_transaction_isolation = 'repeatable read'")

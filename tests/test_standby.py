@@ -24,10 +24,9 @@ from chaos.checks import Db
 from chaos.load import Load
 from prometheus_client.parser import text_string_to_metric_families
 
-from projectionist.experiment.harness import free_port
-from tests.conftest import ROOT, run_cli
+from projectionist.testing import free_port, wait_for
 from tests.fix_prometheus import http_get
-from tests.waiting import wait_for
+from tests.helpers import ROOT, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

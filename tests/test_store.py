@@ -12,18 +12,13 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend, store
-from projectionist.db import Connection, connect
+from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
 from projectionist.partitioning import fnv1a_32
 from projectionist.records import RecordedEvent, recorded_event_from_row
-from projectionist.store import (
-    append,
-    append_many,
-    append_many_async,
-    head_position,
-    read_stream,
-    stream_version,
-)
+from projectionist.store import appending as append_module
+from projectionist.store.appending import append, append_many, append_many_async
+from projectionist.store.connection import Connection, connect
+from projectionist.store.streams import head_position, read_stream, stream_version
 
 pytestmark = pytest.mark.integration
 
@@ -222,7 +217,7 @@ def test_a_unique_violation_names_the_stream_whose_version_was_taken(conn: Conne
             "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
             "payload) VALUES (gen_random_uuid(), 'a, 1', 1, 0, 'E', '{}')"
         )
-    assert store._conflicting_aggregate(raised.value, appends) == "a, 1"
+    assert append_module._conflicting_aggregate(raised.value, appends) == "a, 1"
 
 
 def test_older_caller_transaction_cannot_append_behind_a_newer_one(db_url: str) -> None:

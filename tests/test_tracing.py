@@ -17,20 +17,20 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
-from projectionist.db import Connection
 from projectionist.hooks import WorkerState
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition
 from projectionist.records import NewEvent, RecordedEvent
-from projectionist.runtime import build_hooks, build_telemetry
 from projectionist.settings import Settings
-from projectionist.store import StreamAppend, append_many
-from projectionist.tracing import batch_links, configure_tracing, tracing_enabled
-from projectionist.worker import Worker
-from tests.conftest import ROOT
+from projectionist.store.appending import StreamAppend, append_many
+from projectionist.store.connection import Connection
+from projectionist.telemetry._telemetry import build_hooks, build_telemetry
+from projectionist.telemetry.tracing import batch_links, configure_tracing, tracing_enabled
+from projectionist.testing import wait_for
+from projectionist.worker.worker import Worker
 from tests.fix_otlp import OtlpReceiver
 from tests.fix_prometheus import free_port, http_get
+from tests.helpers import ROOT
 from tests.projections import Recorder
-from tests.waiting import wait_for
 
 MESSAGING = {
     "messaging.system": "projectionist",

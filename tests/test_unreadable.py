@@ -7,19 +7,19 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from projectionist import deadletters, lag, partition_index
 from projectionist.api import ApiSettings, create_app
-from projectionist.checkpoints import register_group
-from projectionist.db import Connection
-from projectionist.deadletters import PoisonPolicy
+from projectionist.consume import dead_letters, lag, partition_indexes
+from projectionist.consume.checkpoints import register_group
+from projectionist.consume.dead_letters import PoisonPolicy
+from projectionist.consume.processor import Processor
 from projectionist.errors import ProjectionError
-from projectionist.partitioning import partition_of
-from projectionist.processor import Processor
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, UndecodablePayload
-from projectionist.store import append, read_stream
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection
+from projectionist.store.streams import read_stream
+from projectionist.testing import wait_until_readable
 from tests.fix_api import ServedApp
-from tests.horizon import wait_until_readable
 from tests.projections import Recorder, drain
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def test_a_worker_parks_an_old_unreadable_row_and_goes_on(
     processor.run_batch(conn, isolate=True)
     drain(conn, processor)
 
-    (failed, *blocked) = deadletters.list_letters(conn)
+    (failed, *blocked) = dead_letters.list_letters(conn)
     assert (failed.aggregate_id, failed.aggregate_version, failed.reason) == (bad, 2, "failed")
     assert "created_at" in (failed.error or "")
     assert [(x.aggregate_id, x.aggregate_version, x.reason) for x in blocked] == [(bad, 3, "blocked")]
@@ -96,10 +96,10 @@ def test_a_retried_unreadable_row_is_parked_again_not_fatal(conn: Connection) ->
     processor = Processor(Recorder(), Partition(0, 1), policy=PoisonPolicy.PARK)
     processor.start(conn)
     processor.run_batch(conn, isolate=True)
-    (letter,) = deadletters.list_letters(conn)
-    assert deadletters.request_retry(conn, letter.id) == 1
+    (letter,) = dead_letters.list_letters(conn)
+    assert dead_letters.request_retry(conn, letter.id) == 1
     processor.run_batch(conn)  # reads the letter's event again by id
-    (again,) = deadletters.list_letters(conn)
+    (again,) = dead_letters.list_letters(conn)
     assert (again.status, again.attempts > letter.attempts) == ("parked", True)
     append(conn, "b", [NewEvent("E", {})])
     wait_until_readable(conn)
@@ -140,7 +140,7 @@ def test_the_api_says_which_event_cannot_be_read_and_pages_past_it(conn: Connect
 
 def test_lag_stays_finite_and_not_negative_behind_such_a_row(conn: Connection) -> None:
     register_group(conn, "recorder", 2)
-    partition_index.create_indexes(conn, 2)
+    partition_indexes.create_indexes(conn, 2)
     for n, value in enumerate(["infinity", "-infinity", "20000-01-01 00:00:00+00"]):
         append(conn, f"x{n}", [NewEvent("E", {})])
         _old_unreadable_row(conn, f"x{n}", 1, value)

@@ -9,16 +9,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from projectionist.db import Connection, connect
+from projectionist.consume.processor import Processor
+from projectionist.consume.projection import Tx
+from projectionist.consume.reader import PartitionReader, RetiredGroupMarks, build_read_query
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
-from projectionist.partitioning import partition_of
-from projectionist.processor import Processor
-from projectionist.projection import Tx
-from projectionist.reader import MarkLayer, Partition, PartitionReader, build_read_query
+from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position, RecordedEvent
-from projectionist.store import append
-from projectionist.worker import Worker
-from tests.horizon import wait_until_readable
+from projectionist.store.appending import append
+from projectionist.store.connection import Connection, connect
+from projectionist.testing import wait_until_readable
+from projectionist.worker.worker import Worker
 from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -137,7 +137,7 @@ def test_read_query_plan_is_an_ordered_index_scan(
         "SELECT transaction_id, global_position FROM events"
         " ORDER BY transaction_id, global_position OFFSET 10000 LIMIT 3"
     ).fetchall()
-    layers = (MarkLayer(3, tuple(Position(int(tx), pos) for tx, pos in rows)),) if marks else ()
+    layers = (RetiredGroupMarks(3, tuple(Position(int(tx), pos) for tx, pos in rows)),) if marks else ()
     query = build_read_query(partition, layers).as_string(conn)
     middle = rows[0]
     # Both the custom plan and the generic plan psycopg gets after 5 runs,

@@ -11,22 +11,22 @@ from collections.abc import Iterator, Sequence
 import psycopg
 import pytest
 
-from projectionist import deadletters
-from projectionist import processor as processor_module
 from projectionist.backoff import Backoff
-from projectionist.db import NOTIFY_CHANNEL, Connection, connect, connection_lost
-from projectionist.deadletters import PoisonPolicy
-from projectionist.health import HealthHooks
+from projectionist.consume import dead_letters
+from projectionist.consume import processor as processor_module
+from projectionist.consume.dead_letters import PoisonPolicy
+from projectionist.consume.partition_indexes import create_indexes
+from projectionist.consume.processor import Processor
+from projectionist.consume.projection import Tx
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
-from projectionist.partition_index import create_indexes
-from projectionist.pool import WorkerPool
-from projectionist.processor import Processor
-from projectionist.projection import Tx
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition
 from projectionist.records import NewEvent, RecordedEvent
-from projectionist.store import append
-from projectionist.worker import Worker
-from tests.conftest import run_cli
+from projectionist.store.appending import append
+from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
+from projectionist.telemetry.health import HealthHooks
+from projectionist.worker.supervisor import Supervisor
+from projectionist.worker.worker import Worker
+from tests.helpers import run_cli
 from tests.projections import Recorder, applied_count, load_sample
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def test_a_poison_event_failing_with_a_database_error_is_parked(db_url: str) -> 
         append(conn, "a", [NewEvent("E", {"title": "fine"})])
         append(conn, "p", [NewEvent("E", {"title": os.urandom(6000).hex()})])  # the poison event
         append(conn, "b", [NewEvent("E", {"title": "fine too"})])
-        parked = _wait(lambda: len(deadletters.list_letters(conn)) == 1, timeout=10)
+        parked = _wait(lambda: len(dead_letters.list_letters(conn)) == 1, timeout=10)
         kinds = sorted({k for k, _ in hooks.errors})
         causes = sorted({type(e).__name__ for _, e in hooks.errors})
         assert parked, f"never parked; error types {kinds}, errors {causes}, state {worker.state.value}"
@@ -277,7 +277,7 @@ class BrokenSetup(Recorder):
 
 
 def test_a_pool_whose_workers_died_before_it_looked_raises_their_error(db_url: str) -> None:
-    pool = WorkerPool(db_url, BrokenSetup, 2, poll_interval=0.1)
+    pool = Supervisor(db_url, BrokenSetup, 2, poll_interval=0.1)
     started = pool.start
 
     def start_and_let_them_die() -> None:
@@ -372,7 +372,7 @@ def test_every_pool_workers_failure_is_reported(db_url: str, caplog: pytest.LogC
         projection.worker_id = next(made)  # type: ignore[attr-defined]
         return projection
 
-    pool = WorkerPool(db_url, factory, 2, poll_interval=0.2)
+    pool = Supervisor(db_url, factory, 2, poll_interval=0.2)
     with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="setup of worker"):
         pool.run()
     assert "setup of worker 0 failed" in caplog.text and "setup of worker 1 failed" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from projectionist._version import __version__
+from projectionist.consume.projection import BaseProjection, Projection, Tx
 from projectionist.errors import (
     ConcurrencyError,
     ConfigError,
@@ -10,9 +11,7 @@ from projectionist.errors import (
     ProjectionError,
     ProjectionistError,
 )
-from projectionist.partitioning import fnv1a_32, partition_of
-from projectionist.projection import BaseProjection, Projection, Tx
-from projectionist.reader import Partition
+from projectionist.partitioning import Partition, fnv1a_32, partition_of
 from projectionist.records import (
     ANY,
     NO_STREAM,
@@ -22,8 +21,9 @@ from projectionist.records import (
     Position,
     RecordedEvent,
 )
-from projectionist.store import StreamAppend, append, append_many, read_stream, stream_version
-from projectionist.worker import Worker
+from projectionist.store.appending import StreamAppend, append, append_many
+from projectionist.store.streams import read_stream, stream_version
+from projectionist.worker.worker import Worker
 
 __all__ = [
     "ANY",

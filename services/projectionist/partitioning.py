@@ -7,6 +7,8 @@ which worker owns which aggregate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 _FNV32_OFFSET = 0x811C9DC5
 _FNV32_PRIME = 0x01000193
 _MASK32 = 0xFFFFFFFF
@@ -26,3 +28,18 @@ def partition_of(aggregate_id: str, total_workers: int) -> int:
     if total_workers < 1:
         raise ValueError(f"total_workers must be >= 1, got {total_workers}")
     return fnv1a_32(aggregate_id) % total_workers
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """Partition ``worker_id`` of ``total_workers``: the aggregates :func:`partition_of` gives it."""
+
+    worker_id: int
+    total_workers: int
+
+    def __post_init__(self) -> None:
+        if self.total_workers < 1 or not 0 <= self.worker_id < self.total_workers:
+            raise ValueError(f"invalid partition {self.worker_id}/{self.total_workers}")
+
+    def __str__(self) -> str:
+        return f"{self.worker_id}/{self.total_workers}"

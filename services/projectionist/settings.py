@@ -75,7 +75,7 @@ class Settings:
     data_dir: Path = Path(".projectionist")
     worker_id: int | None = None
     total_workers: int = 1
-    projection: str = "projectionist.sample:ScalableProjection"
+    projection: str = "projectionist.demo.sample_projection:ScalableProjection"
     batch_size: int = 500
     poll_interval: float = 1.0
     metrics_port: int | None = None

@@ -29,8 +29,8 @@ from projectionist.api.errors import ApiError, error_response
 from projectionist.api.metrics import ApiMetrics
 from projectionist.api.middleware import BearerAuthMiddleware, MetricsMiddleware
 from projectionist.errors import one_line
-from projectionist.notifier import Notifier
-from projectionist.store import AsyncConnection
+from projectionist.store.connection import AsyncConnection
+from projectionist.store.notifier import Notifier
 
 log = logging.getLogger(__name__)
 

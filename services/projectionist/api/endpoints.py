@@ -25,7 +25,8 @@ from projectionist.api.validation import (
 )
 from projectionist.errors import ConcurrencyError, one_line
 from projectionist.records import RecordedEvent, UndecodablePayload
-from projectionist.store import append_async, read_stream_async, stream_version_async
+from projectionist.store.appending import append_async
+from projectionist.store.streams import read_stream_async, stream_version_async
 
 if TYPE_CHECKING:
     from projectionist.api.app import ApiState

@@ -12,7 +12,7 @@ from typing import Any
 from projectionist import __version__
 from projectionist.api.config import ApiSettings
 from projectionist.api.validation import MAX_EVENT_TYPE_LENGTH
-from projectionist.store import MAX_AGGREGATE_ID_LENGTH
+from projectionist.store.appending import MAX_AGGREGATE_ID_LENGTH
 
 _MAX_BIGINT = 2**63 - 1
 # No C0 control characters and no DEL: the store refuses them in ids and types.

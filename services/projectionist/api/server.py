@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from projectionist.api.app import create_app
 from projectionist.api.config import ApiSettings
-from projectionist.gc_tuning import tune_for_throughput
+from projectionist.worker.gc_tuning import tune_for_throughput
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,12 @@ def serve(database_url: str, settings: ApiSettings, *, log_level: str = "INFO") 
     """Run until SIGINT or SIGTERM; uvicorn finishes in-flight requests before exiting.
 
     Traces are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is
-    set (see :mod:`projectionist.tracing`); otherwise the API still continues
+    set (see :mod:`projectionist.telemetry.tracing`); otherwise the API still continues
     an incoming ``traceparent`` into event metadata, it just records no spans.
     """
     import uvicorn
 
-    from projectionist.tracing import configure_tracing
+    from projectionist.telemetry.tracing import configure_tracing
 
     provider = configure_tracing(default_service_name=SERVICE_NAME)
     if provider is not None:

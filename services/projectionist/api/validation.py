@@ -20,7 +20,7 @@ from typing import Any
 
 from projectionist.api.errors import ApiError, invalid
 from projectionist.records import ANY, NO_STREAM, ExpectedVersion, NewEvent
-from projectionist.store import validate_aggregate_id
+from projectionist.store.appending import validate_aggregate_id
 
 MAX_EVENT_TYPE_LENGTH = 200
 #: Deepest nesting of objects and arrays accepted in ``data`` and ``metadata``.
