@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 help:
 	@echo "make demo   - replay the seed's 1 -> 4 workers scaling live (embedded PostgreSQL, no Docker)"
 	@echo "make test   - lint, type-check and run the test suite against real PostgreSQL"
-	@echo "make lint   - ruff + mypy --strict"
+	@echo "make lint   - ruff, mypy --strict, and the dependency rule between layers (import-linter)"
 	@echo "make bench  - throughput/latency vs raw psycopg, eventsourcing, Message DB (bench/results/latest.md)"
 	@echo "make bench-quick - the same on small sizes, no thresholds (a smoke test, under 2 minutes)"
 	@echo "make load   - headless Locust against the API (LOAD_* env; reports in loadtest/out/, exit 1 past thresholds)"
@@ -42,6 +42,7 @@ lint: venv
 	$(BIN)/mypy --strict loadtest
 	$(BIN)/mypy --strict chaos
 	$(BIN)/mypy --strict experiments
+	$(BIN)/lint-imports --no-cache
 
 test: venv lint
 	$(BIN)/python -m pytest -q

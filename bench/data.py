@@ -136,3 +136,13 @@ def coalesce(rows: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
             entry[0] += 1
             entry[1] = position
     return [(agg, c, p) for agg, (c, p) in counts.items()]
+
+
+#: Workload 2 on the server alone (bench.server_only): statement key -> what
+#: the report calls it, in report order; and the aggregates each client appends to.
+SERVER_ONLY_STATEMENTS = {
+    "raw": "raw psycopg's INSERT",
+    "projectionist_notifier": "projectionist's append, notify=False",
+    "projectionist": "projectionist's append, NOTIFY in the transaction",
+}
+SERVER_ONLY_AGGREGATES_PER_CLIENT = 50

@@ -11,6 +11,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bench.data import SERVER_ONLY_AGGREGATES_PER_CLIENT, SERVER_ONLY_STATEMENTS
+
 CONTESTANTS = [
     "raw",
     "projectionist",
@@ -275,21 +277,20 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _server_only_section(results: Results) -> list[str]:
     if not results.server_only:
         return []
-    from bench.server_only import AGGREGATES_PER_CLIENT, STATEMENTS
 
     clients = results.sizes.get("threads", "?")
     lines = [
         f"## 2s. Workload 2 on the server alone (pgbench: the same SQL from {clients} C clients)",
         "",
         "No target: this splits workload 2's ratio into the server's part and the Python client's. "
-        f"Each client appends single events to {AGGREGATES_PER_CLIENT} aggregates of its own, "
+        f"Each client appends single events to {SERVER_ONLY_AGGREGATES_PER_CLIENT} aggregates of its own, "
         "one per transaction; pgbench's clients use next to no CPU.",
         "",
     ]
     raw_cell = results.server_only.get("raw")
     raw = raw_cell.median if raw_cell else None
     rows = []
-    for key, label in STATEMENTS.items():
+    for key, label in SERVER_ONLY_STATEMENTS.items():
         cell = results.server_only.get(key)
         if cell is None:
             continue

@@ -23,7 +23,7 @@ from bench.server import BenchServer
 from projectionist.consume import lag, partition_indexes
 from projectionist.consume.checkpoints import register_group
 from projectionist.store.connection import connect
-from projectionist.telemetry.metrics import DEFAULT_LAG_COUNT_CAP
+from projectionist.telemetry.store_collector import DEFAULT_LAG_COUNT_CAP
 
 COUNTS = (2, 4, 8, 16)
 

@@ -30,21 +30,23 @@ import psycopg
 
 # Two private names on purpose (raw's _INSERT, the store's _ONE_EVENT_APPENDS):
 # the point is to send the exact statements they run, not copies that could drift.
-from bench.data import EVENT_TYPE, aggregate_id, payload
+from bench.data import (
+    EVENT_TYPE,
+    aggregate_id,
+    payload,
+)
+from bench.data import (
+    SERVER_ONLY_AGGREGATES_PER_CLIENT as AGGREGATES_PER_CLIENT,
+)
+from bench.data import (
+    SERVER_ONLY_STATEMENTS as STATEMENTS,
+)
 from bench.raw import _INSERT as RAW_INSERT
 from bench.results import Cell, Results
 from bench.throughput import Log, rotated
 from projectionist.store.appending import _ONE_EVENT_APPENDS
 from projectionist.store.embedded import bundled_binary
 from projectionist.store.schema import migrate
-
-#: Statement key -> what the report calls it, in report order.
-STATEMENTS = {
-    "raw": "raw psycopg's INSERT",
-    "projectionist_notifier": "projectionist's append, notify=False",
-    "projectionist": "projectionist's append, NOTIFY in the transaction",
-}
-AGGREGATES_PER_CLIENT = 50
 
 _AGGREGATE = "('c' || :client_id || '-' || :a)"
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)

@@ -3,7 +3,7 @@
 The cost comparison runs the same no-op catch-up through ``Processor`` with
 ``hooks=WorkerHooks()`` (nothing) and with what a worker process runs when
 ``METRICS_PORT`` and ``OTEL_EXPORTER_OTLP_ENDPOINT`` are set: the hook chain
-from ``projectionist.telemetry._telemetry.build_hooks`` (logging, tracing, metrics, health)
+from ``projectionist.telemetry.Telemetry`` (logging, tracing, metrics, health)
 and its traced connection, which makes every statement a child span. Spans go
 through the real OTLP/HTTP exporter to :mod:`bench.otlp_sink`, a separate
 process, so serialising and sending them is in the measurement; the metrics
@@ -39,8 +39,8 @@ def telemetry(url: str, projection: str) -> Iterator[TelemetrySetup | str]:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        from projectionist.settings import Settings
-        from projectionist.telemetry._telemetry import TelemetryOptions, build_hooks, build_telemetry
+        from projectionist.settings import TelemetryOptions
+        from projectionist.telemetry import Telemetry
     except ImportError as e:
         yield f"the telemetry API is not available: {e}"
         return
@@ -52,12 +52,9 @@ def telemetry(url: str, projection: str) -> Iterator[TelemetrySetup | str]:
         provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
         )
-        settings = Settings(metrics_port=0)
-        tele = build_telemetry(
-            url, settings, [projection], TelemetryOptions(metrics_port=0), tracer_provider=provider
-        )
+        tele = Telemetry(url, [projection], TelemetryOptions(metrics_port=0), tracer_provider=provider)
         with tele:
-            hooks = build_hooks(settings, [projection], tele)
+            hooks = tele.hook_chain()
             kinds = " + ".join(type(h).__name__ for h in hooks.hooks)
             yield TelemetrySetup(hooks, tele.connect_fn, f"{kinds}, traced connection, OTLP/HTTP export")
     finally:

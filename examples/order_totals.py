@@ -1,7 +1,7 @@
 """A complete user projection: order totals, kept exactly-once next to the events."""
 
 from projectionist import BaseProjection, RecordedEvent, Tx
-from projectionist.store.connection import Connection
+from projectionist.store import Connection
 
 
 class OrderTotals(BaseProjection):

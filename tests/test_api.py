@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from projectionist.api import ApiSettings, build_openapi, create_app
 from projectionist.errors import ConfigError
 from projectionist.records import NewEvent
+from projectionist.settings import Settings
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import PostgresServer
@@ -550,7 +551,7 @@ def test_probes_metrics_and_openapi_stay_open_with_a_token(secured: Api) -> None
 def test_api_token_with_a_trailing_newline_is_refused_or_usable(db_url: str) -> None:
     # A secret mounted from a file usually ends with a newline.
     try:
-        settings = ApiSettings.from_env({"API_TOKEN": "s3cret\n"})
+        settings = Settings.from_env({"API_TOKEN": "s3cret\n"}).api
     except ConfigError as e:
         assert "API_TOKEN" in str(e)
         return

@@ -26,7 +26,7 @@ def empty_db(pg_server: PostgresServer) -> Iterator[str]:
         yield url
 
 
-def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
+def test_api_with_migrate_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
     empty_db: str,
     otlp_receiver: OtlpReceiver,  # noqa: F811
     tmp_path: Path,
@@ -36,6 +36,7 @@ def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
         empty_db,
         port,
         tmp_path / "api.log",
+        "--migrate",
         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -67,9 +68,13 @@ def test_api_migrates_at_start_up_and_exports_spans_linked_to_the_stored_trace(
     assert row == (f"00-{CALLER_TRACE}-{producer.span.span_id.hex()}-01",)
 
 
-def test_no_migrate_leaves_an_empty_database_not_ready(empty_db: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [(), ("--no-migrate",)], ids=["default", "no-migrate"])
+def test_without_migrate_an_empty_database_is_not_ready(
+    empty_db: str, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # Migrating is a step of its own; the API serves meanwhile, not ready.
     port = free_port()
-    api = start_api(empty_db, port, tmp_path / "api.log", "--no-migrate")
+    api = start_api(empty_db, port, tmp_path / "api.log", *args)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/healthz", api)

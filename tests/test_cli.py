@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from projectionist.cli._main import _GracefulStop
+from projectionist.cli.run import GracefulStop
 from projectionist.store.connection import connect
 from projectionist.store.schema import available_migrations
 from projectionist.testing import PostgresServer
@@ -27,11 +27,18 @@ pytestmark = pytest.mark.integration
     [
         ({"WORKER_ID": "abc", "TOTAL_WORKERS": "4"}, [], "WORKER_ID='abc'"),
         ({"WORKER_ID": "-1", "TOTAL_WORKERS": "4"}, [], "WORKER_ID='-1'"),
-        ({"WORKER_ID": "4", "TOTAL_WORKERS": "4"}, [], "WORKER_ID=4 must be less than TOTAL_WORKERS=4"),
+        (
+            {"WORKER_ID": "4", "TOTAL_WORKERS": "4"},
+            [],
+            "WORKER_ID=4 must be less than the partition count (PARTITIONS or TOTAL_WORKERS), 4",
+        ),
         ({"WORKER_ID": "1", "TOTAL_WORKERS": "zero"}, [], "TOTAL_WORKERS='zero'"),
         ({"WORKER_ID": "1", "TOTAL_WORKERS": "0"}, [], "TOTAL_WORKERS='0'"),
-        ({}, ["--worker-id", "x"], "--worker-id='x'"),
-        ({}, ["--worker-id", "2", "--total-workers", "2"], "WORKER_ID=2 must be less than TOTAL_WORKERS=2"),
+        (
+            {},
+            ["--worker-id", "2", "--total-workers", "2"],
+            "WORKER_ID=2 must be less than the partition count (PARTITIONS or TOTAL_WORKERS), 2",
+        ),
         ({}, [], "WORKER_ID is not set"),
     ],
 )
@@ -43,6 +50,24 @@ def test_invalid_worker_settings_exit_2_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
+
+
+def test_a_flag_usage_error_keeps_the_usage_line(db_url: str) -> None:
+    result = run_cli("worker", "--worker-id", "x", db_url=db_url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("usage: projectionist worker ")
+    *_, last = result.stderr.strip().splitlines()
+    assert last == (
+        "projectionist worker: error: argument --worker-id: --worker-id='x' is not a number or a "
+        "StatefulSet pod name like 'projection-worker-3'"
+    )
+
+
+def test_the_partition_count_names_must_agree(db_url: str) -> None:
+    env = {"PARTITIONS": "4", "TOTAL_WORKERS": "2"}
+    result = run_cli("worker", "--worker-id", "0", db_url=db_url, env=env)
+    assert result.returncode == 2
+    assert "PARTITIONS='4' and TOTAL_WORKERS='2' disagree; set one of them" in result.stderr
 
 
 def test_flags_override_environment(db_url: str) -> None:
@@ -59,7 +84,7 @@ def test_flags_override_environment(db_url: str) -> None:
         "worker", "--total-workers", "8", db_url=db_url, env={"WORKER_ID": "5", "TOTAL_WORKERS": "4"}
     )
     assert result.returncode == 2
-    assert "TOTAL_WORKERS=8 differs from the 6 partitions" in result.stderr
+    assert "partition count 8 (PARTITIONS or TOTAL_WORKERS) differs from the 6 partitions" in result.stderr
 
 
 def test_mismatched_total_workers_is_refused_once_the_group_has_progressed(db_url: str) -> None:
@@ -73,7 +98,8 @@ def test_mismatched_total_workers_is_refused_once_the_group_has_progressed(db_ur
     result = run_cli("worker", "--worker-id", "0", "--total-workers", "3", db_url=db_url)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "TOTAL_WORKERS=3 differs from the 2 partitions" in result.stderr
+    assert "partition count 3 (PARTITIONS or TOTAL_WORKERS) differs from the 2 partitions" in result.stderr
+    assert "`projectionist rescale --projection-name scalable_projection --partitions 3`" in result.stderr
 
 
 def test_statefulset_pod_name_is_the_worker_id(db_url: str) -> None:
@@ -105,7 +131,7 @@ def test_the_signal_handler_never_takes_the_stop_lock_itself() -> None:
     # inside Event.wait() with the Event's lock held: here, that lock. Setting
     # the Event from the handler itself would block forever.
     stopped = threading.Event()
-    graceful = _GracefulStop(stopped.set)
+    graceful = GracefulStop(stopped.set)
     with stopped._cond:  # type: ignore[attr-defined]
         graceful._handle(signal.SIGTERM, None)
         assert not stopped.is_set()

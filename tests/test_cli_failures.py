@@ -150,9 +150,9 @@ def test_a_data_directory_holding_something_else_is_refused_untouched(tmp_path: 
     assert (data / "notes.txt").read_text() == "mine"
 
 
-# A database the seed's Go example set up holds tables named events and
-# projection_checkpoints: migrate died with a DuplicateTable traceback.
-def test_migrate_on_the_seeds_tables_explains_and_changes_nothing(pg_server: object) -> None:
+# A database the upstream Go example set up holds tables named events and
+# projection_checkpoints: migrate must explain, not die with a traceback.
+def test_migrate_on_the_upstream_examples_tables_explains_and_changes_nothing(pg_server: object) -> None:
     from projectionist.store.connection import connect
 
     with pg_server.fresh_database() as url:
@@ -166,12 +166,12 @@ def test_migrate_on_the_seeds_tables_explains_and_changes_nothing(pg_server: obj
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr
         assert 'migration 0001_event_store cannot run: relation "events" already exists' in result.stderr
-        assert "ALTER TABLE events RENAME TO seed_events" in result.stderr
+        assert "ALTER TABLE events RENAME TO upstream_events" in result.stderr
         with connect(url, autocommit=True) as conn:
             assert conn.execute("SELECT data FROM events").fetchall() == [({"seed": 1},)]
             assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
-            conn.execute("ALTER TABLE events RENAME TO seed_events")
-            conn.execute("ALTER TABLE projection_checkpoints RENAME TO seed_projection_checkpoints")
+            conn.execute("ALTER TABLE events RENAME TO upstream_events")
+            conn.execute("ALTER TABLE projection_checkpoints RENAME TO upstream_projection_checkpoints")
         assert run_cli("migrate", db_url=url).returncode == 0
 
 
@@ -255,6 +255,7 @@ def _run_as_a_dml_role(pg_server: object, role: str) -> None:
             owner.execute(f"CREATE ROLE {role} LOGIN")
             owner.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON events TO {role}")
             owner.execute(
+                f"GRANT SELECT ON schema_migrations TO {role}; "
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON projection_checkpoints, projection_groups, "
                 f"projection_skip_marks, dead_letters, scalable_projection_aggregates TO {role}"
             )

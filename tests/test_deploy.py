@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from projectionist import __version__
-from projectionist.cli._main import EXIT_CONFIG
+from projectionist.cli import ExitCode
 from projectionist.errors import ConfigError
 from projectionist.settings import Settings
 from tests.helpers import ROOT
@@ -94,7 +94,7 @@ def test_worker_id_is_the_pod_ordinal(k8s: dict[str, dict[str, Any]], worker: di
         settings = Settings.from_env({"WORKER_ID": value, "TOTAL_WORKERS": total})
         assert settings.worker_id == ordinal
     # One replica too many is refused at start-up, not run as a partition that does not exist.
-    with pytest.raises(ConfigError, match="less than TOTAL_WORKERS"):
+    with pytest.raises(ConfigError, match="less than the partition count"):
         Settings.from_env({"WORKER_ID": f"{sts['metadata']['name']}-{replicas}", "TOTAL_WORKERS": total})
 
 
@@ -217,7 +217,7 @@ def test_unit_is_a_template_whose_instance_is_the_partition(unit: dict[str, dict
     assert "--worker-id %i" in exec_start, "the instance name is the partition"
     assert unit["Service"]["EnvironmentFile"] == "/etc/projectionist/worker.env"
     assert unit["Service"]["Restart"] == "on-failure"
-    assert unit["Service"]["RestartPreventExitStatus"] == str(EXIT_CONFIG)
+    assert unit["Service"]["RestartPreventExitStatus"] == str(ExitCode.CONFIG)
     assert unit["Service"]["KillSignal"] == "SIGTERM"
     assert unit["Service"]["User"] not in ("", "root")
     assert "postgresql.service" in unit["Unit"]["After"]
@@ -245,7 +245,7 @@ def test_instances_start_their_own_partition_on_their_own_port(
     assert metrics_port == int(env_file["METRICS_BASE_PORT"]) + instance
     settings = Settings.from_env(env_file, worker_id=int(worker_id), metrics_port=metrics_port)
     assert settings.worker_id == instance
-    assert settings.total_workers == int(env_file["TOTAL_WORKERS"])
+    assert settings.partitions == int(env_file["TOTAL_WORKERS"])
     assert settings.database_url, "the environment file must set DATABASE_URL"
 
 

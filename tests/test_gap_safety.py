@@ -12,6 +12,7 @@ from projectionist.consume.reader import PartitionReader
 from projectionist.errors import ConcurrencyError
 from projectionist.partitioning import Partition
 from projectionist.records import NewEvent, Position
+from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import wait_until_readable
@@ -62,7 +63,9 @@ def test_concurrent_appenders_with_delays_lose_and_duplicate_nothing(db_url: str
     stop_workers = threading.Event()
     errors: list[BaseException] = []
     workers = [
-        Worker(db_url, Recorder(), Partition(k, total_workers), batch_size=50, poll_interval=0.2)
+        Worker(
+            db_url, Recorder(), Partition(k, total_workers), WorkerOptions(batch_size=50, poll_interval=0.2)
+        )
         for k in range(total_workers)
     ]
     for w in workers:

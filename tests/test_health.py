@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from projectionist.hooks import WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
-from projectionist.settings import Settings
+from projectionist.settings import TelemetryOptions, WorkerOptions
 from projectionist.store.connection import Connection
-from projectionist.telemetry._telemetry import Telemetry, TelemetryOptions, build_hooks, build_telemetry
+from projectionist.telemetry import Telemetry
 from projectionist.telemetry.health import HealthHooks
 from projectionist.testing import free_port, wait_for
 from projectionist.worker.worker import Worker
@@ -108,17 +108,18 @@ def test_readiness_fails_when_the_database_does_not_answer() -> None:
 def running_worker(
     db_url: str, partition: Partition, **options: object
 ) -> Iterator[tuple[Worker, Telemetry]]:
-    settings = Settings(database_url=db_url, total_workers=partition.total_workers)
-    telemetry = build_telemetry(
+    telemetry = Telemetry(
         db_url,
-        settings,
         ["recorder"],
         TelemetryOptions(metrics_port=0, metrics_host="127.0.0.1", **options),  # type: ignore[arg-type]
         registry=CollectorRegistry(),
-        tracing_environ={},
     )
     worker = Worker(
-        db_url, Recorder(), partition, poll_interval=0.2, hooks=build_hooks(settings, ["recorder"], telemetry)
+        db_url,
+        Recorder(),
+        partition,
+        WorkerOptions(poll_interval=0.2),
+        hooks=telemetry.hook_chain(),
     )
     telemetry.register(worker.info)
     with telemetry:

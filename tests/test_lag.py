@@ -14,7 +14,7 @@ from projectionist.consume.processor import Processor
 from projectionist.consume.status import read_status
 from projectionist.partitioning import Partition
 from projectionist.store.connection import Connection, connect
-from projectionist.telemetry.metrics import read_store_snapshot
+from projectionist.telemetry.store_collector import read_store_snapshot
 from tests.projections import Recorder, drain, load_sample
 
 pytestmark = pytest.mark.integration

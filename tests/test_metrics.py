@@ -21,11 +21,12 @@ from psycopg_pool import ConnectionPool
 from projectionist.hooks import BatchResult, HookChain, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position
-from projectionist.settings import Settings
+from projectionist.settings import TelemetryOptions, WorkerOptions
 from projectionist.store.appending import StreamAppend, append_many
 from projectionist.store.connection import Connection, connect
-from projectionist.telemetry._telemetry import TelemetryOptions, build_hooks, build_telemetry
-from projectionist.telemetry.metrics import MetricsHooks, StoreCollector
+from projectionist.telemetry import Telemetry
+from projectionist.telemetry.metrics import MetricsHooks
+from projectionist.telemetry.store_collector import StoreCollector
 from projectionist.telemetry.tracing import TracingHooks
 from projectionist.testing import wait_for
 from projectionist.worker.worker import Worker
@@ -185,7 +186,7 @@ def append_events(conn: Connection, per_aggregate: dict[str, int]) -> None:
 
 def catch_up(db_url: str, projection: str, partition: Partition) -> None:
     """Run a real worker for ``partition`` until it is live, then stop it."""
-    worker = Worker(db_url, Recorder(projection), partition, poll_interval=0.2)
+    worker = Worker(db_url, Recorder(projection), partition, WorkerOptions(poll_interval=0.2))
     worker.start()
     try:
         wait_for(lambda: worker.state == WorkerState.LIVE, f"worker {partition} to catch up")
@@ -363,13 +364,13 @@ def unused_db_url() -> str:
 
 @pytest.mark.integration
 def test_instrumented_workers_count_every_event_once(db_url: str, conn: Connection) -> None:
-    settings = Settings(database_url=db_url, total_workers=2, metrics_port=0)
     registry = CollectorRegistry()
-    telemetry = build_telemetry(
-        db_url, settings, ["recorder"], TelemetryOptions(metrics_port=0), registry=registry
-    )
-    hooks = build_hooks(settings, ["recorder"], telemetry)
-    workers = [Worker(db_url, Recorder(), Partition(k, 2), poll_interval=0.2, hooks=hooks) for k in (0, 1)]
+    telemetry = Telemetry(db_url, ["recorder"], TelemetryOptions(metrics_port=0), registry=registry)
+    hooks = telemetry.hook_chain()
+    workers = [
+        Worker(db_url, Recorder(), Partition(k, 2), WorkerOptions(poll_interval=0.2), hooks=hooks)
+        for k in (0, 1)
+    ]
     for worker in workers:
         telemetry.register(worker.info)
     aggregates = {f"agg-{uuid.uuid4().hex[:6]}": 3 for _ in range(30)}
@@ -428,13 +429,10 @@ def test_instrumented_workers_count_every_event_once(db_url: str, conn: Connecti
 
 
 def test_telemetry_without_a_port_or_endpoint_adds_no_hooks() -> None:
-    settings = Settings(database_url="postgresql://unused")
-    telemetry = build_telemetry(
-        "postgresql://unused", settings, ["x"], TelemetryOptions(), tracing_environ={}
-    )
+    telemetry = Telemetry("postgresql://unused", ["x"], TelemetryOptions())
     assert telemetry.hooks == []
     assert telemetry.registry is None
-    assert len(build_hooks(settings, ["x"], telemetry).hooks) == 1  # logging only
+    assert len(telemetry.hook_chain().hooks) == 1  # logging only
     with telemetry:  # nothing to start, nothing to close
         assert telemetry.server is None
 
@@ -452,7 +450,7 @@ def test_a_worker_failing_on_an_event_still_reports_its_ownership(db_url: str, c
         db_url,
         PoisonSensitive(),
         Partition(0, 1),
-        poll_interval=0.2,
+        WorkerOptions(poll_interval=0.2),
         hooks=MetricsHooks(registry, version="t"),
     )
     worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05

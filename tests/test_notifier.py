@@ -11,6 +11,7 @@ import pytest
 
 from projectionist.partitioning import Partition
 from projectionist.records import NewEvent
+from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import NOTIFY_CHANNEL, connect
 from projectionist.store.notifier import Notifier
@@ -89,7 +90,7 @@ def test_each_single_stream_statement_notifies_only_when_asked(db_url: str, even
 
 def test_worker_wakes_promptly_from_the_notifier(db_url: str) -> None:
     hooks = Collect()
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=30), hooks=hooks)
     with Notifier(db_url) as notifier, connect(db_url, autocommit=True) as conn:
         worker.start()
         try:

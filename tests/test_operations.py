@@ -8,13 +8,13 @@ import pytest
 
 from projectionist.consume import dead_letters
 from projectionist.consume.checkpoints import GroupConfig, register_group
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.consume.ownership import TRY_LOCK, group_key
 from projectionist.consume.processor import Processor
 from projectionist.consume.status import read_status
 from projectionist.errors import FencedError, ProjectionError
 from projectionist.partitioning import Partition
 from projectionist.records import NewEvent
+from projectionist.settings import PoisonPolicy
 from projectionist.store.appending import append
 from projectionist.store.connection import connect
 from projectionist.testing import wait_until_readable
@@ -101,7 +101,7 @@ def test_rescale_refuses_while_old_group_workers_are_live(db_url: str) -> None:
         for k in range(2):  # two live old-group workers (their ownership locks)
             assert holder.execute(TRY_LOCK, (group_key("recorder", 2), k)).fetchone() == (True,)
         result = run_cli(
-            "rescale", "--projection", "recorder", "--total-workers", "3", "--timeout", "1", db_url=db_url
+            "rescale", "--projection-name", "recorder", "--partitions", "3", "--timeout", "1", db_url=db_url
         )
         group = conn.execute("SELECT total_workers FROM projection_groups").fetchone()
         assert result.returncode != 0, result.stdout
@@ -112,7 +112,7 @@ def test_status_of_an_unknown_projection_is_an_error(db_url: str) -> None:
     with connect(db_url, autocommit=True) as conn:
         register_group(conn, "recorder", 1)
         Processor(Recorder(), Partition(0, 1)).start(conn)
-    result = run_cli("status", "--projection", "recorderr", db_url=db_url)
+    result = run_cli("status", "--projection-name", "recorderr", db_url=db_url)
     assert result.returncode == 2, result.stdout
     assert "recorderr" in result.stderr
 
@@ -167,7 +167,7 @@ def test_rebuild_stops_when_its_workers_die(db_url: str) -> None:
     )
     assert result.returncode == 1, result.stderr
     assert (
-        "rebuild of 'setup_fails_in_workers' failed: worker 0/1 stopped: "
+        "rebuilding 'setup_fails_in_workers' failed: worker 0/1 stopped: "
         "ConfigError: this projection's setup fails in every worker"
     ) in result.stderr
     assert "Traceback" not in result.stderr
@@ -183,7 +183,7 @@ def test_rescale_under_a_starting_old_worker_never_applies_an_event_twice(db_url
             assert holder.execute(TRY_LOCK, (group_key("recorder", 2), k)).fetchone() == (True,)
         # The operator rescales before the old workers committed their first batch.
         run_cli(
-            "rescale", "--projection", "recorder", "--total-workers", "3", "--timeout", "1", db_url=db_url
+            "rescale", "--projection-name", "recorder", "--partitions", "3", "--timeout", "1", db_url=db_url
         )
         # Worker 0/2 carries on with its start-up: loads its checkpoint and processes.
         old = Processor(Recorder(), Partition(0, 2), batch_size=50)

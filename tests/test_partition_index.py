@@ -22,6 +22,7 @@ from projectionist.errors import ConfigError
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
 from projectionist.records import Position
+from projectionist.settings import WorkerOptions
 from projectionist.store.connection import Connection, connect
 from projectionist.telemetry.metrics import MetricsHooks
 from projectionist.worker.worker import Worker
@@ -243,7 +244,7 @@ def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: 
     dropped = run_cli("partition-index", "drop", "--total-workers", "3", db_url=db_url)
     assert dropped.returncode == 0 and "3 dropped" in dropped.stdout
     listed_text = run_cli("partition-index", "list", db_url=db_url).stdout
-    assert "incomplete: projectionist partition-index create --total-workers 3" in listed_text
+    assert "incomplete: projectionist partition-index create --partitions 3" in listed_text
 
 
 def _ready_in_sql(conn: Connection, total_workers: int, worker_id: int) -> bool:
@@ -288,7 +289,7 @@ def test_a_worker_without_its_index_says_so(
             partition_indexes.create_indexes(conn, 2)
     caplog.set_level(logging.INFO, logger="projectionist")
     hooks = _States()
-    worker = Worker(db_url, Recorder(), Partition(1, 2), poll_interval=0.2, hooks=hooks)
+    worker = Worker(db_url, Recorder(), Partition(1, 2), WorkerOptions(poll_interval=0.2), hooks=hooks)
     worker.start()
     try:
         deadline = time.monotonic() + 20
@@ -299,7 +300,7 @@ def test_a_worker_without_its_index_says_so(
         worker.stop()
         worker.join(timeout=10)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    hint = "projectionist partition-index create --total-workers 2"
+    hint = "projectionist partition-index create --partitions 2"
     if built:
         assert not any(hint in w for w in warnings), warnings
         assert worker.processor.reader.indexed

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from projectionist.consume import dead_letters
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition, fnv1a_32
 from projectionist.records import NewEvent
+from projectionist.settings import PoisonPolicy, WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import wait_for
@@ -36,10 +36,8 @@ def _worker(db_url: str, policy: PoisonPolicy, hooks: WorkerHooks) -> Worker:
         db_url,
         PoisonSensitive(),
         Partition(0, 1),
-        poll_interval=0.1,
+        WorkerOptions(poll_interval=0.1, poison_policy=policy, max_retries=2),
         hooks=hooks,
-        poison_policy=policy,
-        max_retries=2,
     )
     worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05
     return worker

@@ -55,7 +55,7 @@ def test_rebuild_resets_and_catches_up_to_the_same_read_model(db_url: str) -> No
             assert time.monotonic() < deadline
             time.sleep(0.2)
         before = _read_model(db_url)
-        refused = run_cli("rebuild", "--projection", "scalable_projection", db_url=db_url)
+        refused = run_cli("rebuild", db_url=db_url)  # the default projection, the sample
         assert refused.returncode == 2
         assert "are running; stop them or pass --force" in refused.stderr
     finally:
@@ -66,7 +66,9 @@ def test_rebuild_resets_and_catches_up_to_the_same_read_model(db_url: str) -> No
     with connect(db_url, autocommit=True) as conn:
         # Corrupt the read model: a rebuild must repair it from the events.
         conn.execute("UPDATE scalable_projection_aggregates SET event_count = event_count + 5")
-    result = run_cli("rebuild", "--projection", "scalable_projection", db_url=db_url, timeout=120)
+    result = run_cli(
+        "rebuild", "--projection", "projectionist.demo:ScalableProjection", db_url=db_url, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "rebuilt 'scalable_projection': 600 events applied" in result.stderr
     assert _read_model(db_url) == before
@@ -77,4 +79,4 @@ def test_rebuild_resets_and_catches_up_to_the_same_read_model(db_url: str) -> No
 def test_rebuild_of_an_unknown_projection_name_is_a_config_error(db_url: str) -> None:
     result = run_cli("rebuild", "--projection", "nope", db_url=db_url)
     assert result.returncode == 2
-    assert "--projection='nope'" in result.stderr
+    assert "PROJECTION='nope' must look like 'package.module:ClassName'" in result.stderr

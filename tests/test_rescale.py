@@ -12,6 +12,7 @@ from projectionist.consume.checkpoints import Draining, GroupConfig, register_gr
 from projectionist.errors import ConfigError
 from projectionist.partitioning import Partition
 from projectionist.records import NewEvent
+from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.worker.worker import Worker
@@ -49,9 +50,7 @@ def _group(db_url: str, total: int, *, allow_rescale: bool = False) -> list[Work
             db_url,
             Recorder(),
             Partition(k, total),
-            batch_size=50,
-            poll_interval=0.2,
-            allow_rescale=allow_rescale,
+            WorkerOptions(batch_size=50, poll_interval=0.2, rescale=allow_rescale),
         )
         for k in range(total)
     ]
@@ -171,5 +170,8 @@ def test_old_group_worker_is_refused_after_the_switch(db_url: str) -> None:
             _stop(two)
         joined = _switch_once_stopped(conn, 3)
         assert isinstance(joined, GroupConfig), joined
-        with pytest.raises(ConfigError, match="TOTAL_WORKERS=2 differs from the 3 partitions"):
+        with pytest.raises(
+            ConfigError,
+            match=r"partition count 2 \(PARTITIONS or TOTAL_WORKERS\) differs from the 3 partitions",
+        ):
             register_group(conn, "recorder", 2)

@@ -20,11 +20,11 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from projectionist.hooks import WorkerState
 from projectionist.partitioning import Partition
 from projectionist.records import NewEvent, RecordedEvent
-from projectionist.settings import Settings
+from projectionist.settings import TelemetryOptions, WorkerOptions, tracing_configured
 from projectionist.store.appending import StreamAppend, append_many
 from projectionist.store.connection import Connection
-from projectionist.telemetry._telemetry import build_hooks, build_telemetry
-from projectionist.telemetry.tracing import batch_links, configure_tracing, tracing_enabled
+from projectionist.telemetry import Telemetry
+from projectionist.telemetry.tracing import batch_links, configure_tracing
 from projectionist.testing import wait_for
 from projectionist.worker.worker import Worker
 from tests.fix_otlp import OtlpReceiver
@@ -64,27 +64,26 @@ def produce(conn: Connection, tracer_provider: TracerProvider, aggregates: list[
     ],
 )
 def test_tracing_is_on_only_with_an_endpoint(env: dict[str, str], enabled: bool) -> None:
-    assert tracing_enabled(env) is enabled
+    assert tracing_configured(env) is enabled
 
 
-def test_no_endpoint_means_no_provider_and_no_noise(caplog: pytest.LogCaptureFixture) -> None:
+def test_no_endpoint_means_no_tracer_and_no_noise(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    assert configure_tracing({}) is None
+    telemetry = Telemetry("postgresql://unused", ["x"], TelemetryOptions(tracing=False))
+    assert telemetry.tracer_provider is None
     assert caplog.records == []
 
 
 def test_provider_from_environment_names_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
-    provider = configure_tracing(env)
-    assert provider is not None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    provider = configure_tracing()
     try:
         assert provider.resource.attributes["service.name"] == "projectionist-worker"
     finally:
         provider.shutdown()
     monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-projector")
-    provider = configure_tracing(env)
-    assert provider is not None
+    provider = configure_tracing()
     try:
         assert provider.resource.attributes["service.name"] == "billing-projector"
     finally:
@@ -138,14 +137,13 @@ def test_batch_span_is_a_consumer_span_linked_to_the_producers(db_url: str, conn
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    settings = Settings(database_url=db_url, total_workers=1)
-    telemetry = build_telemetry(db_url, settings, ["recorder"], tracer_provider=provider)
+    telemetry = Telemetry(db_url, ["recorder"], tracer_provider=provider)
     worker = Worker(
         db_url,
         Recorder(),
         Partition(0, 1),
-        poll_interval=0.2,
-        hooks=build_hooks(settings, ["recorder"], telemetry),
+        WorkerOptions(poll_interval=0.2),
+        hooks=telemetry.hook_chain(),
         connect_fn=telemetry.connect_fn,
     )
     producer_a = produce(conn, provider, ["order-1", "order-2"])

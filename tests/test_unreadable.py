@@ -10,11 +10,11 @@ from prometheus_client import CollectorRegistry
 from projectionist.api import ApiSettings, create_app
 from projectionist.consume import dead_letters, lag, partition_indexes
 from projectionist.consume.checkpoints import register_group
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.consume.processor import Processor
 from projectionist.errors import ProjectionError
 from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, UndecodablePayload
+from projectionist.settings import PoisonPolicy
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection
 from projectionist.store.streams import read_stream

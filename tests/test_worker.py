@@ -15,6 +15,7 @@ from projectionist.consume.reader import PartitionReader, RetiredGroupMarks, bui
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position, RecordedEvent
+from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import wait_until_readable
@@ -173,7 +174,7 @@ def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> 
     # the worker looks again every few ms. Those looks are not the poll timer
     # (30 s here), and counting them as polls read as NOTIFY not arriving.
     hooks = Collect()
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=30), hooks=hooks)
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn, connect(db_url) as blocker:
@@ -193,7 +194,7 @@ def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> 
 
 def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) -> None:
     hooks = Collect()
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=30, hooks=hooks)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=30), hooks=hooks)
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
@@ -211,7 +212,7 @@ def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) 
 
 def test_worker_reconnects_after_its_connection_is_killed(db_url: str) -> None:
     hooks = Collect()
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2, hooks=hooks)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=hooks)
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
@@ -233,8 +234,10 @@ def test_worker_reconnects_after_its_connection_is_killed(db_url: str) -> None:
 
 def test_second_process_for_a_partition_waits_as_standby_and_takes_over(db_url: str) -> None:
     owner_hooks, standby_hooks = Collect(), Collect()
-    owner = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2, hooks=owner_hooks)
-    standby = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2, hooks=standby_hooks)
+    owner = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=owner_hooks)
+    standby = Worker(
+        db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=standby_hooks
+    )
     owner.start()
     _wait(lambda: WorkerState.LIVE in owner_hooks.states)
     standby.start()
@@ -268,7 +271,7 @@ def test_failing_projection_is_retried_and_never_skipped(db_url: str) -> None:
             super().apply_batch(events, tx)  # type: ignore[arg-type]
 
     hooks = Collect()
-    worker = Worker(db_url, FailsOnce(), Partition(0, 1), poll_interval=0.2, hooks=hooks)
+    worker = Worker(db_url, FailsOnce(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=hooks)
     worker.retry_backoff.initial = 0.05
     with connect(db_url, autocommit=True) as conn:
         load_sample(conn, 30, 3)

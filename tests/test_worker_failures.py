@@ -14,13 +14,13 @@ import pytest
 from projectionist.backoff import Backoff
 from projectionist.consume import dead_letters
 from projectionist.consume import processor as processor_module
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.consume.partition_indexes import create_indexes
 from projectionist.consume.processor import Processor
 from projectionist.consume.projection import Tx
 from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
 from projectionist.records import NewEvent, RecordedEvent
+from projectionist.settings import PoisonPolicy, WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.telemetry.health import HealthHooks
@@ -71,7 +71,7 @@ def test_rebuild_force_with_an_idle_live_worker_rebuilds_the_read_model(db_url: 
     # rebuild --force counts on live workers being fenced, but an idle one commits
     # nothing: it must still notice that its checkpoint moved, or it keeps reading
     # from its old position and the emptied read model stays empty.
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.1)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.1))
     with connect(db_url, autocommit=True) as conn, _running(worker):
         load_sample(conn, 300, 10)
         assert _wait(lambda: applied_count(conn) == 300 and worker.state is WorkerState.LIVE)
@@ -117,10 +117,8 @@ def test_a_poison_event_failing_with_a_database_error_is_parked(db_url: str) -> 
         db_url,
         IndexedTitles(),
         Partition(0, 1),
-        poll_interval=0.1,
+        WorkerOptions(poll_interval=0.1, poison_policy=PoisonPolicy.PARK, max_retries=1),
         hooks=hooks,
-        poison_policy=PoisonPolicy.PARK,
-        max_retries=1,
     )
     worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05
     with connect(db_url, autocommit=True) as conn, _running(worker):
@@ -149,7 +147,9 @@ class BrokenExporter(WorkerHooks):
 def test_a_failing_hook_scope_never_stops_event_processing(db_url: str) -> None:
     # A broken exporter must never stop event processing, on leaving a batch's scope
     # as on entering it: it used to roll the batch back and end the worker.
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.1, hooks=BrokenExporter())
+    worker = Worker(
+        db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.1), hooks=BrokenExporter()
+    )
     with connect(db_url, autocommit=True) as conn, _running(worker):
         load_sample(conn, 50, 5)
         applied = _wait(lambda: applied_count(conn) == 50, timeout=5)
@@ -208,7 +208,7 @@ def test_a_session_timed_out_mid_batch_reconnects_instead_of_killing_the_worker(
         conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET idle_in_transaction_session_timeout = 300')
         load_sample(conn, 20, 5)
         hooks = Collect()
-        worker = Worker(db_url, SlowOnce(), Partition(0, 1), poll_interval=0.1, hooks=hooks)
+        worker = Worker(db_url, SlowOnce(), Partition(0, 1), WorkerOptions(poll_interval=0.1), hooks=hooks)
         with _running(worker):
             _wait(lambda: applied_count(conn) == 20 or not worker.is_alive(), timeout=10)
             assert worker.is_alive(), f"worker died: {worker._error!r}"
@@ -253,7 +253,9 @@ def test_notifications_during_a_long_catch_up_are_not_queued(db_url: str) -> Non
 
     with connect(db_url, autocommit=True) as conn:
         load_sample(conn, 2000, 20)
-        worker = Worker(db_url, Slow(), Partition(0, 1), batch_size=10, connect_fn=connect_recording)
+        worker = Worker(
+            db_url, Slow(), Partition(0, 1), WorkerOptions(batch_size=10), connect_fn=connect_recording
+        )
         with _running(worker):
             assert _wait(lambda: applied_count(conn) > 0)
             for _ in range(300):
@@ -277,7 +279,7 @@ class BrokenSetup(Recorder):
 
 
 def test_a_pool_whose_workers_died_before_it_looked_raises_their_error(db_url: str) -> None:
-    pool = Supervisor(db_url, BrokenSetup, 2, poll_interval=0.1)
+    pool = Supervisor(db_url, BrokenSetup, 2, WorkerOptions(poll_interval=0.1))
     started = pool.start
 
     def start_and_let_them_die() -> None:
@@ -293,7 +295,7 @@ def test_a_pool_whose_workers_died_before_it_looked_raises_their_error(db_url: s
 
 def test_a_fenced_worker_is_not_ready_until_it_has_rejoined(db_url: str) -> None:
     hooks = Collect()
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.1, hooks=hooks)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.1), hooks=hooks)
     with connect(db_url, autocommit=True) as conn, _running(worker):
         load_sample(conn, 20, 5)
         assert _wait(lambda: applied_count(conn) == 20 and worker.state is WorkerState.LIVE)
@@ -320,7 +322,7 @@ def test_a_failure_after_start_keeps_backing_off(db_url: str) -> None:
     with connect(db_url, autocommit=True) as conn:
         conn.execute(f"ALTER DATABASE {conn.info.dbname} SET lock_timeout = 100")
         load_sample(conn, 20, 2)
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2)
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2))
     worker.reconnect_backoff.initial = 0.05
     with connect(db_url) as holder:
         holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
@@ -341,7 +343,7 @@ def test_a_worker_waiting_for_the_setup_lock_still_stops(db_url: str) -> None:
         def on_tick(self, info: WorkerInfo) -> None:
             ticks.append(time.monotonic())
 
-    worker = Worker(db_url, Recorder(), Partition(0, 1), poll_interval=0.2, hooks=Ticks())
+    worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=Ticks())
     with connect(db_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(hashtext('projectionist.setup'), hashtext('recorder'))")
         worker.start()
@@ -372,7 +374,7 @@ def test_every_pool_workers_failure_is_reported(db_url: str, caplog: pytest.LogC
         projection.worker_id = next(made)  # type: ignore[attr-defined]
         return projection
 
-    pool = Supervisor(db_url, factory, 2, poll_interval=0.2)
+    pool = Supervisor(db_url, factory, 2, WorkerOptions(poll_interval=0.2))
     with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="setup of worker"):
         pool.run()
     assert "setup of worker 0 failed" in caplog.text and "setup of worker 1 failed" in caplog.text

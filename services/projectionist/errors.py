@@ -15,6 +15,10 @@ class MigrationError(ProjectionistError):
     """A migration cannot be applied to this database; nothing of it was applied."""
 
 
+class NotMigratedError(MigrationError):
+    """The database lacks migrations this version needs; ``projectionist migrate`` applies them."""
+
+
 class ConcurrencyError(ProjectionistError):
     """An append's expected version did not match the stream's current version."""
 

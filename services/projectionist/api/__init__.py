@@ -6,10 +6,10 @@ Run it with ``projectionist api``; embed it with :func:`create_app`.
 from __future__ import annotations
 
 from projectionist.api.app import OPEN_PATHS, create_app, default_registry
-from projectionist.api.config import ApiSettings
 from projectionist.api.errors import ApiError
 from projectionist.api.openapi import build_openapi
 from projectionist.api.server import serve
+from projectionist.settings import ApiSettings
 
 __all__ = [
     "OPEN_PATHS",

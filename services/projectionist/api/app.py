@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import psycopg
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -24,11 +23,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from projectionist.api import endpoints
-from projectionist.api.config import ApiSettings
 from projectionist.api.errors import ApiError, error_response
 from projectionist.api.metrics import ApiMetrics
 from projectionist.api.middleware import BearerAuthMiddleware, MetricsMiddleware
+from projectionist.api.state import ApiState
 from projectionist.errors import one_line
+from projectionist.settings import ApiSettings
 from projectionist.store.connection import AsyncConnection
 from projectionist.store.notifier import Notifier
 
@@ -56,24 +56,6 @@ class _AggregateIdConvertor(Convertor[str]):
 
 
 register_url_convertor("aggregate_id", _AggregateIdConvertor())
-
-
-@dataclass(slots=True)
-class ApiState:
-    """What handlers need, on ``app.state.api``. The pool exists while the app's lifespan runs."""
-
-    database_url: str
-    settings: ApiSettings
-    metrics: ApiMetrics
-    pool: AsyncConnectionPool[AsyncConnection] | None = None
-    #: Wakes the workers after each append: NOTIFY stays out of the append
-    #: transactions, so concurrent requests' commits are not serialised.
-    notifier: Notifier | None = None
-
-    def connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
-        if self.pool is None:
-            raise ApiError(503, "not_started", "the API is starting or stopping")
-        return self.pool.connection(timeout=self.settings.pool_timeout)
 
 
 def default_registry() -> CollectorRegistry:

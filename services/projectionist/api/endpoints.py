@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from opentelemetry import propagate, trace
@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from projectionist import records
 from projectionist.api.errors import ApiError
 from projectionist.api.openapi import build_openapi
+from projectionist.api.state import ApiState
 from projectionist.api.validation import (
     check_aggregate_id,
     check_content_type,
@@ -27,9 +28,6 @@ from projectionist.errors import ConcurrencyError, one_line
 from projectionist.records import RecordedEvent, UndecodablePayload
 from projectionist.store.appending import append_async
 from projectionist.store.streams import read_stream_async, stream_version_async
-
-if TYPE_CHECKING:
-    from projectionist.api.app import ApiState
 
 tracer = trace.get_tracer("projectionist.api")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from projectionist import __version__
-from projectionist.api.config import ApiSettings
 from projectionist.api.validation import MAX_EVENT_TYPE_LENGTH
+from projectionist.settings import ApiSettings
 from projectionist.store.appending import MAX_AGGREGATE_ID_LENGTH
 
 _MAX_BIGINT = 2**63 - 1

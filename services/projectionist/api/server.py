@@ -12,7 +12,7 @@ from typing import Any
 from opentelemetry import trace
 
 from projectionist.api.app import create_app
-from projectionist.api.config import ApiSettings
+from projectionist.settings import ApiSettings
 from projectionist.worker.gc_tuning import tune_for_throughput
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,20 @@ def _server(config: Any) -> Any:
     return Server(config)
 
 
-def serve(database_url: str, settings: ApiSettings, *, log_level: str = "INFO") -> None:
+def serve(
+    database_url: str, settings: ApiSettings, *, log_level: str = "INFO", tracing: bool = False
+) -> None:
     """Run until SIGINT or SIGTERM; uvicorn finishes in-flight requests before exiting.
 
-    Traces are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is
-    set (see :mod:`projectionist.telemetry.tracing`); otherwise the API still continues
-    an incoming ``traceparent`` into event metadata, it just records no spans.
+    With ``tracing`` (an OTLP endpoint is configured: :attr:`TelemetryOptions.tracing`)
+    spans are exported over OTLP/HTTP; without, the API still continues an
+    incoming ``traceparent`` into event metadata, it just records no spans.
     """
     import uvicorn
 
     from projectionist.telemetry.tracing import configure_tracing
 
-    provider = configure_tracing(default_service_name=SERVICE_NAME)
+    provider = configure_tracing(default_service_name=SERVICE_NAME) if tracing else None
     if provider is not None:
         trace.set_tracer_provider(provider)
     config = uvicorn.Config(

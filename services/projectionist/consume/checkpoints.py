@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg import sql
+
 from projectionist.consume.ownership import LIVE_WORKERS, group_key
 from projectionist.consume.reader import RetiredGroupMarks
 from projectionist.errors import ConfigError, FencedError
@@ -77,9 +79,9 @@ def register_group(
             processed = bool(moved and moved[0])
             if processed and not allow_rescale:
                 raise ConfigError(
-                    f"TOTAL_WORKERS={total_workers} differs from the {current} partitions "
-                    f"projection {projection!r} uses; to change it, stop the old workers and run "
-                    f"`projectionist rescale --projection {projection} --total-workers "
+                    f"the partition count {total_workers} (PARTITIONS or TOTAL_WORKERS) differs from the "
+                    f"{current} partitions projection {projection!r} uses; to change it, stop the old "
+                    f"workers and run `projectionist rescale --projection-name {projection} --partitions "
                     f"{total_workers}`, or start the new workers with --rescale"
                 )
             # Once the old group processed anything its checkpoints become
@@ -264,3 +266,12 @@ def _moved(projection: str, partition: Partition) -> FencedError:
     return FencedError(
         f"checkpoint of {projection} worker {partition} moved under us; another process owns this partition"
     )
+
+
+_GROUP_PARTITIONS = sql.SQL("SELECT total_workers FROM projection_groups WHERE projection_name = %s")
+
+
+def group_partitions(conn: Connection, projection: str) -> int | None:
+    """The partition count of the projection's group, or ``None`` before any worker joined it."""
+    row = conn.execute(_GROUP_PARTITIONS, (projection,)).fetchone()
+    return int(row[0]) if row else None

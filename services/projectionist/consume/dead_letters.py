@@ -13,7 +13,7 @@ import traceback as tb
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
+from typing import Any
 
 from psycopg import sql
 
@@ -21,18 +21,6 @@ from projectionist.errors import ConfigError
 from projectionist.partitioning import Partition
 from projectionist.records import RecordedEvent
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection
-
-
-class PoisonPolicy(StrEnum):
-    STOP = "stop"
-    PARK = "park"
-
-    @classmethod
-    def parse(cls, raw: str, name: str = "POISON_POLICY") -> PoisonPolicy:
-        try:
-            return cls(raw.strip().lower())
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} must be 'stop' or 'park'") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,3 +204,12 @@ def stats(conn: Connection, projections: Sequence[str]) -> dict[str, tuple[int, 
         )
     }
     return {p: found.get(p, (0, 0.0)) for p in projections}
+
+
+_EVENT_OF = sql.SQL("SELECT payload, metadata FROM events WHERE event_id = %s::uuid")
+
+
+def event_of(conn: Connection, letter: DeadLetter) -> tuple[Any, Any] | None:
+    """The parked event's payload and metadata, or ``None`` if it is gone from the store."""
+    row = conn.execute(_EVENT_OF, (letter.event_id,)).fetchone()
+    return (row[0], row[1]) if row else None

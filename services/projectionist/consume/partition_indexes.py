@@ -86,12 +86,12 @@ class PartitionIndex:
 def check_total_workers(total_workers: int) -> None:
     if total_workers < 2:
         raise ConfigError(
-            "--total-workers must be at least 2: a single partition reads every row in order "
+            "--partitions must be at least 2: a single partition reads every row in order "
             "and needs no partition index"
         )
     if total_workers > MAX_INDEXED_PARTITIONS:
         raise ConfigError(
-            f"--total-workers must be at most {MAX_INDEXED_PARTITIONS} for partition indexes: "
+            f"--partitions must be at most {MAX_INDEXED_PARTITIONS} for partition indexes: "
             "every append evaluates each index's predicate"
         )
 
@@ -301,7 +301,7 @@ def drop_indexes(
 
 @contextlib.contextmanager
 def _builder_lock(conn: Connection, progress: Progress) -> Iterator[None]:
-    """One builder at a time, for two deploys that run ``migrate --partition-indexes`` at once.
+    """One builder at a time, for two deploys that run ``migrate --partitions`` at once.
 
     Two concurrent index builds on one table deadlock: each waits for the
     other's snapshot to end. Waiting in ``pg_advisory_lock`` would hold a

@@ -14,17 +14,18 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import psycopg
+from psycopg import sql
 
 from projectionist import records
 from projectionist.consume import dead_letters, partition_indexes
 from projectionist.consume.checkpoints import check_checkpoint, load_checkpoint, save_checkpoint
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.consume.projection import Projection, Tx
 from projectionist.consume.reader import Batch, PartitionReader, PendingRead, RetiredGroupMarks
 from projectionist.errors import PoisonEventError, ProjectionError
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo
 from projectionist.partitioning import Partition, fnv1a_32
 from projectionist.records import Position, RecordedEvent, UndecodablePayload
+from projectionist.settings import PoisonPolicy
 from projectionist.store.connection import Connection, connection_lost
 from projectionist.store.streams import read_events
 
@@ -36,8 +37,8 @@ INDEX_RECHECK_SECONDS = 30.0
 # Read-ahead needs libpq's pipeline mode (libpq 14 or later); without it every batch reads in turn.
 _PIPELINE = psycopg.Pipeline.is_supported()
 
-# One lock per projection, held by its setup until the transaction ends.
-_SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('projectionist.setup'), hashtext(%s))"
+#: One lock per projection, held by its setup (and a rebuild's reset) until the transaction ends.
+SETUP_LOCK = sql.SQL("SELECT pg_advisory_xact_lock(hashtext('projectionist.setup'), hashtext(%s))")
 _SETUP_LOCK_TURN_MS = 250
 
 
@@ -130,7 +131,7 @@ class Processor:
     def _setup_lock(self, conn: Connection, keep_waiting: Callable[[], bool] | None) -> bool:
         key = (self.projection.name,)
         if keep_waiting is None:
-            conn.execute(_SETUP_LOCK, key)
+            conn.execute(SETUP_LOCK, key)
             return True
         # A `rebuild` resetting the projection, or a worker whose setup waits
         # on DDL, can hold it for long, and the worker must still stop when
@@ -146,7 +147,7 @@ class Processor:
             while True:
                 try:
                     with conn.transaction():
-                        conn.execute(_SETUP_LOCK, key)
+                        conn.execute(SETUP_LOCK, key)
                     return True
                 except psycopg.errors.LockNotAvailable:
                     if not keep_waiting():

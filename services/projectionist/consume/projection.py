@@ -71,14 +71,24 @@ class BaseProjection:
 
 
 def load_projection(spec: str, **kwargs: Any) -> Projection:
-    """Instantiate ``package.module:ClassName`` (the ``--projection`` flag)."""
+    """Instantiate ``package.module:ClassName`` (the ``--projection`` flag).
+
+    The current directory comes first on ``sys.path``, as for uvicorn and
+    gunicorn, so a projection in the directory a worker starts from loads
+    without installing it.
+    """
     import importlib
+    import os
+    import sys
 
     from projectionist.errors import ConfigError
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"PROJECTION={spec!r} must look like 'package.module:ClassName'")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -30,7 +30,7 @@ class Fleet:
         self._log_dir = Path(tempfile.mkdtemp(prefix="projectionist-demo-"))
 
     def start(self, worker_id: int) -> None:
-        args = ["worker", "--worker-id", str(worker_id), "--total-workers", str(self.total_workers)]
+        args = ["worker", "--worker-id", str(worker_id), "--partitions", str(self.total_workers)]
         self.procs[worker_id] = ChildProcess(
             f"worker-{worker_id}",
             projectionist_command(*args, "--log-level", "WARNING"),

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from enum import Enum
 from types import FrameType, TracebackType
 
 import psycopg
@@ -21,7 +22,6 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from projectionist.cli._main import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from projectionist.consume.checkpoints import load_checkpoint, register_group
 from projectionist.consume.partition_indexes import create_indexes
 from projectionist.consume.status import WorkerStatus, read_status
@@ -61,6 +61,14 @@ class _Row:
     share: float
 
 
+class DemoOutcome(Enum):
+    """How a demo ended: the verification passed or failed, or it was interrupted."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     elapsed: float
@@ -84,8 +92,8 @@ def run_demo(
     rate: float,
     database: str = DEMO_DATABASE,
     verify_only: bool = False,
-) -> int:
-    """Run the demo (or only verify the last run's database); returns the exit code."""
+) -> DemoOutcome:
+    """Run the demo (or only verify the last run's database)."""
     if not step_seconds > 0:
         raise ConfigError(f"--step-seconds={step_seconds} must be greater than 0")
     if not rate >= 0:
@@ -111,11 +119,11 @@ def run_demo(
                     result = verify(conn, TOTAL_WORKERS)
                 for line in format_verification(result):
                     console.print(line, markup=False, soft_wrap=True)
-                return EXIT_OK if result.ok else EXIT_ERROR
+                return DemoOutcome.PASSED if result.ok else DemoOutcome.FAILED
             return _Demo(console, url, events, aggregates, step_seconds, rate).run()
     except KeyboardInterrupt:
         console.print("interrupted: every worker was stopped", markup=False, soft_wrap=True)
-        return EXIT_INTERRUPTED
+        return DemoOutcome.INTERRUPTED
     finally:
         if started_server and embedded is not None:
             others = _other_clients(server_url)
@@ -248,13 +256,13 @@ class _Demo:
     def say(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True)
 
-    def run(self) -> int:
+    def run(self) -> DemoOutcome:
         try:
             self._prepare()
             return self._scale_and_verify()
         except _DemoFailed as e:
             self.say(f"FAIL: {e}")
-            return EXIT_ERROR
+            return DemoOutcome.FAILED
         finally:
             # Whatever happened (Ctrl-C included), no worker outlives the demo:
             # a graceful SIGTERM first, and SIGKILL if even that is interrupted.
@@ -290,7 +298,7 @@ class _Demo:
             create_indexes(conn, TOTAL_WORKERS)
             self.say(f"built the {TOTAL_WORKERS} partition indexes in {time.monotonic() - t0:.1f}s")
 
-    def _scale_and_verify(self) -> int:
+    def _scale_and_verify(self) -> DemoOutcome:
         self.say(
             f"starting worker 0 of {TOTAL_WORKERS}, adding one every {self.step_seconds:g}s "
             f"while appending {self.rate:,.0f} events/s in the background"
@@ -333,7 +341,7 @@ class _Demo:
         self.say("")
         for line in format_verification(result):
             self.say(line)
-        return EXIT_OK if result.ok else EXIT_ERROR
+        return DemoOutcome.PASSED if result.ok else DemoOutcome.FAILED
 
     def _scale_up(self, snap: _Snapshot) -> str | None:
         """Start the next worker when its step comes; the phase ends one step after the last."""

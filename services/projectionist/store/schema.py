@@ -10,7 +10,7 @@ from importlib import resources
 from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
-from projectionist.errors import MigrationError, first_line
+from projectionist.errors import MigrationError, NotMigratedError, first_line
 from projectionist.store.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,20 @@ def migrate(conn: Connection) -> list[Migration]:
                 # Migration files are trusted, versioned source, not user input.
                 conn.execute(migration.sql.encode())
             except (errors.DuplicateTable, errors.DuplicateObject) as e:
-                # Typically the seed's own schema (tables named events and
+                # Typically the upstream example's own schema (tables named events and
                 # projection_checkpoints, of other columns): taking it over
                 # would guess at data we did not write. The transaction rolls
                 # back, so nothing of the migration stays.
-                seed = (
-                    " The database holds another schema (the seed's Go example makes `events` and "
+                hint = (
+                    " The database holds another schema (the upstream Go example makes `events` and "
                     "`projection_checkpoints`); projectionist does not adopt it. Use a database of "
-                    "its own, or rename those tables first (ALTER TABLE events RENAME TO seed_events)"
+                    "its own, or rename those tables first (ALTER TABLE events RENAME TO upstream_events)"
                     if migration.version == 1
                     else " Drop what was created by hand under that name, then migrate again"
                 )
                 raise MigrationError(
                     f"migration {migration.version:04d}_{migration.name} cannot run: "
-                    f"{first_line(e)}, and schema_migrations does not record creating it.{seed}"
+                    f"{first_line(e)}, and schema_migrations does not record creating it.{hint}"
                 ) from e
             except errors.LockNotAvailable as e:
                 raise MigrationError(
@@ -107,3 +107,20 @@ def applied_versions(conn: Connection) -> list[int]:
     if not exists or not exists[0]:
         return []
     return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def pending_migrations(conn: Connection) -> list[Migration]:
+    """The migrations this version has that the database has not applied."""
+    done = set(applied_versions(conn))
+    return [m for m in available_migrations() if m.version not in done]
+
+
+def require_migrated(conn: Connection) -> None:
+    """Raise :class:`NotMigratedError` unless every migration of this version is applied."""
+    pending = pending_migrations(conn)
+    if pending:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+        raise NotMigratedError(
+            f"the database is not migrated ({len(pending)} pending: {names}); "
+            "run `projectionist migrate` first"
+        )

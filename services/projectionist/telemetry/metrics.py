@@ -1,19 +1,8 @@
-"""Prometheus metrics: hooks for what the worker loop does, a Collector for what the store says when scraped.
+"""Prometheus metrics of what happens inside this process: events applied, batches, errors, wake-ups, state.
 
-Two sources, on purpose:
-
-* :class:`MetricsHooks` counts what happens inside this process (events
-  applied, batches, errors, wake-ups, state). Those series carry the labels
-  ``projection``, ``worker`` (the partition) and ``total_workers``.
-* :class:`StoreCollector` asks PostgreSQL, when Prometheus scrapes, where the
-  store's head is and how far behind **every partition of the projection's
-  group** is, like kafka-lag-exporter reports every partition of a consumer
-  group. A stopped worker exports nothing itself, so its lag has to come from
-  its siblings: every running process reports every partition, and dashboards
-  and alerts aggregate with ``max by (projection, worker)``.
-
-The library never reads the environment here; :mod:`projectionist.telemetry._telemetry`
-builds these objects from the settings.
+The series carry the labels ``projection``, ``worker`` (the partition) and
+``total_workers``. What the store says (head, lag) comes from
+:mod:`projectionist.telemetry.store_collector`, at scrape time.
 """
 
 from __future__ import annotations
@@ -26,16 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from projectionist.consume import dead_letters
-from projectionist.consume.lag import StoreLag, read_lag
-from projectionist.errors import one_line
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.records import RecordedEvent
 
@@ -54,9 +36,6 @@ WORKER_STATES = [state.value for state in WorkerState]
 BATCH_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Events per batch; the default batch size is 500.
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
-
-#: Default bound on the rows one scrape counts per partition (see :class:`StoreCollector`).
-DEFAULT_LAG_COUNT_CAP = 10_000
 
 
 def worker_labels(info: WorkerInfo) -> tuple[str, str, str]:
@@ -260,138 +239,3 @@ class MetricsHooks(WorkerHooks):
         if counter is None:
             counter = series.errors[error_type] = self.errors.labels(*worker_labels(info), error_type)
         counter.inc()
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSnapshot:
-    """What one scrape read from the store."""
-
-    lag: StoreLag
-    #: Per projection: open dead letters and the age of the oldest (POISON_POLICY=park).
-    parked: dict[str, tuple[int, float]]
-
-
-def read_store_snapshot(
-    conn: psycopg.Connection[Any], projections: Sequence[str], lag_count_cap: int
-) -> StoreSnapshot:
-    # One snapshot for the three statements: a rescale committed between the
-    # group query and the lag query was read half before and half after, the
-    # new count's labels on the old count's partitions.
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        return StoreSnapshot(
-            read_lag(conn, projections, lag_count_cap), dead_letters.stats(conn, projections)
-        )
-
-
-class StoreCollector(Collector):
-    """Scrape-time metrics from PostgreSQL, through a small connection pool of its own.
-
-    Reports head position, checkpoint position, lag in events and in seconds
-    for every partition of ``projections``' groups, the cluster's oldest
-    transaction age, and the pool's own stats. When the database cannot be
-    reached, only the pool stats are reported (the series go missing rather
-    than lie), and the workers' ``errors_total{error_type="database"}`` rises.
-
-    ``lag_count_cap`` bounds the work one scrape does per partition (see
-    lag.py): through the partition's index it reads at most that many of the
-    partition's entries, so ``projectionist_lag_events`` is exact up to the
-    cap; without, a window of ``lag_count_cap * total_workers`` entries of
-    the main index, exact up to roughly the cap and a lower bound beyond.
-    """
-
-    def __init__(
-        self,
-        pool: ConnectionPool[Any],
-        projections: Sequence[str],
-        *,
-        lag_count_cap: int = DEFAULT_LAG_COUNT_CAP,
-        timeout: float = 2.0,
-    ) -> None:
-        if lag_count_cap < 1:
-            raise ValueError("lag_count_cap must be at least 1")
-        self.pool = pool
-        self.projections = list(projections)
-        self.lag_count_cap = lag_count_cap
-        self.timeout = timeout
-
-    def describe(self) -> Iterator[Metric]:
-        # Names only: registering must not query the database, and describing
-        # lets the registry reject a clash with another collector's names.
-        yield from self._families(None)
-
-    def collect(self) -> Iterator[Metric]:
-        snapshot: StoreSnapshot | None = None
-        try:
-            with self.pool.connection(timeout=self.timeout) as conn:
-                snapshot = read_store_snapshot(conn, self.projections, self.lag_count_cap)
-        except (psycopg.Error, PoolTimeout) as e:
-            log.warning("metrics: cannot read lag from the database: %s", one_line(e))
-        yield from self._families(snapshot)
-
-    def _families(self, snapshot: StoreSnapshot | None) -> Iterator[Metric]:
-        labels = list(WORKER_LABELS)
-        head = GaugeMetricFamily(
-            "projectionist_head_position",
-            "The store's highest global position (same for every partition).",
-            labels=labels,
-        )
-        checkpoint = GaugeMetricFamily(
-            "projectionist_checkpoint_position",
-            "Global position of the partition's checkpoint, read from the database.",
-            labels=labels,
-        )
-        lag_events = GaugeMetricFamily(
-            "projectionist_lag_events",
-            "The partition's events after its checkpoint (exact up to the lag count cap).",
-            labels=labels,
-        )
-        lag_seconds = GaugeMetricFamily(
-            "projectionist_lag_seconds",
-            "Age of the partition's oldest unapplied event; 0 when caught up.",
-            labels=labels,
-        )
-        oldest = GaugeMetricFamily(
-            "projectionist_oldest_transaction_age_seconds",
-            "Age of the cluster's oldest transaction holding a transaction id: it holds back "
-            "every gap-safe reader.",
-        )
-        parked = GaugeMetricFamily(
-            "projectionist_parked_events",
-            "Open dead letters: events parked by POISON_POLICY=park, including those blocked behind them.",
-            labels=["projection"],
-        )
-        parked_age = GaugeMetricFamily(
-            "projectionist_oldest_parked_event_age_seconds",
-            "Age of the oldest open dead letter; 0 when there is none.",
-            labels=["projection"],
-        )
-        if snapshot is not None:
-            for name, (count, age) in snapshot.parked.items():
-                parked.add_metric([name], count)
-                parked_age.add_metric([name], age)
-            for p in snapshot.lag.partitions:
-                values = [p.projection, str(p.worker_id), str(p.total_workers)]
-                head.add_metric(values, snapshot.lag.head_position)
-                checkpoint.add_metric(values, p.checkpoint_position)
-                lag_events.add_metric(values, p.lag_events)
-                lag_seconds.add_metric(values, p.lag_seconds)
-            oldest.add_metric([], snapshot.lag.oldest_transaction_age_seconds)
-        yield from (head, checkpoint, lag_events, lag_seconds, oldest, parked, parked_age)
-        yield from self._pool_families()
-
-    def _pool_families(self) -> Iterator[Metric]:
-        stats = self.pool.get_stats()
-        for name, key, help_text in (
-            ("projectionist_db_pool_size", "pool_size", "Connections open in the metrics pool."),
-            ("projectionist_db_pool_available", "pool_available", "Idle connections in the metrics pool."),
-            (
-                "projectionist_db_pool_requests_waiting",
-                "requests_waiting",
-                "Requests waiting for a connection of the metrics pool.",
-            ),
-            ("projectionist_db_pool_max", "pool_max", "Maximum size of the metrics pool."),
-        ):
-            family = GaugeMetricFamily(name, help_text)
-            family.add_metric([], stats.get(key, 0))
-            yield family

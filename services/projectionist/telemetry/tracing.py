@@ -8,15 +8,14 @@ connect a batch to each of them. The projection's SQL inside the batch shows
 up as CLIENT child spans.
 
 Tracing is off, quietly, unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set. Everything else (service
-name, sampler, batch processor tuning, headers) is read by the SDK itself
-from its standard variables.
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set (:func:`projectionist.settings.tracing_configured`).
+Everything else (service name, sampler, batch processor tuning, headers) is
+read by the SDK itself from its standard variables.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Self
 
@@ -46,37 +45,15 @@ DEFAULT_SERVICE_NAME = "projectionist-worker"
 # Long statements are cut so a span stays small.
 _MAX_QUERY_TEXT = 2048
 
-_TRUE = {"1", "true", "yes", "on"}
 
+def configure_tracing(*, default_service_name: str = DEFAULT_SERVICE_NAME) -> TracerProvider:
+    """A tracer provider exporting OTLP/HTTP, for a process whose settings say tracing is on.
 
-def tracing_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """True when an OTLP endpoint is configured and the SDK is not disabled."""
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
-        return False
-    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
-        return False
-    return bool(
-        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    )
-
-
-def configure_tracing(
-    environ: Mapping[str, str] | None = None, *, default_service_name: str = DEFAULT_SERVICE_NAME
-) -> TracerProvider | None:
-    """A tracer provider exporting OTLP/HTTP, or ``None`` when no endpoint is set.
-
-    ``environ`` decides only whether tracing is on; the SDK itself reads its
-    settings from ``os.environ``.
-
+    The SDK reads its own settings from the standard ``OTEL_*`` variables.
     The caller owns the provider: install it with ``trace.set_tracer_provider``
     if projection code should see it, and call ``shutdown()`` on exit so the
     last spans are flushed.
     """
-    env = os.environ if environ is None else environ
-    if not tracing_enabled(env):
-        return None
     # Imported here: the exporter pulls in requests and protobuf, which a
     # process without tracing has no reason to load.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.consume.projection import Projection
 from projectionist.hooks import WorkerHooks
 from projectionist.partitioning import Partition
+from projectionist.settings import WorkerOptions
 from projectionist.store.connection import Connection, connect
 from projectionist.worker.worker import Worker
 
@@ -21,34 +21,29 @@ log = logging.getLogger(__name__)
 
 
 class Supervisor:
+    """Every partition of one projection, one :class:`Worker` thread each."""
+
     def __init__(
         self,
         database_url: str,
         projection_factory: Callable[[], Projection],
-        total_workers: int,
+        partitions: int,
+        options: WorkerOptions | None = None,
         *,
-        batch_size: int = 500,
-        poll_interval: float = 1.0,
         hooks: WorkerHooks | None = None,
         connect_fn: Callable[..., Connection] = connect,
-        allow_rescale: bool = False,
-        poison_policy: PoisonPolicy = PoisonPolicy.STOP,
-        max_retries: int = 5,
     ) -> None:
+        # Each partition gets its own instance: projections may keep per-worker state.
         self.workers = [
             Worker(
                 database_url,
                 projection_factory(),
-                Partition(k, total_workers),
-                batch_size=batch_size,
-                poll_interval=poll_interval,
+                Partition(k, partitions),
+                options,
                 hooks=hooks,
                 connect_fn=connect_fn,
-                allow_rescale=allow_rescale,
-                poison_policy=poison_policy,
-                max_retries=max_retries,
             )
-            for k in range(total_workers)
+            for k in range(partitions)
         ]
 
     def start(self) -> None:

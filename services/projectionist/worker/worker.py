@@ -20,7 +20,6 @@ from psycopg import sql
 
 from projectionist.backoff import Backoff
 from projectionist.consume.checkpoints import GroupConfig, register_group
-from projectionist.consume.dead_letters import PoisonPolicy
 from projectionist.consume.ownership import TRY_LOCK, group_key
 from projectionist.consume.partition_indexes import NO_STATISTICS
 from projectionist.consume.processor import INDEX_RECHECK_SECONDS, Processor
@@ -28,7 +27,9 @@ from projectionist.consume.projection import Projection
 from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError, one_line
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
+from projectionist.settings import WorkerOptions
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
+from projectionist.store.schema import require_migrated
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +52,33 @@ class Worker:
         database_url: str,
         projection: Projection,
         partition: Partition,
+        options: WorkerOptions | None = None,
         *,
-        batch_size: int = 500,
-        poll_interval: float = 1.0,
         hooks: WorkerHooks | None = None,
         connect_fn: Callable[..., Connection] = connect,
-        allow_rescale: bool = False,
-        poison_policy: PoisonPolicy = PoisonPolicy.STOP,
-        max_retries: int = 5,
     ) -> None:
         self.database_url = database_url
         self.projection = projection
         self.partition = partition
-        self.poll_interval = poll_interval
+        self.options = options = options or WorkerOptions()
+        self.poll_interval = options.poll_interval
         self.hooks = hooks if isinstance(hooks, HookChain) else HookChain([hooks] if hooks else [])
         self.processor = Processor(
-            projection, partition, batch_size=batch_size, hooks=self.hooks, policy=poison_policy
+            projection,
+            partition,
+            batch_size=options.batch_size,
+            hooks=self.hooks,
+            policy=options.poison_policy,
         )
         self.info = WorkerInfo(projection.name, partition.worker_id, partition.total_workers)
         self.state = WorkerState.STARTING
         self._reason = "starting"
         self._connect = connect_fn
-        #: Switch the projection to this worker's partition count once the old group stops.
-        self.allow_rescale = allow_rescale
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
-        self.retry_backoff = Backoff(initial=0.5, maximum=30.0, max_attempts=max_retries)
+        self.retry_backoff = Backoff(initial=0.5, maximum=30.0, max_attempts=options.max_retries)
         self._isolate = False
         # A NOTIFY arrived while the worker caught up (see _take_notifications).
         self._notified = False
@@ -138,6 +138,8 @@ class Worker:
                     application_name=f"projectionist:{self.projection.name}:{self.partition.worker_id}",
                     autocommit=True,
                 )
+                # An unmigrated database is no outage to wait out: it fails the worker.
+                require_migrated(conn)
                 if self._acquire_ownership(conn):
                     owned = True
                     self.hooks.on_ownership(self.info, True)
@@ -201,7 +203,7 @@ class Worker:
         """Register with the projection's group, waiting while a rescale drains the old one."""
         while not self.stopping:
             joined = register_group(
-                conn, self.projection.name, self.partition.total_workers, allow_rescale=self.allow_rescale
+                conn, self.projection.name, self.partition.total_workers, allow_rescale=self.options.rescale
             )
             if isinstance(joined, GroupConfig):
                 return joined
@@ -243,7 +245,7 @@ class Worker:
             # other partitions' rows, so the server's read work grows with N.
             log.warning(
                 "worker %s: reads without its partition index, stepping over the other partitions' "
-                "rows: %s. Build them with `projectionist partition-index create --total-workers %s`; "
+                "rows: %s. Build them with `projectionist partition-index create --partitions %s`; "
                 "the worker checks every %.0f s",
                 self.partition,
                 reason,
