@@ -96,6 +96,7 @@ scale-workers: compose/.env
 
 dashboards: venv
 	$(BIN)/python -m dashboards
+	$(BIN)/python -m dashboards.manifests
 
 # --- Benchmarks (bench/). The peers come from the `bench` extra and from npm. ----
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)

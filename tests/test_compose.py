@@ -7,15 +7,18 @@ defaults in ``compose/.env.example``, as ``make up`` does on a fresh clone.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from dashboards import rules
 
 from tests.helpers import ROOT
 
@@ -194,6 +197,36 @@ def test_published_ports_are_unique_and_on_localhost(services: dict[str, dict[st
     assert published(services["postgres"]) == [("127.0.0.1", 5432, 5432)]
 
 
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema against the Compose Specification's JSON schema, which it ships (no network)."""
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_compose_file_matches_the_compose_specification(compose: dict[str, Any], tmp_path: Path) -> None:
+    # As written, and as Docker Compose sees it once compose/.env.example's values are substituted.
+    interpolated = tmp_path / "docker-compose.yml"
+    interpolated.write_text(yaml.safe_dump(compose, sort_keys=False))
+    for path in (COMPOSE_FILE, interpolated):
+        result = check_compose_schema(path)
+        assert result.returncode == 0, f"{path}:\n{result.stdout}{result.stderr}"
+
+
+def test_compose_schema_check_catches_a_broken_file(raw: dict[str, Any], tmp_path: Path) -> None:
+    broken = json.loads(json.dumps(raw))
+    broken["services"]["postgres"]["restart_policy"] = "always"  # not a service field
+    broken["services"]["api"]["depends_on"]["migrate"]["condition"] = "service_done"
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken, sort_keys=False))
+    result = check_compose_schema(path)
+    assert result.returncode != 0
+    assert "restart_policy" in result.stdout and "service_done" in result.stdout
+
+
 def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
     for name, svc in services.items():
         image = svc.get("image")
@@ -364,7 +397,9 @@ def test_prometheus_keeps_exemplars_and_mounts_the_rules(services: dict[str, dic
     # Mounted from deploy/, not copied: one rules file for compose, Kubernetes and the tests.
     assert (COMPOSE_DIR / mounts["/etc/prometheus/rules"]).resolve() == RULES_DIR
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    assert config["rule_files"] == ["rules/projectionist-alerts.yml"]
+    # Listed by name (a glob would load the promtool test files too): every rule file, nothing else.
+    assert config["rule_files"] == [f"rules/{p.name}" for p in rules.rule_files()]
+    assert "rules/projectionist-alerts.yml" in config["rule_files"]
     assert config["global"]["scrape_interval"] == "5s"
     datasources = yaml.safe_load(
         (COMPOSE_DIR / "grafana/provisioning/datasources/datasources.yml").read_text()

@@ -5,10 +5,16 @@ which cannot work; these tests pin the corrections: a StatefulSet whose pod
 ordinal becomes WORKER_ID (checked with the real parser), TOTAL_WORKERS equal
 to the replica count, probes on /healthz and /readyz, and a systemd template
 whose instance name is the partition.
+
+Every manifest, and what each kustomization renders (tests/kustomize.py), is
+also validated against Kubernetes' own schemas with kubernetes-validate, for
+the oldest and the newest Kubernetes supported; the Prometheus Operator's
+kinds, which those schemas do not include, get tests/crds.py's checks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -23,9 +30,15 @@ from projectionist import __version__
 from projectionist.cli import ExitCode
 from projectionist.errors import ConfigError
 from projectionist.settings import Settings
+from tests import crds, kustomize
 from tests.helpers import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
+#: Every kustomization: the workers, and the monitoring objects for kube-prometheus-stack.
+KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+# The oldest Kubernetes the manifests support (pdb.yaml's unhealthyPodEvictionPolicy
+# needs 1.27) and the newest whose schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD / "projection-worker@.service"
 UNIT_ENV = SYSTEMD / "projectionist.env"
@@ -176,6 +189,172 @@ def test_migration_runs_as_a_job_and_workers_skip_it(
     assert worker["command"] == ["projectionist", "worker", "--no-migrate"]
     secret = env_of(worker)["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] and secret["key"], "the database URL comes from a Secret, not the manifest"
+
+
+def test_pods_get_no_service_link_variables() -> None:
+    """Kubernetes gives every container <SERVICE>_PORT=tcp://... for each Service in the namespace
+    unless enableServiceLinks is false; a Service named metrics would set METRICS_PORT."""
+    templates = [t for obj in manifest_objects() for t in pod_templates(obj)]
+    assert len(templates) >= 2, "the StatefulSet and the migrate Job"
+    for template in templates:
+        assert template["spec"].get("enableServiceLinks") is False, template["metadata"]
+    injected = {"METRICS_PORT": "tcp://10.96.0.12:9100"}  # what a Service named "metrics" injects
+    with pytest.raises(ConfigError, match="METRICS_PORT"):
+        Settings.from_env({"WORKER_ID": "0", "TOTAL_WORKERS": "4", **injected})
+
+
+# -- the manifests against Kubernetes' own schemas ------------------------------------------
+
+
+def manifest_files() -> list[Path]:
+    """Every manifest under deploy/kubernetes (a kustomization.yaml is kustomize's input, not an object)."""
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def manifest_objects() -> list[dict[str, Any]]:
+    return [doc for path in manifest_files() for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = obj.get("spec", {})
+    templates = [spec.get("template"), spec.get("jobTemplate", {}).get("spec", {}).get("template")]
+    return [t for t in templates if isinstance(t, dict) and "containers" in t.get("spec", {})]
+
+
+def schema_problems(obj: dict[str, Any], version: str) -> list[str]:
+    """Kubernetes' OpenAPI schema for the object's kind (strict: unknown fields are errors), or,
+    for the Prometheus Operator's kinds, which are CRDs and not in those schemas, tests/crds.py."""
+    if obj.get("apiVersion") == crds.API_VERSION:
+        return crds.problems(obj)
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(item) for item in e.path)
+        return [f"{obj['kind']} {obj['metadata']['name']}: {path}: {e.message}"]
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return [f"{e.message}: a typo in kind or apiVersion, or a CRD tests/crds.py should check"]
+    return []
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_manifest_matches_the_kubernetes_schema(path: Path, version: str) -> None:
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert docs, f"{path} holds no object"
+    assert [p for doc in docs for p in schema_problems(doc, version)] == []
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_what_kustomize_renders_matches_the_kubernetes_schema(directory: Path, version: str) -> None:
+    objects = kustomize.render(directory)
+    assert objects
+    assert [p for obj in objects for p in schema_problems(obj, version)] == []
+    for obj in objects:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "projectionist"
+
+
+def test_every_kustomization_lists_its_directory() -> None:
+    for directory in KUSTOMIZATIONS:
+        resources = yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
+        assert len(resources) == len(set(resources)), directory
+        for resource in resources:
+            assert (directory / resource).is_file(), f"{directory}: {resource}"
+    monitoring = K8S / "monitoring"
+    assert monitoring in KUSTOMIZATIONS
+    listed = yaml.safe_load((monitoring / "kustomization.yaml").read_text())["resources"]
+    assert set(listed) == {p.name for p in monitoring.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_schema_check_catches_broken_manifests() -> None:
+    """The checks above can fail: a misspelt field, a wrong type, a broken CRD object."""
+    version = KUBERNETES_VERSIONS[-1]
+    sts = yaml.safe_load((K8S / "statefulset.yaml").read_text())
+    typo = json.loads(json.dumps(sts))
+    typo["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
+    assert any("terminationGracePeriod" in p for p in schema_problems(typo, version))
+    wrong_type = json.loads(json.dumps(sts))
+    wrong_type["spec"]["template"]["spec"]["enableServiceLinks"] = "false"
+    assert any("enableServiceLinks" in p for p in schema_problems(wrong_type, version))
+    unknown_kind = {"apiVersion": "apps/v1", "kind": "StatefullSet", "metadata": {"name": "x"}}
+    assert schema_problems(unknown_kind, version)
+    monitor = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds"
+    monitor["spec"]["podMetricsEndpoint"] = []
+    found = schema_problems(monitor, version)
+    assert any("not a duration" in p for p in found) and any("podMetricsEndpoint'" in p for p in found)
+
+
+def test_every_image_is_pinned() -> None:
+    rendered = [obj for directory in KUSTOMIZATIONS for obj in kustomize.render(directory)]
+    images = [
+        c["image"]
+        for obj in [*manifest_objects(), *rendered]
+        for template in pod_templates(obj)
+        for c in template["spec"]["containers"] + template["spec"].get("initContainers", [])
+    ]
+    assert images
+    for image in images:
+        assert "@sha256:" in image or ":" in image.rsplit("/", 1)[-1], f"{image} has no tag"
+        assert image.rsplit(":", 1)[-1] not in ("latest", "main", "master"), f"{image} is not pinned"
+
+
+# -- the kustomize renderer the tests above use ----------------------------------------------
+
+
+def _by_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+@pytest.fixture(scope="module")
+def real_kustomize() -> list[str]:
+    command = kustomize.real_kustomize()
+    if command is None:
+        pytest.skip("no kustomize v5 (standalone or in kubectl) to compare tests/kustomize.py against")
+    return command
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_renderer_agrees_with_real_kustomize(real_kustomize: list[str], directory: Path) -> None:
+    assert _by_name(kustomize.render(directory)) == _by_name(kustomize.render_with(real_kustomize, directory))
+
+
+def _renderer_example(tmp_path: Path) -> Path:
+    shutil.copy(K8S / "statefulset.yaml", tmp_path)
+    shutil.copy(K8S / "migrate-job.yaml", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["statefulset.yaml", "migrate-job.yaml"],
+                "labels": [{"pairs": {"team": "data"}, "includeSelectors": False, "includeTemplates": True}],
+                "images": [
+                    {"name": "projectionist", "newName": "registry.example/projectionist", "newTag": "9"}
+                ],
+            }
+        )
+    )
+    return tmp_path
+
+
+def test_renderer_applies_labels_and_images(tmp_path: Path) -> None:
+    objects = _by_name(kustomize.render(_renderer_example(tmp_path)))
+    sts = objects[("StatefulSet", "projection-worker")]
+    assert sts["metadata"]["labels"]["team"] == "data"
+    assert sts["spec"]["template"]["metadata"]["labels"]["team"] == "data"
+    assert "team" not in sts["spec"]["selector"]["matchLabels"]
+    for obj in objects.values():
+        (container,) = obj["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == "registry.example/projectionist:9"
+    (tmp_path / "kustomization.yaml").write_text("resources: [statefulset.yaml]\nnamespace: x\n")
+    with pytest.raises(kustomize.Unsupported, match="namespace"):
+        kustomize.render(tmp_path)
+
+
+def test_renderer_agrees_with_real_kustomize_on_labels_and_images(
+    real_kustomize: list[str], tmp_path: Path
+) -> None:
+    directory = _renderer_example(tmp_path)
+    assert _by_name(kustomize.render(directory)) == _by_name(kustomize.render_with(real_kustomize, directory))
 
 
 # -- systemd -----------------------------------------------------------------------------
