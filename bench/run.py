@@ -22,10 +22,10 @@ from bench.data import batched_plan, concurrent_plan, payload_size
 from bench.results import Results, render
 from bench.server import BenchServer
 from bench.throughput import Failures, batched_append, catch_up, concurrent_append, one_line, telemetry_cost
+from projectionist.testing.reports import add_output_flags, publish
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Smoke runs go to the git-ignored bench/out/, never over the published numbers.
-QUICK_DIR = Path(__file__).resolve().parent / "out"
+#: The published report's name in docs/results/ (``--publish``): what the performance page shows.
+PUBLISHED_NAME = "benchmark.md"
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="also run projectionist appends with notify=False and a coalescing Notifier (default: on)",
     )
-    p.add_argument(
-        "--output", type=Path, default=RESULTS_DIR, help="where to write <date>-<HHMM>.md and latest.md"
-    )
+    add_output_flags(p, "bench")
     return p.parse_args(argv)
 
 
@@ -163,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     report = render(results)
     print()
     print(report)
-    write_report(report, args.output, quick=args.quick, started_at=now)
+    latest = write_report(report, args.out, quick=args.quick, started_at=now)
+    if args.publish and not args.quick:
+        # The documentation's performance page shows this file.
+        published = args.out / PUBLISHED_NAME
+        published.write_text(latest.read_text())
+        log(f"published: {', '.join(map(str, publish([published])))}")
     if failures.fatal:
         print("\nthe benchmark itself failed:", file=sys.stderr)
         for f in failures.fatal:
@@ -172,24 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(report: str, out: Path, *, quick: bool, started_at: dt.datetime) -> None:
-    """The report as ``latest.md`` and as ``<date>-<HHMM>.md``, kept: one file per run, by start time.
+def write_report(report: str, out: Path, *, quick: bool, started_at: dt.datetime) -> Path:
+    """The report as ``latest.md`` (``quick-latest.md`` for a smoke run) and, for a full run, as
+    ``<date>-<HHMM>.md`` too; returns the latest.
 
     Runs on a noisy machine are read together (``python -m bench.spread``),
     so a second run the same day must not overwrite the first.
     """
     out.mkdir(parents=True, exist_ok=True)
-    if quick:
-        # A smoke run must not overwrite the published numbers.
-        path = QUICK_DIR / "quick-latest.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    latest = out / ("quick-latest.md" if quick else "latest.md")
+    written = [latest] if quick else [out / f"{started_at:%Y-%m-%d-%H%M}.md", latest]
+    for path in written:
         path.write_text(report + "\n")
-        log(f"\nwrote {path}")
-        return
-    dated = out / f"{started_at:%Y-%m-%d-%H%M}.md"
-    for path in (dated, out / "latest.md"):
-        path.write_text(report + "\n")
-    log(f"\nwrote {dated} and {out / 'latest.md'}")
+    log(f"\nwrote {' and '.join(map(str, written))}")
+    return latest
 
 
 def build_contestants(

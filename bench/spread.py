@@ -2,7 +2,7 @@
 
 One run on a noisy machine decides little for a target within a few percent
 of its line. This reads the "Targets" table of each report that ``make bench``
-kept (``bench/results/<date>-<HHMM>.md``) and prints one Markdown table: per
+kept (``out/bench/<date>-<HHMM>.md``) and prints one Markdown table: per
 target, the lowest and highest measured value and in how many runs it was met.
 Give it runs of the same code; it does not check that they are.
 """
@@ -88,7 +88,7 @@ def render(spreads: Sequence[Spread], runs: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.spread", description=__doc__)
-    p.add_argument("reports", nargs="+", type=Path, help="full-run reports: bench/results/<date>-*.md")
+    p.add_argument("reports", nargs="+", type=Path, help="full-run reports: out/bench/<date>-*.md")
     args = p.parse_args(argv)
     try:
         reports = [(str(path), path.read_text()) for path in args.reports]

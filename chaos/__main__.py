@@ -8,11 +8,11 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from chaos.report import ScenarioResult, render_markdown, render_table
 from chaos.scenarios import CI, FULL, SCENARIOS, run_scenario
 from chaos.server import ChaosServer
+from projectionist.testing.reports import add_output_flags, publish
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"run only this scenario (repeatable): {', '.join(repr(s) for s in SCENARIOS)}",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="write the results as Markdown here (make chaos: docs/results/chaos.md)",
-    )
+    add_output_flags(parser, "chaos")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the workers' logs even when every scenario passed"
     )
@@ -65,12 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render_table(results))
     print(f"\n{sum(r.ok for r in results)}/{len(results)} scenarios passed in {total:.0f} s")
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(
-            render_markdown(results, profile=profile.name, server_version=version, total_seconds=total)
-        )
-        print(f"results written to {args.output}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / "chaos.md"
+    report.write_text(
+        render_markdown(results, profile=profile.name, server_version=version, total_seconds=total)
+    )
+    print(f"results written to {report}")
+    if args.publish:
+        print(f"published: {', '.join(map(str, publish([report])))}")
     ok = all(r.ok for r in results)
     if ok and not args.keep_logs:
         shutil.rmtree(server.base_dir, ignore_errors=True)

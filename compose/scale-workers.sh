@@ -1,7 +1,7 @@
 #!/bin/sh
 # Usage: compose/scale-workers.sh N     (make scale-workers N=...)
 #
-# The compose stack has a fixed partition count: TOTAL_WORKERS=4, one service
+# The compose stack has a fixed partition count: PARTITIONS=4, one service
 # per partition (worker-0 .. worker-3). A fifth worker cannot take a share of
 # the work, because the events are hashed into 4 partitions. So N means:
 #

@@ -31,6 +31,7 @@ from projectionist.testing import (
     start_api,
     wait_for_http,
 )
+from projectionist.testing.reports import OUT
 
 LOAD_DATABASE = "projectionist_load"
 SHAPES = {"constant": "shape_constant_rate.py", "step": "shape_step_ramp.py"}
@@ -48,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env.get("LOAD_DATABASE_URL") or None,
         help="use this database as it is (migrated if needed) instead of a fresh projectionist_load",
     )
-    p.add_argument("--out", type=Path, default=Path(env.get("LOAD_OUT") or "loadtest/out"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(env.get("LOAD_OUT") or OUT / "load"),
+        help=f"where to write the reports (env LOAD_OUT, default {OUT / 'load'})",
+    )
     p.add_argument("--locust-dir", type=Path, default=Path("loadtest"))
     p.add_argument("--name", default="load", help="file name prefix of the reports (default load)")
     # These override the LOAD_* variables the locustfiles read.

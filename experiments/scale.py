@@ -51,6 +51,7 @@ from projectionist.testing import (
     start_api,
     wait_for_http,
 )
+from projectionist.testing.reports import OUT, add_output_flags, publish
 
 SCALE_DATABASE = "projectionist_scale"
 TOTAL_WORKERS = 4
@@ -478,8 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a partition has caught up when its oldest unapplied event is at most this old (default 1)",
     )
     p.add_argument("--drain-timeout", type=float, default=300.0)
-    p.add_argument("--out", type=Path, default=Path("docs/results"))
-    p.add_argument("--scratch", type=Path, default=Path("loadtest/out/scale"), help="logs and Locust reports")
+    add_output_flags(p, "scale-experiment")
+    p.add_argument(
+        "--scratch", type=Path, default=OUT / "scale-experiment" / "run", help="logs and Locust reports"
+    )
     p.add_argument("--locust-dir", type=Path, default=Path("loadtest"))
     p.add_argument(
         "--database", default=SCALE_DATABASE, help="dropped and re-created (default projectionist_scale)"
@@ -490,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = Options(**vars(args))
+    options = Options(**{k: v for k, v in vars(args).items() if k != "publish"})
     if not (options.locust_dir / LOCUSTFILES["http"]).exists():
         print(f"make scale-experiment: no locustfiles in {options.locust_dir}; run from the repository root")
         return 2
@@ -504,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_outputs(experiment, verification, started_at)
     print("\n".join(format_verification(verification)))
     print(f"results: {path} (+ .csv, -phases.csv, .png)")
+    if args.publish:
+        files = [path.with_name(path.stem + suffix) for suffix in (".md", ".csv", "-phases.csv", ".png")]
+        print(f"published: {', '.join(map(str, publish(files)))}")
     if experiment.load_failed:
         print(f"make scale-experiment: the load run failed: {experiment.load_failed}", file=sys.stderr)
         return 1

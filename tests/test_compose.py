@@ -296,8 +296,8 @@ def test_depends_on_waits_for_health_and_migration(services: dict[str, dict[str,
                 assert condition == "service_started", f"{name} -> {dep}"
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     # Migrations, then the partition indexes of the workers' partition count.
-    counts = {services[name]["environment"]["TOTAL_WORKERS"] for name in worker_services(services)}
-    assert command(services["migrate"]) == ["projectionist", "migrate", "--partition-indexes", *counts]
+    counts = {services[name]["environment"]["PARTITIONS"] for name in worker_services(services)}
+    assert command(services["migrate"]) == ["projectionist", "migrate", "--partitions", *counts]
     for name in ["api", *worker_services(services)]:
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
@@ -305,8 +305,8 @@ def test_depends_on_waits_for_health_and_migration(services: dict[str, dict[str,
 def test_workers_cover_every_partition_exactly_once(services: dict[str, dict[str, Any]]) -> None:
     workers = worker_services(services)
     assert len(workers) == 4, "four workers, as in the seed's compose example"
-    totals = {environment(s)["TOTAL_WORKERS"] for s in workers.values()}
-    assert len(totals) == 1, f"workers disagree on TOTAL_WORKERS: {totals}"
+    totals = {environment(s)["PARTITIONS"] for s in workers.values()}
+    assert len(totals) == 1, f"workers disagree on PARTITIONS: {totals}"
     total = int(totals.pop())
     ids = sorted(int(environment(s)["WORKER_ID"]) for s in workers.values())
     assert ids == list(range(total)), f"WORKER_IDs {ids} do not cover 0..{total - 1} exactly once"
@@ -314,7 +314,8 @@ def test_workers_cover_every_partition_exactly_once(services: dict[str, dict[str
         assert name == f"worker-{environment(svc)['WORKER_ID']}"
         assert "container_name" not in svc, "scale-workers needs services it can scale"
         assert "ports" not in svc, "workers publish no host port (several may run per service)"
-        assert "--no-migrate" in command(svc)
+        # Migrating is the migrate service's step; a worker never migrates.
+        assert "--migrate" not in command(svc) and "MIGRATE" not in environment(svc)
         port = environment(svc)["METRICS_PORT"]
         assert f"127.0.0.1:{port}/healthz" in " ".join(svc["healthcheck"]["test"])
         assert environment(svc)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
@@ -589,7 +590,7 @@ def test_scale_workers_beyond_the_partition_count_adds_standbys() -> None:
 def test_scale_workers_partition_count_matches_compose(services: dict[str, dict[str, Any]]) -> None:
     script = (COMPOSE_DIR / "scale-workers.sh").read_text()
     (partitions,) = re.findall(r"^PARTITIONS=(\d+)$", script, re.M)
-    total = {environment(s)["TOTAL_WORKERS"] for s in worker_services(services).values()}
+    total = {environment(s)["PARTITIONS"] for s in worker_services(services).values()}
     assert total == {partitions}
 
 

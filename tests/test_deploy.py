@@ -2,7 +2,7 @@
 
 The seed's Kubernetes example was a Deployment reading a StatefulSet label,
 which cannot work; these tests pin the corrections: a StatefulSet whose pod
-ordinal becomes WORKER_ID (checked with the real parser), TOTAL_WORKERS equal
+ordinal becomes WORKER_ID (checked with the real parser), PARTITIONS equal
 to the replica count, probes on /healthz and /readyz, and a systemd template
 whose instance name is the partition.
 
@@ -42,6 +42,7 @@ KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD / "projection-worker@.service"
 UNIT_ENV = SYSTEMD / "projectionist.env"
+MIGRATE_UNIT = SYSTEMD / "projectionist-migrate.service"
 
 
 def k8s_objects() -> dict[str, dict[str, Any]]:
@@ -100,21 +101,21 @@ def test_worker_id_is_the_pod_ordinal(k8s: dict[str, dict[str, Any]], worker: di
     field = env_of(worker)["WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert field in ("metadata.name", "metadata.labels['apps.kubernetes.io/pod-index']")
     replicas = sts["spec"]["replicas"]
-    total = env_of(worker)["TOTAL_WORKERS"]["value"]
+    total = env_of(worker)["PARTITIONS"]["value"]
     for ordinal in range(replicas):
         # What the downward API hands the container for pod <name>-<ordinal>.
         value = f"{sts['metadata']['name']}-{ordinal}" if field == "metadata.name" else str(ordinal)
-        settings = Settings.from_env({"WORKER_ID": value, "TOTAL_WORKERS": total})
+        settings = Settings.from_env({"WORKER_ID": value, "PARTITIONS": total})
         assert settings.worker_id == ordinal
     # One replica too many is refused at start-up, not run as a partition that does not exist.
     with pytest.raises(ConfigError, match="less than the partition count"):
-        Settings.from_env({"WORKER_ID": f"{sts['metadata']['name']}-{replicas}", "TOTAL_WORKERS": total})
+        Settings.from_env({"WORKER_ID": f"{sts['metadata']['name']}-{replicas}", "PARTITIONS": total})
 
 
 def test_total_workers_equals_the_replica_count(
     k8s: dict[str, dict[str, Any]], worker: dict[str, Any]
 ) -> None:
-    total = env_of(worker)["TOTAL_WORKERS"]["value"]
+    total = env_of(worker)["PARTITIONS"]["value"]
     assert isinstance(total, str), "env values are strings in Kubernetes"
     assert int(total) == k8s["StatefulSet"]["spec"]["replicas"]
 
@@ -183,10 +184,12 @@ def test_migration_runs_as_a_job_and_workers_skip_it(
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     (container,) = pod["containers"]
-    total = env_of(worker)["TOTAL_WORKERS"]["value"]
-    assert container["command"] == ["projectionist", "migrate", "--partition-indexes", total]
+    total = env_of(worker)["PARTITIONS"]["value"]
+    assert container["command"] == ["projectionist", "migrate", "--partitions", total]
     assert env_of(container)["DATABASE_URL"] == env_of(worker)["DATABASE_URL"]
-    assert worker["command"] == ["projectionist", "worker", "--no-migrate"]
+    # Workers do not migrate (they refuse an unmigrated database): the Job is the step.
+    assert worker["command"] == ["projectionist", "worker"]
+    assert "MIGRATE" not in env_of(worker)
     secret = env_of(worker)["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] and secret["key"], "the database URL comes from a Secret, not the manifest"
 
@@ -424,13 +427,13 @@ def test_instances_start_their_own_partition_on_their_own_port(
     assert metrics_port == int(env_file["METRICS_BASE_PORT"]) + instance
     settings = Settings.from_env(env_file, worker_id=int(worker_id), metrics_port=metrics_port)
     assert settings.worker_id == instance
-    assert settings.partitions == int(env_file["TOTAL_WORKERS"])
+    assert settings.partitions == int(env_file["PARTITIONS"])
     assert settings.database_url, "the environment file must set DATABASE_URL"
 
 
 def test_environment_file_documents_the_group_settings() -> None:
     env_file = read_env(UNIT_ENV)
-    assert {"DATABASE_URL", "TOTAL_WORKERS", "METRICS_BASE_PORT"} <= set(env_file)
+    assert {"DATABASE_URL", "PARTITIONS", "METRICS_BASE_PORT"} <= set(env_file)
     assert "WORKER_ID" not in env_file, "the partition comes from the instance name"
     assert "CHANGE-ME" in env_file["DATABASE_URL"], "no real password in the example"
 
@@ -451,7 +454,22 @@ def verify_complaints(template: Path, instance: str = "2") -> list[str]:
 
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     shutil.copy(UNIT, tmp_path / UNIT.name)
+    shutil.copy(MIGRATE_UNIT, tmp_path / MIGRATE_UNIT.name)  # the unit it requires
     assert verify_complaints(tmp_path / UNIT.name) == []
+
+
+def test_workers_start_only_after_the_migrate_unit(unit: dict[str, dict[str, str]], tmp_path: Path) -> None:
+    # Workers refuse an unmigrated database; the migrate unit is the explicit step before them.
+    assert "projectionist-migrate.service" in unit["Unit"]["Requires"]
+    assert "projectionist-migrate.service" in unit["Unit"]["After"]
+    migrate = {n: dict(p) for n, p in unit_sections(MIGRATE_UNIT.read_text()).items()}
+    assert migrate["Service"]["Type"] == "oneshot" and migrate["Service"]["RemainAfterExit"] == "yes"
+    assert "projectionist migrate --partitions" in migrate["Service"]["ExecStart"]
+    env_files = [v for k, v in unit_sections(MIGRATE_UNIT.read_text())["Service"] if k == "EnvironmentFile"]
+    # The migrating role's file comes last, so its DATABASE_URL wins over the workers'.
+    assert env_files == ["/etc/projectionist/worker.env", "/etc/projectionist/migrate.env"]
+    shutil.copy(MIGRATE_UNIT, tmp_path / MIGRATE_UNIT.name)
+    assert verify_complaints(tmp_path / MIGRATE_UNIT.name) == []
 
 
 def test_systemd_verify_catches_a_bad_unit(tmp_path: Path) -> None:

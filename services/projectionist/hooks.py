@@ -86,7 +86,7 @@ class HookChain(WorkerHooks):
         self.hooks = tuple(hooks)
         # Per batch, only the hooks that override the step are called: each
         # generator-based scope costs a few microseconds to enter and leave,
-        # and the per-batch telemetry budget is small (see bench, issue 3).
+        # and telemetry must cost a worker little (the benchmark's telemetry workload).
         self._scoped = [h for h in self.hooks if type(h).batch_scope is not WorkerHooks.batch_scope]
         self._after = [h for h in self.hooks if type(h).after_batch is not WorkerHooks.after_batch]
 

@@ -89,7 +89,7 @@ class UndecodablePayload:
     A payload PostgreSQL accepted as JSON but Python's ``json`` cannot decode
     (a number of more than 4300 digits, nesting deeper than the recursion
     limit), or a ``created_at`` outside the years datetime holds (see
-    unreadable.py), from a writer other than the store. The processor fails
+    store/lenient_timestamps.py), from a writer other than the store. The processor fails
     the event when it is applied, so the poison policy handles it like any other.
     """
 

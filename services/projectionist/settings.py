@@ -1,9 +1,7 @@
 """Every setting, and the one place the environment is read: :meth:`Settings.from_env`.
 
-The option objects are frozen and validated when built, whether from the
-environment or in code. Invalid values raise :class:`ConfigError` with a
-one-line message naming the variable; the CLI turns that into exit code 2.
-Command-line flags override the environment.
+The option objects are frozen and validated when built, from the environment
+or in code; an invalid value raises :class:`ConfigError` naming the variable.
 """
 
 from __future__ import annotations

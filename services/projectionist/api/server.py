@@ -78,8 +78,7 @@ def serve(
     )
     server = _server(config)
     # The app is built and uvicorn imported: what is on the heap now lives
-    # as long as the process. Timed one-off with 4 clients of 10-event appends
-    # (four alternating pairs): 727 against 798 µs of the API's CPU a request.
+    # as long as the process (docs/design/gc-tuning.md).
     tune_for_throughput()
     try:
         server.run()

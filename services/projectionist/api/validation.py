@@ -1,12 +1,8 @@
 """Request parsing for the append API: bytes in, validated store records out, or an :class:`ApiError`.
 
-Everything the database could choke on is refused here, before a connection
-is taken: ``json`` has no NaN or Infinity, and ``text`` has no NUL byte. The
-store keeps payloads as ``json`` text, which would take a ``\\u0000`` or a lone
-UTF-16 surrogate escape, but ``payload::jsonb`` and every read model's text
-columns could not, so those are refused too: every stored payload stays
-usable as ``jsonb``. Catching all this up front is what keeps bad input a 4xx
-and never a half-done 500.
+Whatever the database or a read model could not hold (NaN, a NUL byte, a lone
+surrogate) is refused here, before a connection is taken, so bad input is a
+4xx and never a half-done 500.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Poison events: the dead-letter table, and what workers and operators do with it.
 
-Policy ``stop`` (the default) never writes here: the worker stays up, not
-ready, and retries the event without ever moving past it. Policy ``park``
-moves a failing event here with its error, and parks every later event of the
-same aggregate behind it, so per-aggregate order is never violated and no
-event is ever silently skipped.
+Policy ``park`` moves a failing event here, and every later event of its
+aggregate behind it, so per-aggregate order holds and nothing is skipped
+silently; policy ``stop`` never writes here.
 """
 
 from __future__ import annotations

@@ -1,43 +1,8 @@
 """Lag: how far behind every partition of a projection's group is, read from the store.
 
-Every partition of each group is reported, from ``projection_groups``, so a
-partition without a running process still shows its lag (the way
-kafka-lag-exporter reports every partition of a consumer group).
-
-Two round trips a scrape. The first reads the groups, and which of their
-partitions may count through their own partition index (partition_indexes.py:
-valid, and the table has statistics). The second counts, in one statement
-with one ``SELECT`` per partition, each partition's events after its
-checkpoint, up to a cap, and the age of the oldest of them, leaving out
-events a retired group already applied (skip marks, after a rescale). The
-partition's ``N`` and ``k`` are literals in that statement, because the
-planner uses a partial index only for a predicate it can see in the
-statement's text.
-
-- **Through the partition's index** (or with a single partition, whose rows
-  are all its own): the count walks the partition's entries after the
-  checkpoint, at most ``cap`` of them, so it is exact up to the cap; the
-  oldest unapplied event is the first entry in read order.
-- **Without it**, a plain ``partition_hash % N = k`` predicate has no
-  statistics and can tip the plan into a sequential scan plus a sort (see
-  reader.py). The count then walks ``events_transaction_position_idx``
-  instead: it takes ``cap * N`` rows after the checkpoint in index order,
-  without a partition predicate, and applies the partition filter to that
-  window. Past about ``cap`` events of the partition that is a lower bound.
-  The age is exact when the window holds any of the partition's events,
-  because the oldest unapplied event comes first. When it holds none (a
-  stopped partition whose aggregates get few events, behind more than
-  ``cap * N`` rows of the others), the partition reads as caught up: only
-  its partition index makes that exact. Each
-  of N partitions walks N times its own share, so a group far behind costs
-  ``cap * N * N`` rows a scrape, against ``cap * N`` through the indexes.
-
-``projectionist status`` counts without a cap: exactly, through the
-partition's own index where it has one, and through every row after the
-checkpoint where it has not.
-
-Committed rows that the read fence still hides count as lag: they are
-behind, and the oldest-transaction gauge says why.
+Every partition of each group is reported, running or not, in two round
+trips; a scrape counts at most ``cap`` events a partition, exactly through
+the partition's own index. How and why: ``docs/design/lag.md``.
 """
 
 from __future__ import annotations
@@ -116,9 +81,9 @@ _AFTER_CHECKPOINT = sql.SQL(
 # only. The partition count comes from the table, not from the text: with
 # the window's size a literal, the planner's estimate for it grew with N and
 # tipped the plan into a sequential scan plus a sort of the table's remainder
-# (one-off EXPLAIN, 16 partitions).
+# (EXPLAIN, 16 partitions).
 # The age of the oldest unapplied event, never negative: a created_at that
-# raw SQL set to 'infinity' or a far year (see unreadable.py) would otherwise
+# raw SQL set to 'infinity' or a far year (see store/lenient_timestamps.py) would otherwise
 # put -inf or minus centuries into the lag gauges until the row is parked.
 _AGE = sql.SQL(
     "greatest(coalesce(extract(epoch FROM clock_timestamp()"
@@ -185,7 +150,7 @@ def _group_queries(
     # The capped count walks in index order: without the ORDER BY, a
     # caught-up partition of a table whose visibility map lags behind got a
     # sequential scan of the whole table (its estimate of the rows after the
-    # checkpoint is a third of the table; one-off EXPLAIN, 1M rows, 200 ms).
+    # checkpoint is a third of the table; EXPLAIN on 1M rows: 200 ms).
     # An exact count needs no order: min() finds the oldest either way.
     limit = (
         sql.SQL("")

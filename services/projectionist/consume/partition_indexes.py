@@ -1,43 +1,8 @@
 """Partition indexes: one partial index per partition, so a worker reads only its own rows.
 
-Without them, partition k of N reads through ``events_transaction_position_idx``
-and the server steps over the other partitions' rows (see reader.py): the
-rows never cross the wire, but each of the N workers visits every row, so
-the server reads N rows for each event, and the partitions share that cost.
-With them, partition k has an index of its own::
-
-    events_partition_<N>_<k>_idx ON events (transaction_id, global_position)
-        WHERE partition_hash % N = k
-
-in the same order as the main index, holding exactly the partition's rows,
-and its read visits nothing else.
-
-Partial indexes, not one expression index on ``(partition_hash % N,
-transaction_id, global_position)``: the planner prices an index scan by how
-well the index's leading column follows the table's physical order. For
-``partition_hash % N`` that is not at all, so it estimated a heap page read
-per row and kept walking the main index with a filter (a one-off EXPLAIN in
-both plan-cache modes, after ANALYZE). A partial index leads with
-``transaction_id``, which follows the table, and the planner picks it in both
-plan-cache modes once the table has statistics
-(``tests/test_partition_index.py`` checks the plans).
-
-The reader writes its filter as the plain predicate only while its index
-exists and is valid and the table has statistics: the plain predicate is
-what lets the planner use the index, but it gets PostgreSQL's 0.5% guess for
-its selectivity, and on those few estimated rows only the statistics keep the
-plan an ordered scan. They tell the planner that ``transaction_id`` follows
-the table's physical order, so walking the index in order is cheap. Without
-an index, or on a table never analyzed, the plain predicate gets a sort of
-the partition's remainder under every batch; the reader then uses the
-``CASE`` form that walks the main index (reader.py). :func:`create_indexes`
-analyzes the table after building, and autovacuum keeps the statistics.
-
-Indexes are built with ``CREATE INDEX CONCURRENTLY``, so appends and reads go
-on during the build. A build that fails leaves an invalid index behind;
-:func:`create_indexes` drops it and builds it again. Each partition count in
-use needs its own set: each append evaluates every partial index's predicate
-and adds its row to the one index whose predicate matches.
+``events_partition_<N>_<k>_idx`` holds partition k of N's rows in read order;
+they are built concurrently, and a worker uses its own once it is valid and
+the table has statistics. Why partial indexes: ``docs/design/partition-indexes.md``.
 """
 
 from __future__ import annotations

@@ -1,33 +1,9 @@
 """The gap-safe, partition-filtered read: the one query every worker batch runs.
 
-Two decisions live here.
-
-**Gap safety.** A row is read only when its writing transaction is older than
-``pg_snapshot_xmin(pg_current_snapshot())``, the oldest transaction still
-running anywhere in the cluster. Every such transaction has ended, so no row
-can ever appear behind the read position later, however out of order the
-appends commit. Rows are read in ``(transaction_id, global_position)`` order,
-which is the order of ``events_transaction_position_idx``, and the checkpoint
-stores both. Nothing is ever skipped on a timer: a long-running writer stalls
-readers (and the oldest-open-transaction gauge shows why) but loses nothing.
-
-**Partition filtering in the index scan.** Where partition k of N has its own
-partial index (partition_index.py), the read states ``partition_hash % N = k``
-plainly, the planner proves the index's predicate from it, and the read
-walks that index: only the partition's own rows, in the same order. Without
-one, the filter runs inside the ordered scan of
-``events_transaction_position_idx``: other partitions' rows are skipped where
-they lie, never copied, never sent, but visited. The filter is then written
-so that the planner cannot estimate it. Written plainly,
-an expression without statistics gets PostgreSQL's 0.5% guess for equality,
-and the planner then chose a sequential scan plus a sort for every batch,
-which made catch-up quadratic. Wrapped in a CASE it gets the default
-estimate of one half instead, and the ordered index scan is then always the
-cheapest plan, which it is in fact too: the scan stops after one batch of
-our rows. One extra marker row reports the newest visible row: when fewer
-than a batch of ours came back, every row of ours up to it has been read, so
-the checkpoint moves there and an idle partition neither rescans other
-partitions' rows nor shows lag for them.
+A row is read only once every older transaction has ended, in
+``(transaction_id, global_position)`` order, and only the partition's own rows
+are read, through its index where it has one. Both decisions, and the plans
+they keep: ``docs/design/read-path.md``.
 """
 
 from __future__ import annotations
@@ -201,7 +177,7 @@ class PartitionReader:
         self.partition = partition
         self.batch_size = batch_size
         self.layers = layers
-        #: Reads through the partition's own index (see partition_index.py).
+        #: Reads through the partition's own index (see partition_indexes.py).
         self.indexed = indexed
         self._query = _rendered(build_read_query(partition, layers, indexed=indexed))
         #: Event rows received from the server; each read also gets one marker row.

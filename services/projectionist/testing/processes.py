@@ -1,9 +1,7 @@
 """Child processes for the demo, tests, chaos, benchmarks and experiments.
 
-Every child runs in a session of its own (a Ctrl-C in the terminal reaches
-only the parent, which stops its children in order), writes its output to a
-log file (a full pipe would stall it), and is sent SIGTERM by Linux if the
-parent dies, even by SIGKILL, so an interrupted run leaves no orphans.
+Each runs in a session of its own, logs to a file, and gets SIGTERM from
+Linux if its parent dies, even by SIGKILL: an interrupted run leaves no orphans.
 """
 
 from __future__ import annotations

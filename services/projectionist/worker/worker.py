@@ -1,10 +1,8 @@
 """The worker runtime: connection, partition ownership, wake-ups, reconnects, graceful stop.
 
-One worker owns one partition of one projection. It holds everything on a
-single connection: the session advisory lock that makes it the partition's
-only owner, the LISTEN for wake-ups, and the batch transactions. If that
-connection dies, the lock dies with it, so no zombie batch can commit after a
-standby has taken over (the checkpoint compare-and-set is the second fence).
+One connection holds the partition's session advisory lock, the LISTEN and
+the batch transactions: if it dies, the lock dies with it, so no zombie batch
+commits after a standby took over (the checkpoint compare-and-set is the second fence).
 """
 
 from __future__ import annotations
@@ -288,7 +286,7 @@ class Worker:
                 fenced_retry = _FENCED_RETRY_START
 
     def _projection_failed(self, error: ProjectionError) -> None:
-        """Back off and retry; once retries run out, isolate the poison event (see deadletters.py)."""
+        """Back off and retry; once retries run out, isolate the poison event (consume/dead_letters.py)."""
         delay = self.retry_backoff.next_delay()
         poison = isinstance(error, PoisonEventError)
         self.hooks.on_error(self.info, "poison" if poison else "projection", error)

@@ -34,7 +34,7 @@ CREATE INDEX events_transaction_position_idx ON events (transaction_id, global_p
 -- One row per (projection, partition count, worker). total_workers is part of
 -- the key so checkpoints of an old partitioning are never reused under a new
 -- modulus (reusing them is how the upstream library skips events on rescale).
--- last_global_position keeps the seed's column name so its lag query still works.
+-- last_global_position keeps the upstream example's column name so its lag query still works.
 CREATE TABLE projection_checkpoints (
     projection_name      text NOT NULL,
     total_workers        integer NOT NULL CHECK (total_workers > 0),

@@ -9,7 +9,7 @@
 --
 -- NOT VALID: the rows already stored are not scanned, so the migration takes
 -- its ACCESS EXCLUSIVE lock only for a moment. A worker that meets an old row
--- of that kind hands it to the poison policy (see unreadable.py). To find
+-- of that kind hands it to the poison policy (see store/lenient_timestamps.py). To find
 -- them, or to have the constraint cover them too once fixed:
 --   SELECT global_position FROM events
 --    WHERE NOT (created_at >= '0001-01-02 00:00:00+00' AND created_at < '9999-12-31 00:00:00+00');
