@@ -67,7 +67,7 @@ test-fast: dev
 # The CLI reference is generated from the parser; a test fails when it is stale.
 docs: dev
 	$(BIN)/python -m projectionist.cli.reference > docs/reference/cli.md
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # Extra arguments: make load ARGS="--target db --shape step"; see `python -m experiments.load -h`.
 load: dev
