@@ -21,6 +21,7 @@ from projectionist.records import (
     Position,
     RecordedEvent,
 )
+from projectionist.settings import PoisonPolicy, WorkerOptions
 from projectionist.store.appending import StreamAppend, append, append_many
 from projectionist.store.streams import read_stream, stream_version
 from projectionist.worker.worker import Worker
@@ -36,6 +37,7 @@ __all__ = [
     "FencedError",
     "NewEvent",
     "Partition",
+    "PoisonPolicy",
     "Position",
     "Projection",
     "ProjectionError",
@@ -44,6 +46,7 @@ __all__ = [
     "StreamAppend",
     "Tx",
     "Worker",
+    "WorkerOptions",
     "__version__",
     "append",
     "append_many",

@@ -85,7 +85,7 @@ def migrate_switch(parser: argparse.ArgumentParser) -> None:
         parser,
         "--migrate",
         env="MIGRATE",
-        text="apply pending migrations at start-up; without it, an unmigrated database is an error "
-        "and `projectionist migrate` is a step of its own",
+        text="apply pending migrations at start-up; without it, migrating is the separate step "
+        "`projectionist migrate`",
     )
     no_migrate(parser)
