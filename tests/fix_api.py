@@ -7,14 +7,12 @@ real ``projectionist api`` process instead (:func:`projectionist.testing.start_a
 from __future__ import annotations
 
 import threading
-import time
-from pathlib import Path
 from types import TracebackType
 
 import uvicorn
 from starlette.applications import Starlette
 
-ROOT = Path(__file__).resolve().parent.parent
+from projectionist.testing import poll_until
 
 
 class ServedApp:
@@ -30,11 +28,9 @@ class ServedApp:
 
     def __enter__(self) -> ServedApp:
         self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        poll_until(lambda: self._server.started or not self._thread.is_alive(), timeout=30, interval=0.01)
+        if not self._server.started:
+            raise RuntimeError("uvicorn did not start")
         port = self._server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self

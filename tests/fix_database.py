@@ -1,7 +1,10 @@
 """Fixtures: one real PostgreSQL per test session, a fresh migrated database per test.
 
 The server is the embedded one unless DATABASE_URL is set, in which case that
-server is used and each test gets its own database created on it.
+server is used and each test gets its own database created on it. A test that
+uses one of these fixtures must carry the ``integration`` marker, which means
+"needs a real PostgreSQL server": collection fails otherwise, so that
+``-m "not integration"`` selects only tests that run without one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,27 @@ import pytest
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import PostgresServer
 from tests.helpers import TEMPLATE_DB
+
+#: The fixtures that need the session's server, directly or through another fixture.
+SERVER_FIXTURES = frozenset({"pg_server", "db_url", "conn"})
+
+
+# tryfirst: before `-m` deselects anything, so every collected test is checked.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fail collection when a test uses the server without the ``integration`` marker."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"{len(unmarked)} test(s) use the PostgreSQL server ({', '.join(sorted(SERVER_FIXTURES))}) "
+            "without the integration marker; add @pytest.mark.integration (or the module's pytestmark):\n  "
+            + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from projectionist.testing import poll_until
 
 
 def any_value(value: AnyValue) -> Any:
@@ -97,18 +98,19 @@ class OtlpReceiver:
         self, predicate: Callable[[ReceivedSpan], bool], *, count: int = 1, timeout: float = 30.0
     ) -> list[ReceivedSpan]:
         """Spans matching ``predicate`` once there are at least ``count`` of them; fails after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [s for s in self.spans() if predicate(s)]
-            if len(found) >= count:
-                return found
-            if time.monotonic() > deadline:
-                names = sorted({s.name for s in self.spans()})
-                raise AssertionError(
-                    f"expected {count} matching span(s) within {timeout}s, got {len(found)}; "
-                    f"{self.requests} export request(s), span names seen: {names}"
-                )
-            time.sleep(0.1)
+        found: list[ReceivedSpan] = []
+
+        def enough() -> bool:
+            found[:] = [s for s in self.spans() if predicate(s)]
+            return len(found) >= count
+
+        if poll_until(enough, timeout, interval=0.1) is None:
+            names = sorted({s.name for s in self.spans()})
+            raise AssertionError(
+                f"expected {count} matching span(s) within {timeout}s, got {len(found)}; "
+                f"{self.requests} export request(s), span names seen: {names}"
+            )
+        return found
 
     def close(self) -> None:
         self._server.shutdown()

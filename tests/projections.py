@@ -12,7 +12,7 @@ from projectionist.demo.sample_events import append_sample_events
 from projectionist.errors import ConfigError
 from projectionist.records import RecordedEvent
 from projectionist.store.connection import Connection
-from projectionist.testing import wait_until_readable
+from projectionist.testing import poll_until, wait_until_readable
 
 if TYPE_CHECKING:
     from projectionist.consume.processor import Processor
@@ -84,11 +84,17 @@ def drain(conn: Connection, processor: Processor, timeout: float = 10.0) -> None
     """
     row = conn.execute("SELECT coalesce(max(global_position), 0) FROM events").fetchone()
     head = int(row[0]) if row else 0
-    deadline = time.monotonic() + timeout
-    while processor.position is None or processor.position.global_position != head:
-        assert time.monotonic() < deadline, f"{processor.partition} at {processor.position}, head {head}"
+
+    def at_head() -> bool:
+        if processor.position is not None and processor.position.global_position == head:
+            return True
         if not processor.run_batch(conn).more:
             time.sleep(0.01)
+        return False
+
+    # No pause between batches that found more: the predicate itself waits when one found nothing.
+    if poll_until(at_head, timeout, interval=0) is None:
+        raise AssertionError(f"{processor.partition} at {processor.position}, head {head}")
 
 
 def applied_count(conn: Connection) -> int:

@@ -1,4 +1,5 @@
-"""The shape of the code: the dependency rule between layers, no import cycles, what the wheel ships."""
+"""The shape of the code: the dependency rule between layers, no import cycles, what the wheel ships,
+and the test suite's own rule that a test using the PostgreSQL server is marked `integration`."""
 
 from __future__ import annotations
 
@@ -109,6 +110,30 @@ def test_a_deliberate_violation_breaks_the_rule(
     assert result.returncode == 1, result.stdout + result.stderr
     broken = [row for row in result.stdout.splitlines() if "BROKEN" in row]
     assert len(broken) == 1 and contract in broken[0], result.stdout
+
+
+def test_a_test_using_the_server_without_the_integration_marker_fails_collection(tmp_path: Path) -> None:
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n\n"
+        "def test_unmarked(db_url): ...\n\n"
+        "@pytest.mark.integration\n"
+        "def test_marked(conn): ...\n\n"
+        "def test_unit(): ...\n"
+    )
+    # Collection only: no fixture runs, so no server starts.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.fix_database", "-p", "no:cacheprovider", "-q", "."],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
+    assert "1 test(s) use the PostgreSQL server" in result.stderr
+    assert "without the integration marker" in result.stderr
+    assert "test_sample.py::test_unmarked" in result.stderr
+    assert "test_marked" not in result.stderr and "test_unit" not in result.stderr
 
 
 @pytest.mark.slow

@@ -31,8 +31,6 @@ from projectionist.store.connection import connect
 from projectionist.store.streams import read_stream
 from tests.projections import Recorder
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 
 @pytest.fixture(scope="module")
 def chaos_server() -> Iterator[ChaosServer]:
@@ -45,6 +43,8 @@ def chaos_server() -> Iterator[ChaosServer]:
         shutil.rmtree(server.base_dir, ignore_errors=True)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_keeps_the_read_model_exact_and_recovers(
@@ -57,6 +57,7 @@ def test_scenario_keeps_the_read_model_exact_and_recovers(
     assert result.faults and result.readyz
 
 
+@pytest.mark.integration
 def test_the_fold_check_counts_loss_duplicates_and_disorder(db_url: str) -> None:
     """The check every scenario ends with must be able to fail."""
     with connect(db_url, autocommit=True) as conn:
@@ -89,7 +90,7 @@ def test_the_fold_check_counts_loss_duplicates_and_disorder(db_url: str) -> None
             db.close()
 
 
-def test_the_table_has_the_columns_the_issue_asks_for() -> None:
+def test_the_report_table_has_faults_counts_and_recovery_time() -> None:
     passed = ScenarioResult(
         "kill -9",
         faults="kill -9 x3",
@@ -109,13 +110,14 @@ def test_the_table_has_the_columns_the_issue_asks_for() -> None:
     assert not failed.ok and "FAIL takes over: no" in failed.explain()
 
 
+@pytest.mark.integration
 def test_a_retry_that_meets_a_parking_batch_retries_the_letter_that_batch_parked(db_url: str) -> None:
-    """Found by the poison (park) scenario: a retry racing a batch used to strand the aggregate.
+    """A retry racing a batch (as in the poison (park) scenario) must not strand the aggregate.
 
     The batch locks the partition's open letters and parks the aggregate's next
-    event; the operator's retry waits for it. The retry used to update only the
-    letters of its own, older snapshot, leaving the new one 'parked': a partly
-    retried aggregate is never retried, and every later event of it was parked.
+    event; the operator's retry waits for it. Were the retry to update only the
+    letters of its own, older snapshot, the new one would stay 'parked': a partly
+    retried aggregate is never retried, and every later event of it is parked.
     """
     with connect(db_url, autocommit=True) as conn:
         append(conn, "a", [NewEvent("E", {}), NewEvent("E", {})])

@@ -1,4 +1,6 @@
-"""The command line: configuration errors, exit codes, signals, migrate, append, status, pool."""
+"""The command line: configuration errors, exit codes, signals, append, status, pool.
+
+Every test but the signal handler's runs against the test server."""
 
 from __future__ import annotations
 
@@ -13,15 +15,16 @@ import time
 import pytest
 
 from projectionist.cli.run import GracefulStop
+from projectionist.consume.checkpoints import register_group
+from projectionist.consume.processor import Processor
+from projectionist.partitioning import Partition
 from projectionist.store.connection import connect
-from projectionist.store.schema import available_migrations
-from projectionist.testing import PostgresServer
+from projectionist.testing import wait_for
 from tests.helpers import ROOT, run_cli
-from tests.projections import verify_exactly_once
-
-pytestmark = pytest.mark.integration
+from tests.projections import Recorder, verify_exactly_once
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("env", "args", "message"),
     [
@@ -52,6 +55,7 @@ def test_invalid_worker_settings_exit_2_with_one_line(
     assert message in lines[0]
 
 
+@pytest.mark.integration
 def test_a_flag_usage_error_keeps_the_usage_line(db_url: str) -> None:
     result = run_cli("worker", "--worker-id", "x", db_url=db_url)
     assert result.returncode == 2, result.stderr
@@ -63,6 +67,7 @@ def test_a_flag_usage_error_keeps_the_usage_line(db_url: str) -> None:
     )
 
 
+@pytest.mark.integration
 def test_the_partition_count_names_must_agree(db_url: str) -> None:
     env = {"PARTITIONS": "4", "TOTAL_WORKERS": "2"}
     result = run_cli("worker", "--worker-id", "0", db_url=db_url, env=env)
@@ -70,6 +75,7 @@ def test_the_partition_count_names_must_agree(db_url: str) -> None:
     assert "PARTITIONS='4' and TOTAL_WORKERS='2' disagree; set one of them" in result.stderr
 
 
+@pytest.mark.integration
 def test_flags_override_environment(db_url: str) -> None:
     # The environment alone is invalid (5 >= 4); the flag makes it valid, so
     # the worker gets as far as the database (and is refused there for a
@@ -87,6 +93,7 @@ def test_flags_override_environment(db_url: str) -> None:
     assert "partition count 8 (PARTITIONS or TOTAL_WORKERS) differs from the 6 partitions" in result.stderr
 
 
+@pytest.mark.integration
 def test_mismatched_total_workers_is_refused_once_the_group_has_progressed(db_url: str) -> None:
     run_cli("append", "--count", "50", "--aggregates", "5", db_url=db_url)
     first = _start(db_url, "worker", "--worker-id", "0", "--total-workers", "2")
@@ -102,6 +109,7 @@ def test_mismatched_total_workers_is_refused_once_the_group_has_progressed(db_ur
     assert "`projectionist rescale --projection-name scalable_projection --partitions 3`" in result.stderr
 
 
+@pytest.mark.integration
 def test_statefulset_pod_name_is_the_worker_id(db_url: str) -> None:
     run_cli("append", "--count", "40", "--aggregates", "8", db_url=db_url)
     proc = _start(db_url, "worker", env={"WORKER_ID": "projection-worker-1", "TOTAL_WORKERS": "2"})
@@ -114,6 +122,7 @@ def test_statefulset_pod_name_is_the_worker_id(db_url: str) -> None:
         proc.communicate(timeout=30)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_first_signal_stops_gracefully_with_exit_0(db_url: str, sig: signal.Signals) -> None:
     run_cli("append", "--count", "200", "--aggregates", "10", db_url=db_url)
@@ -139,30 +148,7 @@ def test_the_signal_handler_never_takes_the_stop_lock_itself() -> None:
     assert graceful.requested
 
 
-def test_migrate_is_idempotent_and_safe_in_parallel(pg_server: PostgresServer) -> None:
-    with pg_server.fresh_database() as url:
-        env = {**os.environ, "DATABASE_URL": url}
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "projectionist", "migrate"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(4)
-        ]
-        outputs = [p.communicate(timeout=60) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
-        assert sum("applied 0001_event_store" in out for out, _ in outputs) == 1
-        again = run_cli("migrate", db_url=url)
-        assert again.returncode == 0 and "up to date" in again.stdout
-        with connect(url) as conn:
-            versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
-        assert versions == [(m.version,) for m in available_migrations()]
-
-
+@pytest.mark.integration
 def test_append_then_pool_then_status(db_url: str) -> None:
     result = run_cli("append", "--count", "300", "--aggregates", "12", db_url=db_url)
     assert result.returncode == 0, result.stderr
@@ -197,6 +183,16 @@ def test_append_then_pool_then_status(db_url: str) -> None:
     assert "recorder" in table.stdout and "lag (events)" in table.stdout
 
 
+@pytest.mark.integration
+def test_status_of_an_unknown_projection_is_an_error(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        register_group(conn, "recorder", 1)
+        Processor(Recorder(), Partition(0, 1)).start(conn)
+    result = run_cli("status", "--projection-name", "recorderr", db_url=db_url)
+    assert result.returncode == 2, result.stdout
+    assert "recorderr" in result.stderr
+
+
 def _start(db_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in ("WORKER_ID", "TOTAL_WORKERS")}
     full_env.update({"DATABASE_URL": db_url, **(env or {})})
@@ -211,11 +207,11 @@ def _start(db_url: str, *args: str, env: dict[str, str] | None = None) -> subpro
 
 
 def _wait_for(db_url: str, query: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+    """Until ``query``'s first column is true."""
     with connect(db_url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
+
+        def holds() -> bool:
             row = conn.execute(query).fetchone()
-            if row and row[0]:
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for: {query}")
+            return bool(row and row[0])
+
+        wait_for(holds, query, timeout=timeout, interval=0.1)

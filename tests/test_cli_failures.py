@@ -15,9 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from projectionist.testing import wait_for
 from tests.helpers import run_cli
-
-pytestmark = pytest.mark.integration
 
 
 def _closed_port() -> int:
@@ -44,6 +43,7 @@ def _env(data_dir: Path) -> dict[str, str]:
 # A stale postmaster.pid whose pid now belongs to another process (pid reuse
 # after a crash or reboot, common in containers): `db start` prints a URL and
 # exits 0 without starting anything, and every command then fails.
+@pytest.mark.integration
 def test_stale_pid_file_of_a_reused_pid_does_not_fake_a_running_server(tmp_path: Path) -> None:
     env = _env(tmp_path)
     try:
@@ -75,6 +75,7 @@ def test_stale_pid_file_of_a_reused_pid_does_not_fake_a_running_server(tmp_path:
 # `make`-style, without DATABASE_URL): both run initdb on the same directory
 # and one fails with "exists but is not empty" (or connects to a port no
 # server listens on).
+@pytest.mark.integration
 def test_two_first_users_of_the_embedded_server_both_succeed(tmp_path: Path) -> None:
     env = _env(tmp_path)
     full_env = {**os.environ, **env}
@@ -100,6 +101,7 @@ def test_two_first_users_of_the_embedded_server_both_succeed(tmp_path: Path) -> 
 
 # `status` (and the other read-only commands) on a database nobody migrated yet,
 # e.g. the first command after a fresh checkout: a psycopg UndefinedTable traceback.
+@pytest.mark.integration
 @pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["dead-letters", "list"]])
 def test_commands_on_an_unmigrated_database_fail_with_one_line(pg_server: object, args: list[str]) -> None:
 
@@ -112,7 +114,8 @@ def test_commands_on_an_unmigrated_database_fail_with_one_line(pg_server: object
 
 
 # Killed while initdb ran (the container stopped on first start, say): the
-# half-built data directory used to make every later start fail.
+# half-built data directory must not make every later start fail.
+@pytest.mark.integration
 def test_a_start_killed_during_initdb_leaves_nothing_that_blocks_the_next(tmp_path: Path) -> None:
     env = _env(tmp_path)
     full_env = {**os.environ, **env}
@@ -123,11 +126,13 @@ def test_a_start_killed_during_initdb_leaves_nothing_that_blocks_the_next(tmp_pa
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+    def initdb_halfway() -> bool:
+        assert proc.poll() is None, "db start ended before initdb was halfway"
+        return any(tmp_path.rglob("PG_VERSION"))
+
     try:
-        deadline = time.monotonic() + 60
-        while not any(tmp_path.rglob("PG_VERSION")):  # initdb is halfway
-            assert proc.poll() is None and time.monotonic() < deadline, "initdb never started"
-            time.sleep(0.005)
+        wait_for(initdb_halfway, "initdb to start", timeout=60, interval=0.005)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         started = run_cli("db", "start", env=env, timeout=120)
@@ -152,6 +157,7 @@ def test_a_data_directory_holding_something_else_is_refused_untouched(tmp_path: 
 
 # A database the upstream Go example set up holds tables named events and
 # projection_checkpoints: migrate must explain, not die with a traceback.
+@pytest.mark.integration
 def test_migrate_on_the_upstream_examples_tables_explains_and_changes_nothing(pg_server: object) -> None:
     from projectionist.store.connection import connect
 
@@ -176,8 +182,9 @@ def test_migrate_on_the_upstream_examples_tables_explains_and_changes_nothing(pg
 
 
 # A bind mount of the same file system (a Kubernetes subPath) passes for an
-# ordinary directory, but refuses the rename with EBUSY: the cluster stayed
-# in the side directory and every start failed the same way.
+# ordinary directory, but refuses the rename with EBUSY: the cluster must not
+# stay in the side directory, where every start would fail the same way.
+@pytest.mark.integration
 def test_a_data_directory_that_refuses_the_rename_is_initialised_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -206,6 +213,7 @@ def test_a_data_directory_that_refuses_the_rename_is_initialised_in_place(
 
 # Migration 0005's lock is brief, but queued behind a long query it would
 # hold up every append and read behind it; it gives up after 10 s instead.
+@pytest.mark.integration
 @pytest.mark.slow
 def test_migration_0005_gives_up_behind_a_long_query_and_applies_nothing(db_url: str) -> None:
     from projectionist.store.connection import connect
@@ -223,8 +231,9 @@ def test_migration_0005_gives_up_behind_a_long_query_and_applies_nothing(db_url:
 
 
 # Workers are meant to run with DML rights only. The sample projection's
-# CREATE TABLE IF NOT EXISTS needed CREATE on the schema even once its table
-# existed, and a missing right ended in a traceback.
+# setup must not need CREATE on the schema once its table exists, and a
+# missing right is one line, not a traceback.
+@pytest.mark.integration
 def test_a_role_with_the_documented_rights_runs_a_worker_and_a_missing_one_is_one_line(
     pg_server: object,
 ) -> None:

@@ -304,7 +304,7 @@ def test_depends_on_waits_for_health_and_migration(services: dict[str, dict[str,
 
 def test_workers_cover_every_partition_exactly_once(services: dict[str, dict[str, Any]]) -> None:
     workers = worker_services(services)
-    assert len(workers) == 4, "four workers, as in the seed's compose example"
+    assert len(workers) == 4, "four workers, one per partition"
     totals = {environment(s)["PARTITIONS"] for s in workers.values()}
     assert len(totals) == 1, f"workers disagree on PARTITIONS: {totals}"
     total = int(totals.pop())

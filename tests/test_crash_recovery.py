@@ -12,6 +12,7 @@ import pytest
 
 from projectionist.demo.sample_events import append_sample_events
 from projectionist.store.connection import connect
+from projectionist.testing import poll_until
 from tests.helpers import ROOT
 from tests.projections import applied_count, verify_exactly_once
 
@@ -72,8 +73,7 @@ def test_sigkill_mid_batch_then_restart_applies_each_event_once(db_url: str) -> 
             kills += 1
             assert _applied(db_url) >= before  # committed work survives the kill
             proc = _start_worker(db_url, 0, 1, sleep=0.05)
-        while _applied(db_url) < 1500 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll_until(lambda: _applied(db_url) >= 1500, timeout=deadline - time.monotonic(), interval=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)

@@ -27,7 +27,7 @@ from dashboards import generate
 from dashboards import workers as workers_module
 from dashboards.common import PROVISIONED_UIDS, REFRESH_INTERVALS
 
-from projectionist.testing import free_port
+from projectionist.testing import free_port, poll_until, wait_for
 from tests.fix_prometheus import PrometheusStack, Sample, http_get
 from tests.helpers import ROOT
 
@@ -225,7 +225,7 @@ def test_every_worker_panel_honours_the_projection_variable() -> None:
             assert "$projection" in expr, f"{p['title']}: {expr}"
 
 
-def test_worker_dashboard_covers_the_issue_panels() -> None:
+def test_worker_dashboard_has_every_required_panel() -> None:
     titles = {p["title"] for p in panels(load("projection-workers.json"))}
     for wanted in (
         "Lag in events per worker",
@@ -261,7 +261,7 @@ def test_lag_is_deduplicated_with_max_not_summed() -> None:
                     assert "sum" not in t["expr"], f"{p['title']}: {t['expr']}"
 
 
-def test_event_store_dashboard_covers_the_issue_panels() -> None:
+def test_event_store_dashboard_queries_every_required_metric() -> None:
     exprs = " ".join(
         t["expr"] for p in panels(load("event-store-and-load.json")) for t in p.get("targets", [])
     )
@@ -444,18 +444,17 @@ def dashboard_queries(
     locust: subprocess.Popen[bytes] | None = None
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             assert api.poll() is None, f"the API exited:\n{log_path.read_text()[-3000:]}"
             try:
-                if http_get(f"{base}/readyz", timeout=1)[0] == 200:
-                    break
+                return http_get(f"{base}/readyz", timeout=1)[0] == 200
             except OSError:
-                pass
-            assert time.monotonic() < deadline, (
-                f"the API did not become ready:\n{log_path.read_text()[-3000:]}"
-            )
-            time.sleep(0.2)
+                return False
+
+        assert poll_until(ready, timeout=60, interval=0.2) is not None, (
+            f"the API did not become ready:\n{log_path.read_text()[-3000:]}"
+        )
         # Some traffic for every API panel: appends (201), a read (200) and a 404.
         for n in range(5):
             body = json.dumps(
@@ -571,14 +570,16 @@ def test_every_alert_rule_expression_runs_and_its_series_exist(dashboard_queries
 @pytest.mark.integration
 def test_prometheus_evaluates_every_loaded_rule_without_error(dashboard_queries: DashboardQueries) -> None:
     expected = {alert for alert, _ in rule_expressions()}
-    deadline = time.monotonic() + DATA_DEADLINE
-    while True:
-        rules = [r for g in dashboard_queries.stack.api("rules")["groups"] for r in g["rules"]]
+    rules: list[dict[str, Any]] = []
+
+    def all_evaluated() -> bool:
+        rules[:] = [r for g in dashboard_queries.stack.api("rules")["groups"] for r in g["rules"]]
         evaluated = [r for r in rules if r.get("lastEvaluation", "").startswith("20")]
-        if {r["name"] for r in evaluated} >= expected:
-            break
-        assert time.monotonic() < deadline, f"rules not evaluated yet: {rules}"
-        time.sleep(0.5)
+        return {r["name"] for r in evaluated} >= expected
+
+    assert poll_until(all_evaluated, DATA_DEADLINE, interval=0.5) is not None, (
+        f"rules not evaluated yet: {rules}"
+    )
     assert {r["name"] for r in rules} == expected
     for rule in rules:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
@@ -589,8 +590,9 @@ def test_batch_duration_exemplars_carry_the_trace_id_grafana_links(
     dashboard_queries: DashboardQueries,
 ) -> None:
     link = provisioned_datasources()["prometheus"]["jsonData"]["exemplarTraceIdDestinations"][0]["name"]
-    deadline = time.monotonic() + DATA_DEADLINE
-    while True:
+    exemplars: list[dict[str, Any]] = []
+
+    def stored() -> bool:
         end = time.time()
         data = dashboard_queries.stack.api(
             "query_exemplars",
@@ -598,11 +600,10 @@ def test_batch_duration_exemplars_carry_the_trace_id_grafana_links(
             start=str(end - 300),
             end=str(end),
         )
-        exemplars = [e for series in data for e in series["exemplars"]]
-        if exemplars:
-            break
-        assert time.monotonic() < deadline, "no exemplars stored for the batch duration histogram"
-        time.sleep(0.5)
+        exemplars[:] = [e for series in data for e in series["exemplars"]]
+        return bool(exemplars)
+
+    wait_for(stored, "exemplars stored for the batch duration histogram", DATA_DEADLINE, interval=0.5)
     for exemplar in exemplars:
         assert re.fullmatch(r"[0-9a-f]{32}", exemplar["labels"][link]), exemplar
 
@@ -614,8 +615,8 @@ def _expressions(name: str, title: str) -> dict[str, str]:
     return {t["legendFormat"].split(" ")[0]: substitute(t["expr"], values, "5m") for t in panel["targets"]}
 
 
-# In an outage (nothing live, nothing owned) the counts had no series at all
-# and their lines vanished; with no traffic the ratios were 0/0 = NaN.
+# In an outage (nothing live, nothing owned) the counts must still have a
+# series, or their lines vanish; with no traffic the ratios must not be 0/0 = NaN.
 def test_idle_and_outage_panels_show_zero_or_nothing_not_gaps_or_nan(tmp_path: Path) -> None:
     coverage = _expressions("projection-workers.json", "Partition coverage")
     batch = _expressions("projection-workers.json", "Batch size")

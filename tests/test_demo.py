@@ -13,13 +13,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from projectionist.demo.run import demo_lock_key
 from projectionist.demo.verify import verify
 from projectionist.store.connection import Connection, connect
-from projectionist.testing import PostgresServer
+from projectionist.testing import PostgresServer, poll_until, wait_for
 from tests.helpers import ROOT, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,11 +38,6 @@ CHECKS = (
 )
 
 
-def _drop(server: PostgresServer, name: str) -> None:
-    with server.admin() as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 @pytest.fixture(scope="module")
 def demo_run(pg_server: PostgresServer) -> Iterator[tuple[subprocess.CompletedProcess[str], str]]:
     """One real demo run, in a database of its own on the test server."""
@@ -52,7 +46,7 @@ def demo_run(pg_server: PostgresServer) -> Iterator[tuple[subprocess.CompletedPr
     try:
         yield result, name
     finally:
-        _drop(pg_server, name)
+        pg_server.drop_database(name)
 
 
 @pytest.fixture
@@ -61,16 +55,11 @@ def demo_copy(
 ) -> Iterator[str]:
     """A private copy of the demo's database, free to corrupt."""
     name = f"democopy_{uuid.uuid4().hex[:10]}"
-    with pg_server.admin() as admin:
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(demo_run[1])
-            )
-        )
+    pg_server.create_database(name, template=demo_run[1])
     try:
         yield name
     finally:
-        _drop(pg_server, name)
+        pg_server.drop_database(name)
 
 
 def test_demo_scales_one_to_four_workers_and_passes(
@@ -195,15 +184,6 @@ def _start_demo_until_workers_run(pg_server: PostgresServer, name: str) -> subpr
     raise AssertionError(f"the demo ended early with code {proc.wait()}")
 
 
-def _wait_gone(demo_pid: int) -> list[int]:
-    for _ in range(100):
-        left = _workers_of(demo_pid)
-        if not left:
-            return left
-        time.sleep(0.1)
-    return _workers_of(demo_pid)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_no_worker_outlives_the_demo(pg_server: PostgresServer, sig: signal.Signals) -> None:
     name = f"demo_{uuid.uuid4().hex[:10]}"
@@ -218,21 +198,21 @@ def test_no_worker_outlives_the_demo(pg_server: PostgresServer, sig: signal.Sign
         else:
             assert proc.returncode == -signal.SIGKILL
         # Ctrl-C: the demo stopped them itself. kill -9: PR_SET_PDEATHSIG did.
-        assert _wait_gone(proc.pid) == []
+        poll_until(lambda: not _workers_of(proc.pid), timeout=10, interval=0.1)
+        assert _workers_of(proc.pid) == []
     finally:
         if proc.poll() is None:
             proc.kill()
         for pid in _workers_of(proc.pid):
             os.kill(pid, signal.SIGKILL)
-        _drop(pg_server, name)
+        pg_server.drop_database(name)
 
 
-# A second demo on the same database used to drop it WITH (FORCE) under the
-# first one, whose workers then all failed.
+# A second demo on the same database must not drop it WITH (FORCE) under the
+# first one, whose workers would then all fail.
 def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_server: PostgresServer) -> None:
     name = f"demo_{uuid.uuid4().hex[:10]}"
-    with pg_server.admin() as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    pg_server.create_database(name)
     try:
         with connect(pg_server.url_for(name), autocommit=True) as first:
             first.execute("CREATE TABLE still_here ()")
@@ -253,7 +233,7 @@ def test_a_second_demo_on_the_same_database_is_refused_and_drops_nothing(pg_serv
         other = run_cli("demo", "--verify-only", "--database", f"{name}_x", db_url=pg_server.admin_url)
         assert "another demo" not in other.stderr  # the lock is per database
     finally:
-        _drop(pg_server, name)
+        pg_server.drop_database(name)
 
 
 def _connect_or_none(url: str) -> Connection | None:
@@ -277,16 +257,26 @@ def test_the_demo_leaves_its_embedded_server_running_for_other_clients(tmp_path:
         env=full_env,
         cwd=ROOT,
     )
+    found: list[subprocess.CompletedProcess[str]] = []
+    users: list[Connection | None] = []
+
+    def server_up() -> bool:
+        found.append(run_cli("db", "url", env=env))
+        assert found[-1].returncode == 0 or proc.poll() is None, found[-1].stderr
+        return found[-1].returncode == 0
+
+    def demo_database_up(demo_db: str) -> bool:
+        users.append(_connect_or_none(demo_db))
+        assert users[-1] is not None or proc.poll() is None, "no demo database"
+        return users[-1] is not None
+
     try:
-        deadline = time.monotonic() + 60
-        while (found := run_cli("db", "url", env=env)).returncode != 0:
-            assert proc.poll() is None and time.monotonic() < deadline, found.stderr
-            time.sleep(0.2)
+        wait_for(server_up, "the demo's embedded server", timeout=60, interval=0.2)
         # Someone looking at the demo's read model, in the demo's own database.
-        demo_db = make_conninfo(found.stdout.strip(), dbname="projectionist_demo")
-        while (user := _connect_or_none(demo_db)) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "no demo database"
-            time.sleep(0.2)
+        demo_db = make_conninfo(found[-1].stdout.strip(), dbname="projectionist_demo")
+        wait_for(lambda: demo_database_up(demo_db), "the demo's database", timeout=60, interval=0.2)
+        user = users[-1]
+        assert user is not None
         with user:
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, out

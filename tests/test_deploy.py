@@ -1,10 +1,9 @@
 """The production examples (deploy/kubernetes, deploy/systemd): the fields that decide whether they work.
 
-The seed's Kubernetes example was a Deployment reading a StatefulSet label,
-which cannot work; these tests pin the corrections: a StatefulSet whose pod
-ordinal becomes WORKER_ID (checked with the real parser), PARTITIONS equal
-to the replica count, probes on /healthz and /readyz, and a systemd template
-whose instance name is the partition.
+A Deployment reading a StatefulSet label cannot work; these tests pin what
+does: a StatefulSet whose pod ordinal becomes WORKER_ID (checked with the
+real parser), PARTITIONS equal to the replica count, probes on /healthz and
+/readyz, and a systemd template whose instance name is the partition.
 
 Every manifest, and what each kustomization renders (tests/kustomize.py), is
 also validated against Kubernetes' own schemas with kubernetes-validate, for

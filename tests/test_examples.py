@@ -5,16 +5,19 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from projectionist import NewEvent, Partition, Worker, append
 from projectionist.consume.projection import load_projection
 from projectionist.store.connection import connect
+from projectionist.testing import poll_until
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
+
+#: The read model once both orders' events are applied: (order, items, total in cents).
+_EXPECTED = [("order-1", 2, 350), ("order-2", 1, 999)]
 
 
 def _totals(db_url: str) -> list[tuple[str, int, int]]:
@@ -51,10 +54,8 @@ def test_user_projection_from_the_cli(db_url: str) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while _totals(db_url) != [("order-1", 2, 350), ("order-2", 1, 999)]:
-            assert time.monotonic() < deadline, _totals(db_url)
-            time.sleep(0.1)
+        settled = poll_until(lambda: _totals(db_url) == _EXPECTED, timeout=30, interval=0.1)
+        assert settled is not None, _totals(db_url)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -66,10 +67,8 @@ def test_user_projection_embedded_in_python(db_url: str) -> None:
     worker = Worker(db_url, load_projection("examples.order_totals:OrderTotals"), Partition(0, 1))
     worker.start()  # a background thread; worker.run() would block instead
     try:
-        deadline = time.monotonic() + 30
-        while _totals(db_url) != [("order-1", 2, 350), ("order-2", 1, 999)]:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        settled = poll_until(lambda: _totals(db_url) == _EXPECTED, timeout=30, interval=0.1)
+        assert settled is not None, _totals(db_url)
     finally:
         worker.stop()
         worker.join(timeout=10)

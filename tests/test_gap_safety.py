@@ -15,9 +15,9 @@ from projectionist.records import NewEvent, Position
 from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
-from projectionist.testing import wait_until_readable
+from projectionist.testing import poll_until, wait_until_readable
 from projectionist.worker.worker import Worker
-from tests.projections import Recorder, verify_exactly_once
+from tests.projections import Recorder, applied_count, verify_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -119,12 +119,8 @@ def test_concurrent_appenders_with_delays_lose_and_duplicate_nothing(db_url: str
         ).fetchone()
         assert inversions is not None and inversions[0] > 0
 
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            applied = conn.execute("SELECT count(*) FROM applied_events").fetchone()
-            if applied is not None and applied[0] >= total[0]:
-                break
-            time.sleep(0.1)
+        # No assertion on timeout: the check below names what was lost.
+        poll_until(lambda: applied_count(conn) >= total[0], timeout=60, interval=0.1)
         time.sleep(0.5)  # let a duplicate, if any, land too
         for w in workers:
             w.stop()

@@ -18,6 +18,8 @@ from projectionist.store.schema import available_migrations, migrate
 from projectionist.store.streams import read_stream
 from projectionist.testing import PostgresServer, wait_until_readable
 
+pytestmark = pytest.mark.integration
+
 _PAYLOAD_COLUMNS = """
     SELECT column_name, data_type, column_default FROM information_schema.columns
     WHERE table_name = 'events' AND column_name IN ('payload', 'metadata') ORDER BY column_name

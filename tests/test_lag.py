@@ -142,7 +142,7 @@ def test_a_caught_up_partition_never_scans_the_table(conn: Connection) -> None:
     # Rows after a caught-up checkpoint are estimated at a third of the table;
     # without a visibility map to make index-only scans cheap, an unordered
     # count capped well below that (as the default cap is in a big store)
-    # took a sequential scan of everything to find none.
+    # would take a sequential scan of everything to find none.
     conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
     load_sample(conn, 20000, 101)
     conn.execute("ANALYZE events")
@@ -157,7 +157,7 @@ def test_a_caught_up_partition_never_scans_the_table(conn: Connection) -> None:
 
 
 # A rescale committed between the scrape's group query and its lag query
-# used to be read half before, half after: the old count's partitions with
+# must not be read half before, half after: the old count's partitions with
 # the checkpoints gone, a lag spike of the whole store on every one of them.
 def test_a_scrape_reads_one_snapshot_across_a_rescale(
     conn: Connection, db_url: str, monkeypatch: pytest.MonkeyPatch

@@ -17,7 +17,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import types
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import locust_exporter
 from locust_exporter import LocustExporter
 from projectionist.api import ApiSettings, create_app
 from projectionist.store.connection import connect
-from projectionist.testing import free_port
+from projectionist.testing import free_port, poll_until
 from tests.fix_api import ServedApp
 from tests.helpers import ROOT
 
@@ -139,8 +138,8 @@ def test_exporter_counts_failures_and_times_in_seconds() -> None:
 def test_a_taken_metrics_port_leaves_the_load_running_without_metrics(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Two Locust processes on one host (a second run, --processes) both used
-    # to bind 9646, and the second died in events.init before any load.
+    # Two Locust processes on one host (a second run, --processes) both bind
+    # 9646: the second must not die in events.init before any load.
     listeners: list[object] = []
     environment = types.SimpleNamespace(
         events=types.SimpleNamespace(request=types.SimpleNamespace(add_listener=listeners.append)),
@@ -211,17 +210,21 @@ def test_http_smoke_run_against_the_real_api(db_url: str, out: Path) -> None:
         "--batch-size", "5", "--metrics-port", str(metrics_port), "--max-p95-ms", "2000",
     )  # fmt: skip
     scraped = ""
-    deadline = time.monotonic() + 60
-    # Scrape the exporter while Locust runs: its numbers must move.
-    while proc.poll() is None and time.monotonic() < deadline:
+
+    def a_request_shows() -> bool:
+        nonlocal scraped
+        if proc.poll() is not None:
+            return True  # Locust has ended: nothing more to scrape
         try:
             text = _scrape(metrics_port)
         except OSError:
             text = ""
         if (_sample(text, "locust_requests_total", f'{{method="POST",name="{APPEND}"}}') or 0) > 0:
             scraped = text
-            break
-        time.sleep(0.2)
+        return bool(scraped)
+
+    # Scrape the exporter while Locust runs: its numbers must move.
+    poll_until(a_request_shows, timeout=60, interval=0.2)
     output, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, output
     assert scraped, f"the exporter never showed a request:\n{output}"

@@ -170,7 +170,7 @@ def test_a_load_run_that_fails_its_thresholds_fails_the_experiment(
     pg_server: PostgresServer, tmp_path: Path
 ) -> None:
     # Locust exits 1 when appends failed beyond LOAD_MAX_ERROR_RATIO; the
-    # experiment used to take that as success. An unreachable request floor
+    # experiment must not take that as success. An unreachable request floor
     # makes Locust fail its verdict here without breaking the appends.
     database = f"t_scale_{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOAD_", "API_", "WORKER_", "TOTAL_"))}

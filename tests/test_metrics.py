@@ -152,7 +152,7 @@ def test_batch_duration_exemplar_is_the_batch_span_trace_id() -> None:
 
 def test_a_failed_batch_leaves_no_exemplar_behind() -> None:
     # A failed batch has no after_batch; the next checkpoint move without
-    # events has no batch scope, and it took the failed batch's trace id.
+    # events has no batch scope, and must not take the failed batch's trace id.
     registry = CollectorRegistry()
     provider = TracerProvider()
     metrics = MetricsHooks(registry, version="0.1.0")
@@ -326,7 +326,6 @@ def test_pool_stats_are_exported(metrics_pool: ConnectionPool[Connection]) -> No
     assert sample(registry, "projectionist_db_pool_max") == 2
 
 
-@pytest.mark.integration
 def test_unreachable_database_drops_store_series_but_keeps_pool_stats(unused_db_url: str) -> None:
     pool: ConnectionPool[Connection] = ConnectionPool(
         unused_db_url, min_size=1, max_size=1, open=True, kwargs={"connect_timeout": 1}
@@ -437,9 +436,9 @@ def test_telemetry_without_a_port_or_endpoint_adds_no_hooks() -> None:
         assert telemetry.server is None
 
 
-# projectionist_partition_owned followed the state, so a worker stuck on a
-# poison event (POISON_POLICY=stop) reported 0 while holding the lock, and
-# ProjectionistPartitionUncovered paged "no process holds the lock".
+# projectionist_partition_owned follows the lock, not the state: a worker stuck
+# on a poison event (POISON_POLICY=stop) still holds it, and must not report 0
+# and have ProjectionistPartitionUncovered page "no process holds the lock".
 @pytest.mark.integration
 def test_a_worker_failing_on_an_event_still_reports_its_ownership(db_url: str, conn: Connection) -> None:
     append_events(conn, {"a": 1})

@@ -1,23 +1,28 @@
-"""The coalescing Notifier wakes workers for appends made with notify=False."""
+"""Notifications: the coalescing Notifier wakes workers for appends made with notify=False, and a
+worker busy catching up does not hoard the notifications that arrive meanwhile."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 import pytest
 
+from projectionist.consume.projection import Tx
+from projectionist.hooks import WorkerState
 from projectionist.partitioning import Partition
-from projectionist.records import NewEvent
+from projectionist.records import NewEvent, RecordedEvent
 from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
-from projectionist.store.connection import NOTIFY_CHANNEL, connect
+from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect
 from projectionist.store.notifier import Notifier
+from projectionist.testing import wait_for
 from projectionist.worker.worker import Worker
-from tests.projections import Recorder, verify_exactly_once
-from tests.test_worker import Collect
+from tests.helpers import RecordingHooks, running
+from tests.projections import Recorder, applied_count, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -89,24 +94,25 @@ def test_each_single_stream_statement_notifies_only_when_asked(db_url: str, even
 
 
 def test_worker_wakes_promptly_from_the_notifier(db_url: str) -> None:
-    hooks = Collect()
+    hooks = RecordingHooks()
     worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=30), hooks=hooks)
     with Notifier(db_url) as notifier, connect(db_url, autocommit=True) as conn:
         worker.start()
         try:
-            deadline = time.monotonic() + 10
-            while not hooks.states or hooks.states[-1].value != "live":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_for(
+                lambda: hooks.states and hooks.states[-1].value == "live", "the worker to go live", timeout=10
+            )
             writers = [threading.Thread(target=_append_some, args=(db_url, notifier, k)) for k in range(4)]
             for t in writers:
                 t.start()
             for t in writers:
                 t.join()
             # The poll interval is 30 s: only the notifier can explain this.
-            while conn.execute("SELECT count(*) FROM applied_events").fetchone() != (80,):
-                assert time.monotonic() < deadline, "events not applied: notifier did not wake the worker"
-                time.sleep(0.05)
+            wait_for(
+                lambda: conn.execute("SELECT count(*) FROM applied_events").fetchone() == (80,),
+                "the events to be applied: the notifier to wake the worker",
+                timeout=10,
+            )
             assert "notify" in hooks.wakeups
             assert verify_exactly_once(conn)["lost"] == 0
         finally:
@@ -123,7 +129,7 @@ def _append_some(db_url: str, notifier: Notifier, k: int) -> None:
 
 def test_a_database_error_other_than_a_lost_connection_does_not_end_the_notifier(db_url: str) -> None:
     # NOTIFY on a server in recovery (after a failover) is an InternalError:
-    # it ended the thread for good, and workers woke only on polls after.
+    # it must not end the thread for good, leaving workers to wake on polls only.
     calls = [0]
 
     def flaky_connect(*args: Any, **kwargs: Any) -> Any:
@@ -140,3 +146,36 @@ def test_a_database_error_other_than_a_lost_connection_does_not_end_the_notifier
         notifier.poke()
         assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
     assert calls[0] >= 2
+
+
+def test_notifications_during_a_long_catch_up_are_not_queued(db_url: str) -> None:
+    # psycopg keeps every NOTIFY that arrives during other statements until
+    # notifies() runs, and a worker catching up never waits: unless the worker
+    # drains it, the queue grows with every append for the whole catch-up.
+    conns: list[Connection] = []
+
+    def connect_recording(url: str, **kwargs: object) -> Connection:
+        conn = connect(url, **kwargs)  # type: ignore[arg-type]
+        conns.append(conn)
+        return conn
+
+    class Slow(Recorder):
+        def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+            super().apply_batch(events, tx)
+            time.sleep(0.01)
+
+    with connect(db_url, autocommit=True) as conn:
+        load_sample(conn, 2000, 20)
+        worker = Worker(
+            db_url, Slow(), Partition(0, 1), WorkerOptions(batch_size=10), connect_fn=connect_recording
+        )
+        with running(worker):
+            wait_for(lambda: applied_count(conn) > 0, "the first batch")
+            for _ in range(300):
+                conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+            assert worker.state is WorkerState.CATCHING_UP  # still busy: it never waited
+            time.sleep(0.2)  # the worker's next statements read the notifications
+            assert worker.state is WorkerState.CATCHING_UP
+            (worker_conn,) = conns
+            # psycopg's own queue (no public accessor): what must not grow.
+            assert len(worker_conn._notifies_backlog or ()) == 0

@@ -1,4 +1,5 @@
-"""Partition indexes: each worker's read walks its own partial index, and only its own rows."""
+"""Partition indexes: each worker's read walks its own partial index, and only its own rows; workers
+take an index up when it is built and let go when it goes; a drop spares running workers."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from projectionist.consume.ownership import TRY_LOCK, group_key
 from projectionist.consume.processor import Processor
 from projectionist.consume.reader import RetiredGroupMarks, build_read_query
 from projectionist.errors import ConfigError
-from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.hooks import WorkerState
 from projectionist.partitioning import Partition
 from projectionist.records import Position
 from projectionist.settings import WorkerOptions
 from projectionist.store.connection import Connection, connect
 from projectionist.telemetry.metrics import MetricsHooks
+from projectionist.testing import wait_for
 from projectionist.worker.worker import Worker
-from tests.helpers import run_cli
+from tests.helpers import RecordingHooks, run_cli
 from tests.projections import Recorder, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -133,6 +135,26 @@ def test_a_running_worker_takes_up_and_lets_go_of_its_index(
     assert applied == ours
 
 
+def test_an_idle_worker_takes_up_an_index_built_while_it_runs(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a quiet store the re-check must still run, or projectionist_partition_index_used
+    # stays 0 (and its alert fires) after the operator built the index.
+    load_sample(conn, 100, 10)
+    conn.execute("ANALYZE events")
+    processor = Processor(Recorder(), Partition(0, 2), batch_size=500)
+    processor.start(conn)
+    assert processor.reader.indexed is False
+    while processor.run_batch(conn).visible:
+        pass
+    partition_indexes.create_indexes(conn, 2, lambda line: None)
+    monkeypatch.setattr(processor_module, "INDEX_RECHECK_SECONDS", 0.0)
+    time.sleep(0.01)
+    outcome = processor.run_batch(conn)  # idle: nothing new
+    assert not outcome.visible
+    assert processor.reader.indexed is True, processor.unindexed_reason
+
+
 def test_with_its_index_a_read_visits_only_its_own_rows(conn: Connection) -> None:
     load_sample(conn, 4000, 97)
     partition = Partition(2, 3)
@@ -214,6 +236,41 @@ def test_drop_is_refused_while_a_worker_of_that_size_runs(conn: Connection, db_u
     assert len(partition_indexes.drop_indexes(conn, 2)) == 2
 
 
+# drop may wait minutes for another build; workers that start meanwhile must
+# still keep their indexes (without --force).
+def test_drop_rechecks_running_workers_after_waiting_for_the_builder_lock(
+    conn: Connection, db_url: str
+) -> None:
+    conn.execute(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, payload)"
+        " SELECT gen_random_uuid(), 'a' || g, 1, g, 'E', '{}' FROM generate_series(1, 200) g"
+    )
+    partition_indexes.create_indexes(conn, 2)
+    register_group(conn, "orders", 2)
+    outcome: list[object] = []
+    with connect(db_url, autocommit=True) as other_builder, connect(db_url, autocommit=True) as worker:
+        # Another session's build or drop is running.
+        assert other_builder.execute(partition_indexes._TRY_BUILDER_LOCK).fetchone() == (True,)
+
+        def drop() -> None:
+            try:
+                with connect(db_url, autocommit=True) as own:
+                    outcome.append(partition_indexes.drop_indexes(own, 2))
+            except BaseException as e:
+                outcome.append(e)
+
+        dropper = threading.Thread(target=drop)
+        dropper.start()
+        time.sleep(1.0)  # drop has checked for live workers and now waits for the lock
+        # A worker of the 2-partition group starts meanwhile.
+        assert worker.execute(TRY_LOCK, (group_key("orders", 2), 0)).fetchone() == (True,)
+        other_builder.execute(partition_indexes._BUILDER_UNLOCK)
+        dropper.join(30)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ConfigError), f"dropped under a running worker: {outcome[0]}"
+        assert partition_indexes.is_ready(conn, 2, 0)
+
+
 def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: str) -> None:
     load_sample(conn, 300, 9)
     register_group(conn, "orders", 3)
@@ -231,7 +288,7 @@ def test_the_cli_builds_lists_and_reports_the_indexes(conn: Connection, db_url: 
     status = json.loads(run_cli("status", "--json", db_url=db_url).stdout)
     assert status["projections"]["orders"]["indexed_partitions"] == 3
     assert status["planner_statistics"] is True
-    # Without statistics no worker reads through its index, which "3 of 3" hid.
+    # Without statistics no worker reads through its index, which "3 of 3" alone would hide.
     # (No autoanalyze may gather them again meanwhile.)
     conn.execute("ALTER TABLE events SET (autovacuum_enabled = off)")
     conn.execute("DELETE FROM pg_statistic WHERE starelid = 'events'::regclass")
@@ -290,14 +347,11 @@ def test_a_worker_without_its_index_says_so(
         if built:
             partition_indexes.create_indexes(conn, 2)
     caplog.set_level(logging.INFO, logger="projectionist")
-    hooks = _States()
+    hooks = RecordingHooks()
     worker = Worker(db_url, Recorder(), Partition(1, 2), WorkerOptions(poll_interval=0.2), hooks=hooks)
     worker.start()
     try:
-        deadline = time.monotonic() + 20
-        while WorkerState.LIVE not in hooks.states and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert WorkerState.LIVE in hooks.states
+        wait_for(lambda: WorkerState.LIVE in hooks.states, "the worker to go live", timeout=20)
     finally:
         worker.stop()
         worker.join(timeout=10)
@@ -309,14 +363,6 @@ def test_a_worker_without_its_index_says_so(
     else:
         missing = "there is no index events_partition_2_1_idx"
         assert any(missing in w and hint in w for w in warnings), warnings
-
-
-class _States(WorkerHooks):
-    def __init__(self) -> None:
-        self.states: list[WorkerState] = []
-
-    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
-        self.states.append(state)
 
 
 def test_two_builders_at_once_both_succeed(conn: Connection, db_url: str) -> None:

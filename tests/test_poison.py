@@ -1,34 +1,28 @@
-"""Poison events: bounded retries, then `stop` (never move past) or `park` (dead letters, order kept)."""
+"""Poison events: bounded retries, then `stop` (never move past) or `park` (dead letters, order kept);
+the `dead-letters` commands; a projection's own database error is a poison event, not an outage."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
 
 import pytest
 
 from projectionist.consume import dead_letters
-from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.consume.processor import Processor
+from projectionist.consume.projection import Tx
+from projectionist.hooks import WorkerHooks, WorkerState
 from projectionist.partitioning import Partition, fnv1a_32
-from projectionist.records import NewEvent
+from projectionist.records import NewEvent, RecordedEvent
 from projectionist.settings import PoisonPolicy, WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
-from projectionist.testing import wait_for
+from projectionist.testing import poll_until, wait_for, wait_until_readable
 from projectionist.worker.worker import Worker
-from tests.helpers import run_cli
-from tests.projections import PoisonSensitive, verify_exactly_once
+from tests.helpers import RecordingHooks, run_cli, running
+from tests.projections import PoisonSensitive, Recorder, applied_count, verify_exactly_once
 
 pytestmark = pytest.mark.integration
-
-
-class States(WorkerHooks):
-    def __init__(self) -> None:
-        self.states: list[WorkerState] = []
-        self.errors: list[str] = []
-
-    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
-        self.states.append(state)
-
-    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
-        self.errors.append(error_type)
 
 
 def _worker(db_url: str, policy: PoisonPolicy, hooks: WorkerHooks) -> Worker:
@@ -62,7 +56,7 @@ def _applied(conn: Connection) -> list[tuple[str, int]]:
 
 
 def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) -> None:
-    hooks = States()
+    hooks = RecordingHooks()
     worker = _worker(db_url, PoisonPolicy.STOP, hooks)
     with connect(db_url, autocommit=True) as conn:
         _load(conn)
@@ -95,7 +89,7 @@ def test_stop_policy_keeps_the_worker_in_front_of_the_poison_event(db_url: str) 
 
 
 def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: str) -> None:
-    hooks = States()
+    hooks = RecordingHooks()
     worker = _worker(db_url, PoisonPolicy.PARK, hooks)
     with connect(db_url, autocommit=True) as conn:
         _load(conn)
@@ -140,7 +134,7 @@ def test_park_policy_parks_the_aggregate_and_retry_replays_it_in_order(db_url: s
 
 
 def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -> None:
-    hooks = States()
+    hooks = RecordingHooks()
     worker = _worker(db_url, PoisonPolicy.PARK, hooks)
     with connect(db_url, autocommit=True) as conn:
         append(conn, "a", [NewEvent("E", {"poison": True})])
@@ -164,10 +158,23 @@ def test_discard_gives_up_on_one_event_and_unknown_ids_are_errors(db_url: str) -
             worker.join(timeout=10)
 
 
+def test_retry_of_a_discarded_letter_is_an_error(db_url: str) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        append(conn, "a", [NewEvent("E", {"poison": True})])
+        wait_until_readable(conn)
+        processor = Processor(PoisonSensitive(), Partition(0, 1), policy=PoisonPolicy.PARK)
+        processor.start(conn)
+        processor.run_batch(conn, isolate=True)
+        (letter,) = dead_letters.list_letters(conn)
+        dead_letters.discard(conn, letter.id)
+    result = run_cli("dead-letters", "retry", str(letter.id), db_url=db_url)
+    assert result.returncode != 0, result.stdout
+
+
 # The json column takes any valid JSON, but Python's json cannot decode a
 # number of more than 4300 digits or nesting past the recursion limit. Such an
-# event (from a writer other than the store) used to kill the worker while it
-# read the batch, before the poison policy could see it.
+# event (from a writer other than the store) must not kill the worker while it
+# reads the batch, before the poison policy can see it.
 @pytest.mark.parametrize(
     "payload_text",
     ['{"n": ' + "1" * 5000 + "}", "[" * 3000 + "]" * 3000],
@@ -192,3 +199,47 @@ def test_an_event_the_reader_cannot_decode_goes_to_the_poison_policy(db_url: str
         finally:
             worker.stop()
             worker.join(timeout=10)
+
+
+# -- a database error the projection causes is the projection's, not an outage ----------------
+
+
+class IndexedTitles(Recorder):
+    """A read model with a btree-indexed column: a too-large value fails with SQLSTATE 54000."""
+
+    name = "indexed_titles"
+
+    def setup(self, conn: Connection) -> None:
+        super().setup(conn)
+        conn.execute("CREATE TABLE IF NOT EXISTS titles (aggregate_id text, title text)")
+        conn.execute("CREATE INDEX IF NOT EXISTS titles_title_idx ON titles (title)")
+
+    def apply_batch(self, events: Sequence[RecordedEvent], tx: Tx) -> None:
+        for e in events:
+            tx.execute("INSERT INTO titles VALUES (%s, %s)", (e.aggregate_id, e.payload.get("title", "")))
+        super().apply_batch(events, tx)
+
+
+def test_a_poison_event_failing_with_a_database_error_is_parked(db_url: str) -> None:
+    # psycopg's OperationalError also covers errors a projection's own statement
+    # causes (an index row too large, statement_timeout, a deadlock). Taken for a lost
+    # connection, such an event would never be isolated or parked: the worker would
+    # reconnect forever, reporting "database unavailable".
+    hooks = RecordingHooks()
+    worker = Worker(
+        db_url,
+        IndexedTitles(),
+        Partition(0, 1),
+        WorkerOptions(poll_interval=0.1, poison_policy=PoisonPolicy.PARK, max_retries=1),
+        hooks=hooks,
+    )
+    worker.retry_backoff.initial = worker.retry_backoff.maximum = 0.05
+    with connect(db_url, autocommit=True) as conn, running(worker):
+        append(conn, "a", [NewEvent("E", {"title": "fine"})])
+        append(conn, "p", [NewEvent("E", {"title": os.urandom(6000).hex()})])  # the poison event
+        append(conn, "b", [NewEvent("E", {"title": "fine too"})])
+        parked = poll_until(lambda: len(dead_letters.list_letters(conn)) == 1, timeout=10) is not None
+        kinds = sorted(set(hooks.errors))
+        causes = sorted({type(e).__name__ for e in hooks.raised})
+        assert parked, f"never parked; error types {kinds}, errors {causes}, state {worker.state.value}"
+        assert applied_count(conn) == 2

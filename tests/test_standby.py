@@ -1,4 +1,4 @@
-"""Exclusive ownership and hot standby with real processes (issue 6, section 2).
+"""Exclusive ownership and hot standby with real processes.
 
 Two ``python -m projectionist worker`` processes run with the same WORKER_ID,
 each with its own metrics port. The second one must wait as a standby, say
@@ -30,7 +30,7 @@ from tests.helpers import ROOT, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-#: Issue 6: the standby takes over within 5 s of the owner's session dying.
+#: The standby takes over within 5 s of the owner's session dying.
 TAKEOVER_LIMIT = 5.0
 
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
-import uuid
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from projectionist import ANY, NO_STREAM, ConcurrencyError, NewEvent, StreamAppend
 from projectionist.partitioning import fnv1a_32
-from projectionist.records import RecordedEvent, recorded_event_from_row
 from projectionist.store import appending as append_module
 from projectionist.store.appending import append, append_many, append_many_async
 from projectionist.store.connection import Connection, connect
@@ -247,25 +243,3 @@ def test_metadata_keeps_correlation_and_causation(conn: Connection) -> None:
     append(conn, "m", [NewEvent("E", {}, {"user": "u1"})], correlation_id="c-1", causation_id="k-1")
     (stored,) = read_stream(conn, "m")
     assert stored.metadata == {"user": "u1", "correlation_id": "c-1", "causation_id": "k-1"}
-
-
-def test_record_built_from_a_row_matches_the_dataclass() -> None:
-    # recorded_event_from_row fills a layout twin of RecordedEvent by field
-    # name and then gives it RecordedEvent's class: a field added to one and
-    # not the other must fail here, not shift values silently.
-    assert RecordedEvent.__slots__ == tuple(f.name for f in dataclasses.fields(RecordedEvent))
-    event_id, created = uuid.uuid4(), datetime.now(UTC)
-    row = (7, "9", event_id, "agg", 3, "Type", '{"a": [1, 2.5, "x"]}', '{"m": 2}', created, True)
-    fast = recorded_event_from_row(row)
-    slow = RecordedEvent(7, 9, event_id, "agg", 3, "Type", {"a": [1, 2.5, "x"]}, '{"m": 2}', created)
-    assert type(fast) is RecordedEvent
-    assert fast == slow
-    assert [getattr(fast, f.name) for f in dataclasses.fields(RecordedEvent)] == [
-        getattr(slow, f.name) for f in dataclasses.fields(RecordedEvent)
-    ]
-    assert fast.metadata == {"m": 2}
-    assert hash(fast.event_id) == hash(event_id)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        fast.payload = {}  # type: ignore[misc]
-    # A text event id (as from a connection without psycopg's uuid loader) is parsed.
-    assert recorded_event_from_row((7, "9", str(event_id), *row[3:])).event_id == event_id

@@ -121,7 +121,7 @@ def test_links_are_deduplicated_and_capped() -> None:
 @pytest.mark.parametrize("tracestate", [5, [1], True, None], ids=["int", "list", "bool", "null"])
 def test_links_survive_trace_headers_that_are_not_strings(tracestate: object) -> None:
     # Metadata is any JSON object; OpenTelemetry's propagator raises on a
-    # non-string header, which used to cost the whole batch its span.
+    # non-string header, which must not cost the whole batch its span.
     good = {**traceparent(4, 9), "tracestate": tracestate}
     events = [recorded(good), recorded({"traceparent": 5})]  # type: ignore[dict-item]
     links, dropped = batch_links(events, max_links=8)

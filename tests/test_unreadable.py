@@ -54,9 +54,9 @@ def _applied(conn: Connection) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for r in rows]
 
 
-# The worker used to die on every restart at the same batch (psycopg's
-# DataError while loading it), so the partition stopped for good and no
-# poison policy ever saw the event.
+# An unreadable row (psycopg's DataError while loading its batch) must not
+# kill the worker on every restart at the same batch, stopping the partition
+# for good before any poison policy sees the event.
 # Batch sizes put the row inside a batch, and last in a full one, where the
 # read-ahead looks first.
 @pytest.mark.parametrize(("total_workers", "batch_size"), [(1, 5), (1, 6), (2, 2), (2, 3)])

@@ -12,36 +12,18 @@ import pytest
 from projectionist.consume.processor import Processor
 from projectionist.consume.projection import Tx
 from projectionist.consume.reader import PartitionReader, RetiredGroupMarks, build_read_query
-from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
+from projectionist.hooks import WorkerState
 from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.settings import WorkerOptions
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
-from projectionist.testing import wait_until_readable
+from projectionist.testing import wait_for, wait_until_readable
 from projectionist.worker.worker import Worker
-from tests.projections import Recorder, drain, load_sample, verify_exactly_once
+from tests.helpers import RecordingHooks
+from tests.projections import Recorder, applied_count, drain, load_sample, verify_exactly_once
 
 pytestmark = pytest.mark.integration
-
-
-class Collect(WorkerHooks):
-    def __init__(self) -> None:
-        self.events: list[RecordedEvent] = []
-        self.wakeups: list[str] = []
-        self.states: list[WorkerState] = []
-        self.errors: list[str] = []
-
-    def after_batch(self, info: WorkerInfo, result: object) -> None: ...
-
-    def on_wakeup(self, info: WorkerInfo, source: str) -> None:
-        self.wakeups.append(source)
-
-    def on_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
-        self.states.append(state)
-
-    def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
-        self.errors.append(error_type)
 
 
 def test_each_worker_fetches_only_its_own_partition(conn: Connection) -> None:
@@ -172,19 +154,19 @@ def _plan(conn: Connection, query: str, params: dict[str, object]) -> str:
 def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> None:
     # An older open transaction hides a fresh append from the gap-safe read:
     # the worker looks again every few ms. Those looks are not the poll timer
-    # (30 s here), and counting them as polls read as NOTIFY not arriving.
-    hooks = Collect()
+    # (30 s here), and counted as polls they would read as NOTIFY not arriving.
+    hooks = RecordingHooks()
     worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=30), hooks=hooks)
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn, connect(db_url) as blocker:
-            _wait(lambda: WorkerState.LIVE in hooks.states)
+            wait_for(lambda: WorkerState.LIVE in hooks.states, "the worker to go live", timeout=20)
             blocker.execute("SELECT pg_current_xact_id()")  # an older transaction, left open
             append(conn, "x", [NewEvent("E", {})])
             time.sleep(0.8)  # the fenced looks back off from 5 ms: about seven in this time
             assert _count(conn, "SELECT count(*) FROM applied_events") == 0
             blocker.rollback()
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 1, timeout=10)
+            wait_for(lambda: applied_count(conn) == 1, "the event to be applied", timeout=10)
         assert "notify" in hooks.wakeups
         assert "poll" not in hooks.wakeups
     finally:
@@ -193,16 +175,16 @@ def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> 
 
 
 def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) -> None:
-    hooks = Collect()
+    hooks = RecordingHooks()
     worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=30), hooks=hooks)
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
-            _wait(lambda: WorkerState.LIVE in hooks.states)
+            wait_for(lambda: WorkerState.LIVE in hooks.states, "the worker to go live", timeout=20)
             append(conn, "x", [NewEvent("E", {})])
             # The poll interval is 30 s, so only the NOTIFY can explain an
             # application within the wait below.
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 1, timeout=10)
+            wait_for(lambda: applied_count(conn) == 1, "the event to be applied", timeout=10)
         assert "notify" in hooks.wakeups
         assert "poll" not in hooks.wakeups
     finally:
@@ -211,20 +193,20 @@ def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) 
 
 
 def test_worker_reconnects_after_its_connection_is_killed(db_url: str) -> None:
-    hooks = Collect()
+    hooks = RecordingHooks()
     worker = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=hooks)
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
             load_sample(conn, 100, 5)
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 100)
+            wait_for(lambda: applied_count(conn) == 100, "100 events applied", timeout=20)
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE application_name LIKE 'projectionist:recorder:%'"
             ).fetchone()
             assert killed == (1,)
             load_sample(conn, 100, 5)
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 200, timeout=30)
+            wait_for(lambda: applied_count(conn) == 200, "200 events applied", timeout=30)
             assert verify_exactly_once(conn)["duplicated"] == 0
         assert "database" in hooks.errors
     finally:
@@ -233,24 +215,24 @@ def test_worker_reconnects_after_its_connection_is_killed(db_url: str) -> None:
 
 
 def test_second_process_for_a_partition_waits_as_standby_and_takes_over(db_url: str) -> None:
-    owner_hooks, standby_hooks = Collect(), Collect()
+    owner_hooks, standby_hooks = RecordingHooks(), RecordingHooks()
     owner = Worker(db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=owner_hooks)
     standby = Worker(
         db_url, Recorder(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=standby_hooks
     )
     owner.start()
-    _wait(lambda: WorkerState.LIVE in owner_hooks.states)
+    wait_for(lambda: WorkerState.LIVE in owner_hooks.states, "the owner to go live", timeout=20)
     standby.start()
     try:
-        _wait(lambda: WorkerState.STANDBY in standby_hooks.states)
+        wait_for(lambda: WorkerState.STANDBY in standby_hooks.states, "the second to stand by", timeout=20)
         with connect(db_url, autocommit=True) as conn:
             load_sample(conn, 50, 5)
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 50)
+            wait_for(lambda: applied_count(conn) == 50, "50 events applied", timeout=20)
             owner.stop()
             owner.join(timeout=10)
-            _wait(lambda: WorkerState.LIVE in standby_hooks.states, timeout=10)
+            wait_for(lambda: WorkerState.LIVE in standby_hooks.states, "the standby to take over", timeout=10)
             load_sample(conn, 50, 5)
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 100)
+            wait_for(lambda: applied_count(conn) == 100, "100 events applied", timeout=20)
             assert verify_exactly_once(conn)["duplicated"] == 0
     finally:
         owner.stop()
@@ -270,14 +252,14 @@ def test_failing_projection_is_retried_and_never_skipped(db_url: str) -> None:
                 raise RuntimeError("boom")
             super().apply_batch(events, tx)  # type: ignore[arg-type]
 
-    hooks = Collect()
+    hooks = RecordingHooks()
     worker = Worker(db_url, FailsOnce(), Partition(0, 1), WorkerOptions(poll_interval=0.2), hooks=hooks)
     worker.retry_backoff.initial = 0.05
     with connect(db_url, autocommit=True) as conn:
         load_sample(conn, 30, 3)
         worker.start()
         try:
-            _wait(lambda: _count(conn, "SELECT count(*) FROM applied_events") == 30, timeout=20)
+            wait_for(lambda: applied_count(conn) == 30, "30 events applied", timeout=20)
         finally:
             worker.stop()
             worker.join(timeout=10)
@@ -304,18 +286,6 @@ def test_checkpoint_compare_and_set_fences_a_second_owner(conn: Connection) -> N
 def _count(conn: Connection, query: str) -> int:
     row = conn.execute(query).fetchone()
     return int(row[0]) if row else 0
-
-
-def _wait(predicate: object, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return
-        except Exception:  # the table may not exist yet
-            pass
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture(autouse=True)
