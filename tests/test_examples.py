@@ -72,3 +72,10 @@ def test_user_projection_embedded_in_python(db_url: str) -> None:
     finally:
         worker.stop()
         worker.join(timeout=10)
+
+
+def test_the_sample_projections_former_path_still_loads() -> None:
+    # Deployed PROJECTION settings name it; the documented path is projectionist.demo:ScalableProjection.
+    old = load_projection("projectionist.sample:ScalableProjection")
+    new = load_projection("projectionist.demo:ScalableProjection")
+    assert type(old) is type(new) and old.name == "scalable_projection"

@@ -74,3 +74,27 @@ def test_concurrent_migrate_under_repeatable_read_default(pg_server: PostgresSer
                 t.join(60)
         assert errors == [], errors
         assert sorted(applied)[0] == 0
+
+
+@pytest.mark.parametrize("command", [["worker", "--worker-id", "0"], ["pool"], ["catch-up"]])
+def test_workers_refuse_an_unmigrated_database(pg_server: PostgresServer, command: list[str]) -> None:
+    # Migrating is a step of its own: a worker neither migrates nor waits, it says what to run.
+    with pg_server.fresh_database() as url:
+        result = run_cli(*command, db_url=url)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            "projectionist: the database is not migrated (5 pending: 0001_event_store, 0002_rescale, "
+            "0003_dead_letters, 0004_json_payloads, 0005_created_at_range); run `projectionist migrate` first"
+        )
+        with connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('events')").fetchone() == (None,)
+
+
+def test_migrate_opts_back_in_at_start_up(pg_server: PostgresServer) -> None:
+    with pg_server.fresh_database() as url:
+        result = run_cli("catch-up", "--migrate", db_url=url, env={"LOG_LEVEL": "WARNING"})
+        assert result.returncode == 0, result.stderr
+        with connect(url, autocommit=True) as conn:
+            versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+        assert versions == [m.version for m in available_migrations()]

@@ -23,6 +23,7 @@ from projectionist.errors import ConfigError, one_line
 from projectionist.partitioning import Partition
 from projectionist.settings import PoisonPolicy, Settings, WorkerOptions
 from projectionist.store.connection import connect
+from projectionist.store.schema import require_migrated
 
 log = logging.getLogger("projectionist")
 
@@ -189,6 +190,7 @@ def cmd_catch_up(args: argparse.Namespace, settings: Settings) -> int:
     projection = load_projection(settings.projection)
     url = prepared_database(settings)
     with connect(url, autocommit=True) as conn:
+        require_migrated(conn)
         partitions = group_partitions(conn, projection.name) or settings.partitions
     return catch_up(url, settings.projection, projection, partitions, settings.worker, args.timeout)
 
