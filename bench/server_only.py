@@ -91,7 +91,7 @@ def scripts() -> dict[str, str]:
         "meta": "'{}'::json",
         "expected": "NULL",
     }
-    ours = {notify: _fill_named(_ONE_EVENT_APPENDS[notify].as_string(), named) for notify in (True, False)}
+    ours = {notify: _fill_named(_ONE_EVENT_APPENDS[notify].decode(), named) for notify in (True, False)}
     head = f"\\set a random(1, {AGGREGATES_PER_CLIENT})\n"
     return {
         "raw": head + raw,

@@ -16,6 +16,7 @@ from projectionist.hooks import WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.settings import WorkerOptions
+from projectionist.store import doorbell
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import wait_until_readable
@@ -178,7 +179,7 @@ def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> 
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn, connect(db_url) as blocker:
-            _wait(lambda: WorkerState.LIVE in hooks.states)
+            _wait(lambda: doorbell.sleeping(conn))  # asleep: the append will NOTIFY
             blocker.execute("SELECT pg_current_xact_id()")  # an older transaction, left open
             append(conn, "x", [NewEvent("E", {})])
             time.sleep(0.8)  # the fenced looks back off from 5 ms: about seven in this time
@@ -198,7 +199,7 @@ def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) 
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
-            _wait(lambda: WorkerState.LIVE in hooks.states)
+            _wait(lambda: doorbell.sleeping(conn))  # asleep: the append will NOTIFY
             append(conn, "x", [NewEvent("E", {})])
             # The poll interval is 30 s, so only the NOTIFY can explain an
             # application within the wait below.
