@@ -307,12 +307,8 @@ def append(
     appends. ``False`` sends none: workers find the events when they next
     poll, or the caller pokes a :class:`~projectionist.store.notifier.Notifier`.
     """
-    return append_many(
-        conn,
-        [StreamAppend(aggregate_id, events, expected_version)],
-        correlation_id=correlation_id,
-        causation_id=causation_id,
-        notify=notify,
+    return _append_many(
+        conn, [StreamAppend(aggregate_id, events, expected_version)], correlation_id, causation_id, notify
     )[0]
 
 
@@ -325,6 +321,16 @@ def append_many(
     notify: Notify = None,
 ) -> list[AppendResult]:
     """Append to many aggregates in one transaction (bulk loading). All or nothing."""
+    return _append_many(conn, appends, correlation_id, causation_id, notify)
+
+
+def _append_many(
+    conn: Connection,
+    appends: Sequence[StreamAppend],
+    correlation_id: str | None,
+    causation_id: str | None,
+    notify: Notify,
+) -> list[AppendResult]:
     context, attempts = _prepare(appends, correlation_id, causation_id)
     for attempt in range(attempts):
         try:
