@@ -68,10 +68,15 @@ class PartitionedRun:
     server_rows_read: int | None
     cpu_seconds: float | None = None
     """CPU the workers and their server backends used while timed (None: the server is not local)."""
+    steady: tuple[int, float] | None = None
+    """(events, CPU seconds) between 10% and 90% of the events applied: the steady state."""
 
     @property
     def events_per_cpu_second(self) -> float | None:
-        return self.events / self.cpu_seconds if self.cpu_seconds else None
+        """In the steady state, without each worker's start and the tail (None: not measured)."""
+        if self.steady is None or self.steady[1] <= 0:
+            return None
+        return self.steady[0] / self.steady[1]
 
 
 @dataclass

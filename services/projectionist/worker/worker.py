@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -37,10 +38,10 @@ log = logging.getLogger(__name__)
 _SLICE = 0.2
 
 # How a caught-up worker looks for new events (docs/design/notifications.md).
-# While its group is busy, rows keep coming and it polls with a one-statement
-# look: the first _BUSY_FIRST_LOOK after a batch that found new rows, backing
-# off to _BUSY_LONGEST_LOOK while nothing comes, and no append needs to
-# NOTIFY. After _BUSY_WINDOW without new rows it goes to sleep behind the
+# While its group is busy, rows keep coming and it polls: a batch
+# _BUSY_FIRST_LOOK after a batch that found new rows, then one-statement looks
+# backing off to _BUSY_LONGEST_LOOK while nothing comes, and no append needs
+# to NOTIFY. After _BUSY_WINDOW without new rows it goes to sleep behind the
 # doorbell: appends NOTIFY while it sleeps, and its poll interval bounds a
 # missed one.
 _BUSY_FIRST_LOOK = 0.003
@@ -333,11 +334,15 @@ class Worker:
         while not self.stopping:
             if time.monotonic() - self._active_at < _BUSY_WINDOW:
                 # Busy: rows came a moment ago, more are likely. Look, without a NOTIFY.
+                # Right after a batch that found rows, the next batch is the look:
+                # it usually finds rows too, and a look first would cost a round
+                # trip more. After that, a one-statement look decides.
+                right_after_rows = self._next_look == _BUSY_FIRST_LOOK
                 if self._wait_for_events(conn, self._next_look, timeout_source="busy_poll"):
                     self._wake(conn, notified=True)
                     return
                 self._next_look = min(self._next_look * 2, _BUSY_LONGEST_LOOK)
-                if self._look(conn).visible:
+                if right_after_rows or self._look(conn).visible:
                     return
                 continue
             if not self._doorbell_armed:
@@ -420,10 +425,8 @@ class Worker:
         notifies() runs, and a worker catching up never waits: without this
         the queue grew with every append for as long as the catch-up lasted.
         """
-        own = conn.info.backend_pid
-        for n in conn.notifies(timeout=0):
-            if n.pid != own:
-                self._notified = True
+        if _received(conn):
+            self._notified = True
 
     def _wait_for_events(self, conn: Connection, timeout: float, *, timeout_source: str) -> bool:
         """Wait for a NOTIFY or the timeout. Returns True when notified.
@@ -440,21 +443,29 @@ class Worker:
             self.hooks.on_wakeup(self.info, "notify")
             return True
         deadline = time.monotonic() + timeout
-        own = conn.info.backend_pid
         while not self.stopping:
+            if _received(conn):
+                self.hooks.on_wakeup(self.info, "notify")
+                return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.hooks.on_wakeup(self.info, timeout_source)
                 return False
-            received = False
-            for n in conn.notifies(timeout=min(_SLICE, remaining), stop_after=1):
-                # Its own ring (see _wake) comes back to it: that is no news.
-                received = n.pid != own
-            if received:
-                self.hooks.on_wakeup(self.info, "notify")
-                return True
+            # Waiting on the socket here, not in notifies(timeout=...): psycopg
+            # waits in whole milliseconds and spins through the last one, which
+            # for the short looks of a busy worker was a third of the wait.
+            select.select([conn.fileno()], [], [], min(_SLICE, remaining))
             self.hooks.on_tick(self.info)
         return False
+
+
+def _received(conn: Connection) -> bool:
+    """Take the notifications that arrived, without waiting; True if one came from another session.
+
+    A worker's own NOTIFY (as it leaves the doorbell) comes back to it too: no news.
+    """
+    own = conn.info.backend_pid
+    return any([n.pid != own for n in conn.notifies(timeout=0)])
 
 
 def _close_quietly(conn: Connection) -> None:
