@@ -521,11 +521,13 @@ def render(results: Results) -> str:
     lines.append(
         "Cores busy: CPU time of the worker processes and their server backends while timed, "
         "divided by the wall time (projectionist only, and only with a local server). Events per "
-        "CPU-second divides the events by that CPU time; scaling efficiency compares it with N=1, "
-        "so it says whether an event costs more with more workers, whatever the cores the machine "
-        "has to spare. The wall-clock speed-up is information: at the same CPU cost per event, N "
-        "workers can go at most the machine's cores divided by one worker's cores busy times as "
-        "fast as one."
+        "CPU-second: the events applied between 10% and 90% of the run, divided by the CPU time "
+        "the same processes used meanwhile (the steady state, without each worker's start, when a "
+        "fresh backend fills its caches and plans the read, and without the tail where the last "
+        "worker finishes alone). Scaling efficiency compares it with N=1, so it says whether an "
+        "event costs more with more workers, whatever the cores the machine has to spare. The "
+        "wall-clock speed-up is information: at the same CPU cost per event, N workers can go at "
+        "most the machine's cores divided by one worker's cores busy times as fast as one."
     )
     one = results.partitioned.get(("projectionist", 1))
     one_busy = None if one is None else one.median_cores_busy
