@@ -75,6 +75,13 @@ def validate_aggregate_id(aggregate_id: str) -> None:
         raise ValueError("aggregate_id must not contain control characters")
 
 
+# Appends go to the same aggregates again and again: check each id once (an
+# invalid one raises, and is never cached).
+@functools.lru_cache(maxsize=65536)
+def _validated(aggregate_id: str) -> None:
+    validate_aggregate_id(aggregate_id)
+
+
 # Appends with expected version ANY take a per-aggregate transaction lock
 # before reading the version, so concurrent ANY writers to a hot aggregate
 # queue up instead of failing and retrying. Locks are taken in sorted order
@@ -435,7 +442,7 @@ def _prepare(
         raise ValueError("append_many got the same aggregate_id twice; merge its events")
     retry_any = True
     for a in appends:
-        validate_aggregate_id(a.aggregate_id)
+        _validated(a.aggregate_id)
         if not a.events:
             raise ValueError(f"no events to append to {a.aggregate_id!r}")
         if a.expected_version is not ANY:
