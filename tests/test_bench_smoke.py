@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from bench import scrape_cost
+from bench import scaling, scrape_cost
 from bench.data import aggregate_id, batched_plan, coalesce, concurrent_plan, grouped, payload, payload_size
 from bench.latency import percentile
 from bench.partitioned import StatementStats, build_partition_indexes, run_ours
@@ -355,3 +355,15 @@ def test_the_latency_table_counts_the_appends_that_notified_and_the_workers_cpu(
     ]
     report = render(r)
     assert "| 500 | 498 | 1,000 | 3.0 | 6.0 | 9.0 | 20.0 | 2 of 600 | 0.30 |" in report
+
+
+@pytest.mark.integration
+def test_scaling_applies_every_partition_one_after_another(capsys: pytest.CaptureFixture[str]) -> None:
+    assert scaling.main(["--events", "3000", "--reps", "1"]) == 0
+    rows = [
+        line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line[:4] in ("| 1 ", "| 2 ", "| 4 ")
+    ]
+    assert [r[0] for r in rows] == ["| 1", "| 2", "| 4"]
+    assert rows[0][4] == "1.00\N{MULTIPLICATION SIGN} |"
