@@ -95,7 +95,7 @@ class Worker:
         self._isolate = False
         # A NOTIFY arrived while the worker caught up (see _take_notifications).
         self._notified = False
-        # Wake-up state of the current connection (see _after_empty_read).
+        # Wake-up state of the current connection (see _wait_for_work).
         self._holds_doorbell = False
         self._doorbell_armed = False
         self._active_at = -math.inf
