@@ -139,10 +139,13 @@ def coalesce(rows: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
 
 
 #: Workload 2 on the server alone (bench.server_only): statement key -> what
-#: the report calls it, in report order; and the aggregates each client appends to.
+#: the report calls it, in report order (each row adds one piece of the
+#: store's work to the one above); and the aggregates each client appends to.
 SERVER_ONLY_STATEMENTS = {
     "raw": "raw psycopg's INSERT",
-    "projectionist_notifier": "projectionist's append, notify=False",
-    "projectionist": "projectionist's append, NOTIFY in the transaction",
+    "raw_returning": "raw psycopg's INSERT, returning the positions",
+    "projectionist_no_notify": "projectionist's append, notify=False (+ the version check)",
+    "projectionist": "projectionist's append, the default (+ the doorbell, no worker asleep)",
+    "projectionist_notify": "projectionist's append, notify=True (NOTIFY in every transaction)",
 }
 SERVER_ONLY_AGGREGATES_PER_CLIENT = 50

@@ -14,6 +14,13 @@ If the server has ``track_commit_timestamp`` off (``BENCH_DATABASE_URL``), the
 fallback is ``clock_timestamp()`` at apply minus ``created_at`` at insert,
 which leaves out both commits, and the report says so.
 
+**What the wake-ups cost.** Appends use the default ``notify``: a NOTIFY only
+while a worker sleeps. A connection of the benchmark LISTENs and counts the
+notifications that came from the appender's backend, and the CPU time of the
+workers and their server backends is read over each run, so the table shows
+both sides of the trade: how often writers paid for a NOTIFY, and what the
+workers' polling cost.
+
 **The load.** An open-loop appender commits every 5 ms with the events due by
 then (1 per commit at 200/s, 2-3 at 500/s, 10 at 2000/s), each to a different
 aggregate out of 400, so all four partitions get work.
@@ -27,13 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.data import EVENT_TYPE, payload
-from bench.procs import Children, bench_env, worker_args
+from bench.procs import Children, backend_pids, bench_env, cpu_seconds, worker_args
 from bench.projections import LATENCY_DDL
 from bench.results import LatencyRun, Results
 from bench.throughput import Failures, one_line
 from projectionist.records import NewEvent
 from projectionist.store.appending import StreamAppend, append_many
-from projectionist.store.connection import Connection, connect
+from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect
 
 Log = Callable[[str], None]
 
@@ -61,8 +68,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
-def pace(conn: Connection, rate: float, seconds: float, seed: int) -> tuple[int, int, int, float]:
-    """Append at ``rate`` events/s for ``seconds``; returns (first, last position, events, elapsed)."""
+def pace(conn: Connection, rate: float, seconds: float, seed: int) -> tuple[int, int, int, float, int]:
+    """Append at ``rate`` events/s for ``seconds``.
+
+    Returns (first, last position, events, elapsed, append transactions).
+    """
     import random
 
     rng = random.Random(seed)
@@ -72,6 +82,7 @@ def pace(conn: Connection, rate: float, seconds: float, seed: int) -> tuple[int,
     last = 0
     started = time.perf_counter()
     tick = 0
+    commits = 0
     while True:
         now = time.perf_counter() - started
         if now >= seconds:
@@ -91,11 +102,12 @@ def pace(conn: Connection, rate: float, seconds: float, seed: int) -> tuple[int,
                 )
                 last = max(last, *result.global_positions)
             sent += due
+            commits += 1
         tick += 1
         delay = started + tick * TICK - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-    return first or 0, last, sent, time.perf_counter() - started
+    return first or 0, last, sent, time.perf_counter() - started, commits
 
 
 def wait_applied(conn: Connection, lo: int, hi: int, count: int, timeout: float = 120) -> None:
@@ -123,13 +135,14 @@ def latency(
     results: Results,
     failures: Failures,
     log: Log,
+    local_server: bool = False,
 ) -> None:
     log(
         f"5. append-to-applied latency: {WORKERS} workers live, "
         f"{', '.join(f'{r:g}' for r in rates)} events/s, {seconds:g} s each"
     )
     try:
-        with connect(url, autocommit=True) as conn:
+        with connect(url, autocommit=True) as conn, connect(url, autocommit=True) as listener:
             conn.execute(LATENCY_DDL)
             row = conn.execute("SELECT current_setting('track_commit_timestamp')").fetchone()
             exact = bool(row and row[0] == "on")
@@ -151,7 +164,7 @@ def latency(
                         f"latency-{k}",
                     )
                 # Warm-up: every worker is connected, has set up and applied something.
-                lo, hi, n, _ = pace(conn, 200, 1.0, seed=0)
+                lo, hi, n, _, _ = pace(conn, 200, 1.0, seed=0)
                 deadline = time.monotonic() + 90
                 while True:
                     children.check_alive()
@@ -161,11 +174,25 @@ def latency(
                     except TimeoutError:
                         if time.monotonic() > deadline:
                             raise
+                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                appender = conn.info.backend_pid
+                busy = [c.pid for c in children.running()] + backend_pids(
+                    conn, f"projectionist:{PROJECTION}:"
+                )
                 for rate in rates:
                     for rep in range(reps):
-                        lo, hi, n, elapsed = pace(conn, rate, seconds, seed=int(rate) * 10 + rep)
+                        list(listener.notifies(timeout=0.05))  # whatever came before this run
+                        cpu_before = cpu_seconds(busy) if busy else None
+                        lo, hi, n, elapsed, commits = pace(conn, rate, seconds, seed=int(rate) * 10 + rep)
+                        cpu_after = cpu_seconds(busy) if busy else None
                         wait_applied(conn, lo, hi, n)
                         children.check_alive()
+                        notified = sum(1 for x in listener.notifies(timeout=0.2) if x.pid == appender)
+                        workers_cpu = (
+                            cpu_after - cpu_before
+                            if cpu_before is not None and cpu_after is not None
+                            else None
+                        )
                         values = sorted(float(r[0]) for r in conn.execute(query, (lo, hi)))
                         dup = conn.execute(
                             "SELECT count(*) - count(DISTINCT global_position) FROM bench_applied "
@@ -182,12 +209,17 @@ def latency(
                             p95=percentile(values, 0.95),
                             p99=percentile(values, 0.99),
                             max=values[-1] if values else math.nan,
+                            notified=notified,
+                            appends=commits,
+                            workers_cpu=workers_cpu,
+                            seconds=elapsed,
                         )
                         results.latency.setdefault(rate, []).append(run)
                         log(
                             f"  rep {rep + 1}: {rate:>6,.0f}/s (achieved {run.achieved_rate:,.0f}): "
                             f"p50 {run.p50 * 1000:.1f} ms, p95 {run.p95 * 1000:.1f} ms, "
-                            f"p99 {run.p99 * 1000:.1f} ms, max {run.max * 1000:.1f} ms"
+                            f"p99 {run.p99 * 1000:.1f} ms, max {run.max * 1000:.1f} ms; "
+                            f"{notified} of {commits} appends notified"
                         )
     except Exception as e:
         log(f"  latency failed: {one_line(e)}")

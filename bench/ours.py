@@ -1,11 +1,11 @@
 """projectionist through its public API: ``append_many``/``append`` and the worker's ``Processor``.
 
-Appends use the default ``expected_version=ANY`` (what ``projectionist append``
-and the demo do), unless ``exact_versions`` is set: then each append passes the
-stream's known version, as an application that loaded the aggregate would.
-With ``notifier`` set, appends run with ``notify=False`` and poke a shared
-coalescing ``projectionist.store.notifier.Notifier`` after each commit instead of
-sending NOTIFY inside the append's transaction.
+Appends use the defaults, ``expected_version=ANY`` (what ``projectionist append``
+and the demo do) and ``notify=None`` (a NOTIFY only while a worker sleeps),
+unless ``exact_versions`` is set: then each append passes the stream's known
+version, as an application that loaded the aggregate would. With
+``notify_per_append`` set, every append sends NOTIFY in its transaction
+(``notify=True``, the explicit opt-in).
 """
 
 from __future__ import annotations
@@ -43,25 +43,16 @@ class _OurWriter(Writer):
     def __init__(self, ours: Projectionist) -> None:
         self.conn = connect(ours.url, autocommit=True)
         self.versions = _Versions(ours.exact_versions)
-        self.notifier = ours.shared_notifier()
+        self.notify = ours.notify
 
     def write(self, aggregate: str, body: dict[str, Any]) -> None:
-        if self.notifier is None:
-            append(
-                self.conn,
-                aggregate,
-                [NewEvent(EVENT_TYPE, body)],
-                expected_version=self.versions.expect(aggregate, 1),
-            )
-            return
         append(
             self.conn,
             aggregate,
             [NewEvent(EVENT_TYPE, body)],
             expected_version=self.versions.expect(aggregate, 1),
-            notify=False,
+            notify=self.notify,
         )
-        self.notifier.poke()
 
     def close(self) -> None:
         self.conn.close()
@@ -71,34 +62,18 @@ class Projectionist(Contestant):
     key = "projectionist"
     label = "projectionist"
 
-    def __init__(self, url: str, *, exact_versions: bool = False, notifier: bool = False) -> None:
+    def __init__(self, url: str, *, exact_versions: bool = False, notify_per_append: bool = False) -> None:
         super().__init__(url)
         self.exact_versions = exact_versions
-        self.use_notifier = notifier
-        self._notifier: Any = None
+        #: None: the default (a NOTIFY only while a worker sleeps); True: NOTIFY in every append.
+        self.notify: bool | None = True if notify_per_append else None
         if exact_versions:
             self.key = "projectionist_exact"
             self.label = "projectionist (exact expected_version)"
-        if notifier:
-            from projectionist.store.notifier import Notifier  # noqa: F401 - fail early if it is missing
-
-            self.key = "projectionist_notifier"
-            self.label = "projectionist (notify=False + Notifier)"
+        if notify_per_append:
+            self.key = "projectionist_notify"
+            self.label = "projectionist (notify=True)"
         self.versions = _Versions(exact_versions)
-
-    def shared_notifier(self) -> Any:
-        """The one coalescing Notifier every writer pokes, started on first use (None if not in use)."""
-        if self.use_notifier and self._notifier is None:
-            from projectionist.store.notifier import Notifier
-
-            self._notifier = Notifier(self.url)
-            self._notifier.start()
-        return self._notifier
-
-    def close(self) -> None:
-        if self._notifier is not None:
-            self._notifier.close()
-            self._notifier = None
 
     def setup(self) -> None:
         with connect(self.url, autocommit=True) as conn:
@@ -119,7 +94,6 @@ class Projectionist(Contestant):
     def append_batches(self, transactions: list[list[Event]]) -> float:
         with connect(self.url, autocommit=True) as conn:
             started = time.perf_counter()
-            notifier = self.shared_notifier()
             for txn in transactions:
                 appends = [
                     StreamAppend(
@@ -129,11 +103,7 @@ class Projectionist(Contestant):
                     )
                     for agg, bodies in grouped(txn).items()
                 ]
-                if notifier is None:
-                    append_many(conn, appends)
-                else:
-                    append_many(conn, appends, notify=False)
-                    notifier.poke()
+                append_many(conn, appends, notify=self.notify)
             return time.perf_counter() - started
 
     def writer(self, thread: int, events: list[Event]) -> Writer:

@@ -42,6 +42,9 @@ from projectionist.testing import python_module
 
 Log = Callable[[str], None]
 
+#: The shares of the events applied between which the steady-state CPU cost is read.
+STEADY_STATE = (0.1, 0.9)
+
 # Which statements count as "the read", per contestant (matched against pg_stat_statements.query).
 OUR_READ = r"\mfrom\s+events\M"
 MDB_READ = r"get_category_messages"
@@ -142,6 +145,11 @@ def run_ours(
                     else []
                 )
                 cpu_before = cpu_seconds(busy) if busy else None
+                # The steady state: CPU time between 10% and 90% of the events
+                # applied, leaving out each worker's start (a fresh backend fills
+                # its catalog caches and plans the read its first times) and
+                # the tail where the last worker finishes alone.
+                marks: dict[float, tuple[int, float | None]] = {}
                 started = gate.open()
                 deadline = time.monotonic() + 600
                 while True:
@@ -151,6 +159,9 @@ def run_ours(
                         (name, n),
                     ).fetchone()
                     done = int(row[0]) if row else 0
+                    for share in STEADY_STATE:
+                        if share not in marks and done >= share * expected:
+                            marks[share] = (done, cpu_seconds(busy) if busy else None)
                     if done >= expected:
                         finished = time.time()
                         cpu_after = cpu_seconds(busy) if busy else None
@@ -164,8 +175,14 @@ def run_ours(
     _settle_stats()
     rows, calls = stats.rows(OUR_READ)
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    (first, cpu_first), (last, cpu_last) = marks[STEADY_STATE[0]], marks[STEADY_STATE[1]]
+    steady = (
+        None
+        if cpu_first is None or cpu_last is None or last <= first
+        else (last - first, cpu_last - cpu_first)
+    )
     return PartitionedRun(
-        finished - started, done, rows, calls, server_rows_read(url, "events") - before, cpu
+        finished - started, done, rows, calls, server_rows_read(url, "events") - before, cpu, steady
     )
 
 

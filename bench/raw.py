@@ -1,5 +1,10 @@
 """The physical limit: plain psycopg on a table of exactly projectionist's shape.
 
+Three ways to send workload 1's batches, each its own contestant so they take
+turns with the others: ``executemany`` (one INSERT per row, pipelined), one
+multi-row INSERT over ``unnest``ed binary arrays, and binary ``COPY``. The
+report judges the batched append against the fastest of them.
+
 The table is created by projectionist's own migration, so columns, defaults,
 constraints and indexes match to the letter. Raw does none of the store's
 work: versions come from a client-side counter (no read, no lock, no check),
@@ -34,10 +39,15 @@ from projectionist.consume.reader import register_xid8_loader
 from projectionist.partitioning import fnv1a_32
 from projectionist.store.schema import migrate
 
-_INSERT = (
-    "INSERT INTO events (event_id, aggregate_id, aggregate_version, partition_hash, event_type, "
-    "payload, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+_COLUMNS = "event_id, aggregate_id, aggregate_version, partition_hash, event_type, payload, metadata"
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+# One statement per transaction, the arrays sent in binary, as projectionist sends its own.
+_INSERT_UNNEST = (
+    f"INSERT INTO events ({_COLUMNS}) SELECT * FROM unnest("
+    "%b::uuid[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::json[], %b::json[])"
 )
+_COPY = f"COPY events ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_COPY_TYPES = ["uuid", "text", "int8", "int8", "text", "json", "json"]
 # The same columns, in the same form, as projectionist's reader returns, in primary-key order.
 _SCAN = (
     "SELECT global_position, transaction_id AS txid, event_id, aggregate_id, aggregate_version, "
@@ -142,3 +152,36 @@ _raw_decode = json.JSONDecoder().raw_decode
 
 def _decode(rows: list[tuple[Any, ...]]) -> list[Any]:
     return [_raw_decode(r[6])[0] for r in rows]
+
+
+class RawUnnest(Raw):
+    """Workload 1 only: one multi-row INSERT per transaction over binary arrays."""
+
+    key = "raw_unnest"
+    label = "raw psycopg (unnest INSERT)"
+
+    def append_batches(self, transactions: list[list[Event]]) -> float:
+        with self.connect() as conn:
+            started = time.perf_counter()
+            for txn in transactions:
+                rows = [self.versions.row(agg, body) for agg, body in txn]
+                # Autocommit: the one statement is the whole transaction.
+                conn.execute(_INSERT_UNNEST, [list(column) for column in zip(*rows, strict=True)])
+            return time.perf_counter() - started
+
+
+class RawCopy(Raw):
+    """Workload 1 only: one binary COPY per transaction."""
+
+    key = "raw_copy"
+    label = "raw psycopg (COPY)"
+
+    def append_batches(self, transactions: list[list[Event]]) -> float:
+        with self.connect() as conn:
+            started = time.perf_counter()
+            for txn in transactions:
+                with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY) as copy:
+                    copy.set_types(_COPY_TYPES)
+                    for agg, body in txn:
+                        copy.write_row(self.versions.row(agg, body))
+            return time.perf_counter() - started

@@ -91,10 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run projectionist appends with exact expected versions",
     )
     p.add_argument(
-        "--notifier",
+        "--notify-per-append",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run projectionist appends with notify=False and a coalescing Notifier (default: on)",
+        help="also run workload 2 with notify=True, a NOTIFY in every append transaction (default: on)",
     )
     add_output_flags(p, "bench")
     return p.parse_args(argv)
@@ -195,24 +195,23 @@ def build_contestants(
     server: BenchServer, args: argparse.Namespace
 ) -> tuple[list[Contestant], dict[str, str]]:
     from bench.ours import Projectionist
-    from bench.raw import Raw
+    from bench.raw import Raw, RawCopy, RawUnnest
 
     contestants: list[Contestant] = []
     unavailable: dict[str, str] = {}
     contestants.append(Raw(server.fresh_database("bench_raw")))
+    contestants.append(RawUnnest(server.fresh_database("bench_raw_unnest")))
+    contestants.append(RawCopy(server.fresh_database("bench_raw_copy")))
     ours_url = server.fresh_database("bench_projectionist")
     contestants.append(Projectionist(ours_url))
     if args.exact_versions:
         contestants.append(
             Projectionist(server.fresh_database("bench_projectionist_exact"), exact_versions=True)
         )
-    if args.notifier:
-        try:
-            contestants.append(
-                Projectionist(server.fresh_database("bench_projectionist_notifier"), notifier=True)
-            )
-        except ImportError as e:
-            log(f"--notifier: not measured: {e}")
+    if args.notify_per_append:
+        contestants.append(
+            Projectionist(server.fresh_database("bench_projectionist_notify"), notify_per_append=True)
+        )
     if args.no_peers:
         unavailable["eventsourcing"] = unavailable["messagedb"] = "skipped (--no-peers)"
     else:
@@ -235,7 +234,7 @@ def build_contestants(
             contestants.remove(c)
             log(f"{c.key}: not measured: {e}")
         except Exception as e:
-            if c.key in ("raw", "projectionist"):
+            if c.key in ("raw", "raw_unnest", "raw_copy", "projectionist"):
                 raise
             unavailable[c.key] = f"setup failed: {one_line(e)}"
             contestants.remove(c)
@@ -278,10 +277,13 @@ def run_workloads(
             "concurrent appends (both views), catch-up, the telemetry pairs and partitioned catch-up: "
             f"median of {short_reps} repetitions (short runs, the noisiest)"
         )
+    # Raw's other batch methods take part in workload 1 only, notify=True in workload 2 only.
+    raw_methods_only = ("raw_unnest", "raw_copy")
     if "concurrent" in only:
         plan = concurrent_plan(sizes.concurrent_events, sizes.threads)
         warmup = concurrent_plan(sizes.concurrent_warmup, sizes.threads, seed=3)
-        concurrent_append(contestants, plan, warmup, short_reps, results, failures, log)
+        writers = [c for c in contestants if c.key not in raw_methods_only]
+        concurrent_append(writers, plan, warmup, short_reps, results, failures, log)
     if "server" in only:
         from bench.server_only import server_only
 
@@ -302,11 +304,17 @@ def run_workloads(
             for cell in results.server_only.values():
                 cell.reason = f"error: {one_line(e)}"
                 cell.samples.clear()
+    readers = [
+        c
+        for c in contestants
+        if c.key not in (*raw_methods_only, "projectionist_exact", "projectionist_notify")
+    ]
     if "append" in only:
         plan_b = batched_plan(sizes.append_events)
         warm_b = batched_plan(sizes.warmup_events, seed=4)
-        batched_append(contestants, plan_b, warm_b, sizes.reps, results, failures, log)
-        for c in contestants:
+        loaders = [c for c in contestants if c.key != "projectionist_notify"]
+        batched_append(loaders, plan_b, warm_b, sizes.reps, results, failures, log)
+        for c in readers:
             try:
                 c.vacuum_analyze()
             except Exception as e:
@@ -319,7 +327,6 @@ def run_workloads(
                 conn.execute("CHECKPOINT")
         except Exception as e:
             log(f"  CHECKPOINT after loading failed: {one_line(e)}")
-    readers = [c for c in contestants if c.key not in ("projectionist_exact", "projectionist_notifier")]
     if "catchup" in only:
         catch_up(readers, sizes.batch_size, short_reps, results, failures, log)
     if "telemetry" in only and "projectionist" in by_key:
@@ -364,6 +371,7 @@ def run_workloads(
                 results=results,
                 failures=failures,
                 log=log,
+                local_server=server.embedded,
             )
     else:
         results.latency_reason = "skipped (--only)"

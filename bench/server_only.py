@@ -4,9 +4,12 @@ Workload 2 measures the store as a Python application uses it: 8 threads
 under one GIL, on the same cores as the server. There the client's CPU and the
 server's add up, and the ratio mixes both. pgbench sends the very same SQL
 from 8 C clients, whose CPU is next to nothing, so its ratio is the server's
-own: raw's bare INSERT against projectionist's single-event append as the
-store renders it (version lookup, try-lock, RETURNING; with or without the
-NOTIFY). Each client writes to 50 aggregates of its own, as in workload 2.
+own. The rows add the store's work one piece at a time: raw's bare INSERT;
+the same returning the positions; projectionist's single-event append as the
+store renders it with ``notify=False`` (plus the version lookup and the
+try-lock: the version check); the default (plus the doorbell's shared lock);
+and ``notify=True`` (plus the NOTIFY). Each client writes to 50 aggregates of
+its own, as in workload 2.
 
 What pgbench cannot do is run Python: event ids come from
 ``gen_random_uuid()``, every row gets the same payload, and raw's "client-side
@@ -91,12 +94,14 @@ def scripts() -> dict[str, str]:
         "meta": "'{}'::json",
         "expected": "NULL",
     }
-    ours = {notify: _fill_named(_ONE_EVENT_APPENDS[notify].as_string(), named) for notify in (True, False)}
+    ours = {notify: _fill_named(_ONE_EVENT_APPENDS[notify].decode(), named) for notify in (None, True, False)}
     head = f"\\set a random(1, {AGGREGATES_PER_CLIENT})\n"
     return {
         "raw": head + raw,
-        "projectionist_notifier": head + ours[False],
-        "projectionist": head + ours[True],
+        "raw_returning": head + raw.removesuffix(";\n") + " RETURNING global_position, aggregate_version;\n",
+        "projectionist_no_notify": head + ours[False],
+        "projectionist": head + ours[None],
+        "projectionist_notify": head + ours[True],
     }
 
 

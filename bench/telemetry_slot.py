@@ -1,4 +1,4 @@
-"""THE TELEMETRY SLOT (issue 3): a worker's hooks with metrics, health and tracing all on.
+"""The telemetry slot: a worker's hooks with metrics, health and tracing all on.
 
 The cost comparison runs the same no-op catch-up through ``Processor`` with
 ``hooks=WorkerHooks()`` (nothing) and with what a worker process runs when

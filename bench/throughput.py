@@ -41,7 +41,14 @@ class Failures:
     def record(self, contestant: Contestant, workload: str, e: BaseException, cell: Cell | None) -> None:
         message = one_line(e)
         self.log(f"  {contestant.label}: {workload} failed: {message}")
-        if contestant.key in ("raw", "projectionist", "projectionist_exact", "projectionist_notifier"):
+        if contestant.key in (
+            "raw",
+            "raw_unnest",
+            "raw_copy",
+            "projectionist",
+            "projectionist_exact",
+            "projectionist_notify",
+        ):
             self.fatal.append(f"{contestant.label} / {workload}: {message}")
             self.log(traceback.format_exc())
         if cell is not None:
@@ -242,7 +249,7 @@ def telemetry_cost(
     failures: Failures,
     log: Log,
 ) -> None:
-    """Issue 3's cost check: the same no-op catch-up in a worker-like process, with and without telemetry."""
+    """The telemetry's cost: the same no-op catch-up in a worker-like process, with and without it."""
     from bench.telemetry_slot import telemetry
 
     without = results.telemetry.setdefault("without", Cell())

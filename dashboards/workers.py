@@ -411,8 +411,11 @@ def build() -> Dashboard:
     layout.panel(
         timeseries_panel(
             "Wake-ups",
-            "Why workers looked for new events: a NOTIFY from an append, or the poll "
-            "timer. Mostly polls under write load means notifications are not arriving.",
+            "Why caught-up workers looked for new events: notify (a NOTIFY woke a sleeping "
+            "worker; appends send one only while a worker sleeps), poll (a sleeping worker's "
+            "poll interval), busy_poll (short looks while events keep coming). Under write load "
+            "busy_poll dominates; mostly poll at the start of bursts means notifications are not "
+            "arriving.",
             "ops",
             [
                 Query(

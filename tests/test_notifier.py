@@ -32,7 +32,7 @@ def test_append_without_notify_sends_nothing_and_the_notifier_coalesces(db_url: 
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         append(conn, "a", [NewEvent("E", {})], notify=False)
         assert list(listener.notifies(timeout=0.3)) == []
-        append(conn, "a", [NewEvent("E", {})])  # the default notifies, at commit
+        append(conn, "a", [NewEvent("E", {})], notify=True)  # notifies, at commit
         assert len(list(listener.notifies(timeout=1, stop_after=1))) == 1
 
         with Notifier(db_url, min_interval=0.05) as notifier:
@@ -88,7 +88,7 @@ def test_each_single_stream_statement_notifies_only_when_asked(db_url: str, even
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         first = append(conn, f"s{events}", batch(), notify=False)
         assert list(listener.notifies(timeout=0.3)) == []
-        second = append(conn, f"s{events}", batch())
+        second = append(conn, f"s{events}", batch(), notify=True)
         assert len(list(listener.notifies(timeout=1, stop_after=1))) == 1
         assert (first.version, second.version) == (events, 2 * events)
 

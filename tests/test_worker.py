@@ -16,6 +16,7 @@ from projectionist.hooks import WorkerState
 from projectionist.partitioning import Partition, partition_of
 from projectionist.records import NewEvent, Position, RecordedEvent
 from projectionist.settings import WorkerOptions
+from projectionist.store import doorbell
 from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 from projectionist.testing import wait_for, wait_until_readable
@@ -160,7 +161,9 @@ def test_quick_looks_behind_the_read_fence_are_not_poll_wakeups(db_url: str) -> 
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn, connect(db_url) as blocker:
-            wait_for(lambda: WorkerState.LIVE in hooks.states, "the worker to go live", timeout=20)
+            wait_for(
+                lambda: doorbell.sleeping(conn), "the worker to fall asleep", timeout=20
+            )  # the append will NOTIFY
             blocker.execute("SELECT pg_current_xact_id()")  # an older transaction, left open
             append(conn, "x", [NewEvent("E", {})])
             time.sleep(0.8)  # the fenced looks back off from 5 ms: about seven in this time
@@ -180,7 +183,9 @@ def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(db_url: str) 
     worker.start()
     try:
         with connect(db_url, autocommit=True) as conn:
-            wait_for(lambda: WorkerState.LIVE in hooks.states, "the worker to go live", timeout=20)
+            wait_for(
+                lambda: doorbell.sleeping(conn), "the worker to fall asleep", timeout=20
+            )  # the append will NOTIFY
             append(conn, "x", [NewEvent("E", {})])
             # The poll interval is 30 s, so only the NOTIFY can explain an
             # application within the wait below.

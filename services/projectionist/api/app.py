@@ -30,7 +30,6 @@ from projectionist.api.state import ApiState
 from projectionist.errors import one_line
 from projectionist.settings import ApiSettings
 from projectionist.store.connection import AsyncConnection
-from projectionist.store.notifier import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +102,11 @@ def create_app(
         # says 503 until it is reachable, and the pool keeps reconnecting.
         await pool.open(wait=False)
         state.pool = pool
-        notifier = Notifier(database_url)
-        notifier.start()
-        state.notifier = notifier
         try:
             yield
         finally:
             state.pool = None
-            state.notifier = None
             await pool.close()
-            notifier.close()
 
     app = Starlette(
         routes=routes,

@@ -101,7 +101,6 @@ async def append_events(request: Request) -> Response:
                     aggregate_id,
                     body.events,
                     expected_version=body.expected_version,
-                    notify=state.notifier is None,
                 )
             except ConcurrencyError as e:
                 current = e.actual if e.actual is not None else await stream_version_async(conn, aggregate_id)
@@ -118,8 +117,6 @@ async def append_events(request: Request) -> Response:
                 current = await stream_version_async(conn, aggregate_id)
                 raise ApiError(409, "duplicate_event_id", str(e), current_version=current) from None
 
-    if state.notifier is not None:
-        state.notifier.poke()
     state.metrics.events_appended.inc(len(result.global_positions))
     return JSONResponse(
         {

@@ -1,4 +1,4 @@
-"""What the API's handlers share: settings, metrics, and the pool and notifier of the app's lifespan."""
+"""What the API's handlers share: settings, metrics, and the pool of the app's lifespan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from projectionist.api.errors import ApiError
 from projectionist.api.metrics import ApiMetrics
 from projectionist.settings import ApiSettings
 from projectionist.store.connection import AsyncConnection
-from projectionist.store.notifier import Notifier
 
 
 @dataclass(slots=True)
@@ -22,9 +21,6 @@ class ApiState:
     settings: ApiSettings
     metrics: ApiMetrics
     pool: AsyncConnectionPool[AsyncConnection] | None = None
-    #: Wakes the workers after each append: NOTIFY stays out of the append
-    #: transactions, so concurrent requests' commits are not serialised.
-    notifier: Notifier | None = None
 
     def connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         if self.pool is None:

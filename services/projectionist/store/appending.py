@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -31,6 +32,7 @@ from projectionist.records import (
     ExpectedVersion,
     NewEvent,
 )
+from projectionist.store import doorbell
 from projectionist.store.connection import NOTIFY_CHANNEL, AsyncConnection, Connection
 from projectionist.store.trace_context import inject_trace_context
 
@@ -71,6 +73,13 @@ def validate_aggregate_id(aggregate_id: str) -> None:
         raise ValueError(f"aggregate_id is longer than {MAX_AGGREGATE_ID_LENGTH} characters")
     if _CONTROL_CHARACTER.search(aggregate_id):
         raise ValueError("aggregate_id must not contain control characters")
+
+
+# Appends go to the same aggregates again and again: check each id once (an
+# invalid one raises, and is never cached).
+@functools.lru_cache(maxsize=65536)
+def _validated(aggregate_id: str) -> None:
+    validate_aggregate_id(aggregate_id)
 
 
 # Appends with expected version ANY take a per-aggregate transaction lock
@@ -205,7 +214,7 @@ _APPEND_ONE_STREAM = sql.SQL(
     FROM unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::json[], %(metas)b::json[])
          WITH ORDINALITY AS r(event_id, event_type, payload, metadata, n),
          {_CURRENT_VERSION}{{notified}}
-    WHERE {_ONE_STREAM_GUARD}
+    WHERE {_ONE_STREAM_GUARD}{{ring}}
     ORDER BY r.n
     RETURNING global_position, aggregate_version
     """
@@ -220,48 +229,66 @@ _APPEND_ONE_EVENT = sql.SQL(
                         event_type, payload, metadata)
     SELECT %(id)s, %(agg)s, cur.version + 1, %(hash)s, %(type)s, %(payload)s, %(meta)s
     FROM {_CURRENT_VERSION}{{notified}}
-    WHERE {_ONE_STREAM_GUARD}
+    WHERE {_ONE_STREAM_GUARD}{{ring}}
     RETURNING global_position, aggregate_version
     """
 )
 
 
-# NOTIFY inside the append transaction is exact (delivered at commit, never
-# before the rows are visible) but PostgreSQL serialises the commits of all
-# notifying transactions, WAL flush included, which halves the throughput of
-# many concurrent small appends. notify=False leaves waking the workers to the
-# caller, typically a coalescing Notifier (notifier.py) poked after commit.
+# How an append wakes the workers (the ``notify`` argument):
+# - None, the default: only while a worker sleeps (doorbell.py). Busy workers
+#   poll, so under write load no append sends a NOTIFY.
+# - True: a NOTIFY in every append transaction. Exact (delivered at commit,
+#   never before the rows are visible), but PostgreSQL serialises the commits
+#   of all notifying transactions, WAL flush included, which more than halves
+#   the throughput of many concurrent small appends.
+# - False: never; workers find the events on their next poll, or the caller
+#   wakes them (a Notifier poked after commit, notifier.py).
+Notify = bool | None
+_NOTIFY_MODES: tuple[Notify, ...] = (None, True, False)
 _NOTIFY_CALL = sql.SQL("pg_notify({}, '')").format(sql.Literal(NOTIFY_CHANNEL))
 
 
-def _with_notify(template: sql.SQL, notify: bool) -> sql.Composed:
+def _with_notify(template: sql.SQL, notify: Notify) -> sql.Composed:
+    if notify is None:
+        return template.format(notify=doorbell.RING_IF_SLEEPING)
     return template.format(notify=_NOTIFY_CALL if notify else sql.SQL("1"))
 
 
-# The one-stream statements have no other CTE, so without NOTIFY they drop
-# the notified CTE altogether: a CTE scan joined to the INSERT's source cost
-# about 3% of the server's time for a single-event append (pgbench, 8 clients).
-def _with_notify_cte(template: sql.SQL, notify: bool) -> sql.Composed:
-    if not notify:
-        return template.format(with_notified=sql.SQL(""), notified=sql.SQL(""))
-    return template.format(
-        with_notified=sql.SQL("WITH notified AS (SELECT {})\n    ").format(_NOTIFY_CALL),
-        notified=sql.SQL(", notified"),
-    )
+# The one-stream statements have no other CTE, so they drop the notified CTE
+# unless they NOTIFY every time: a CTE scan joined to the INSERT's source cost
+# about 3% of the server's time for a single-event append (pgbench, 8
+# clients). The doorbell goes in the WHERE clause instead; its NOTIFY is an
+# InitPlan, evaluated only when a worker sleeps.
+def _with_notify_cte(template: sql.SQL, notify: Notify) -> sql.Composed:
+    if notify is True:
+        return template.format(
+            with_notified=sql.SQL("WITH notified AS (SELECT {})\n    ").format(_NOTIFY_CALL),
+            notified=sql.SQL(", notified"),
+            ring=sql.SQL(""),
+        )
+    ring = sql.SQL("\n      AND {}").format(doorbell.RING_IF_SLEEPING) if notify is None else sql.SQL("")
+    return template.format(with_notified=sql.SQL(""), notified=sql.SQL(""), ring=ring)
 
 
-# Rendered once: composing the statement again on every append cost ~6% of
-# an append's client CPU. The arrays go as binary (%b): dumping them as text
-# arrays was over half of it.
-_INSERTS = {notify: sql.SQL(_with_notify(_INSERT, notify).as_string()) for notify in (True, False)}
+def _rendered(statement: sql.Composed) -> bytes:
+    """Rendered once, as bytes: composing the statement again on every append
+    cost ~6% of an append's client CPU, and a str or SQL object is encoded
+    again on every execute."""
+    return statement.as_string().encode()
+
+
+# The arrays go as binary (%b): dumping them as text arrays was over half of
+# an append's client CPU.
+_INSERTS = {notify: _rendered(_with_notify(_INSERT, notify)) for notify in _NOTIFY_MODES}
 _ONE_STATEMENT_APPENDS = {
-    notify: sql.SQL(_with_notify(_APPEND_ONE_STATEMENT, notify).as_string()) for notify in (True, False)
+    notify: _rendered(_with_notify(_APPEND_ONE_STATEMENT, notify)) for notify in _NOTIFY_MODES
 }
 _ONE_STREAM_APPENDS = {
-    notify: sql.SQL(_with_notify_cte(_APPEND_ONE_STREAM, notify).as_string()) for notify in (True, False)
+    notify: _rendered(_with_notify_cte(_APPEND_ONE_STREAM, notify)) for notify in _NOTIFY_MODES
 }
 _ONE_EVENT_APPENDS = {
-    notify: sql.SQL(_with_notify_cte(_APPEND_ONE_EVENT, notify).as_string()) for notify in (True, False)
+    notify: _rendered(_with_notify_cte(_APPEND_ONE_EVENT, notify)) for notify in _NOTIFY_MODES
 }
 
 
@@ -273,20 +300,22 @@ def append(
     expected_version: ExpectedVersion = ANY,
     correlation_id: str | None = None,
     causation_id: str | None = None,
-    notify: bool = True,
+    notify: Notify = None,
 ) -> AppendResult:
     """Append ``events`` to one aggregate's stream.
 
     ``expected_version`` is :data:`ANY`, :data:`NO_STREAM`, or the exact current
     version; a mismatch raises :class:`ConcurrencyError` and writes nothing.
-    ``notify`` sends the workers' wake-up NOTIFY in the append's transaction.
+
+    ``notify`` says how the workers learn of the events. ``None`` (the
+    default) sends a NOTIFY only while a worker sleeps waiting for one: busy
+    workers poll, and writers pay nothing for them. ``True`` sends a NOTIFY
+    in every append transaction, which serialises the commits of concurrent
+    appends. ``False`` sends none: workers find the events when they next
+    poll, or the caller pokes a :class:`~projectionist.store.notifier.Notifier`.
     """
-    return append_many(
-        conn,
-        [StreamAppend(aggregate_id, events, expected_version)],
-        correlation_id=correlation_id,
-        causation_id=causation_id,
-        notify=notify,
+    return _append_many(
+        conn, [StreamAppend(aggregate_id, events, expected_version)], correlation_id, causation_id, notify
     )[0]
 
 
@@ -296,17 +325,29 @@ def append_many(
     *,
     correlation_id: str | None = None,
     causation_id: str | None = None,
-    notify: bool = True,
+    notify: Notify = None,
 ) -> list[AppendResult]:
     """Append to many aggregates in one transaction (bulk loading). All or nothing."""
+    return _append_many(conn, appends, correlation_id, causation_id, notify)
+
+
+def _append_many(
+    conn: Connection,
+    appends: Sequence[StreamAppend],
+    correlation_id: str | None,
+    causation_id: str | None,
+    notify: Notify,
+) -> list[AppendResult]:
     context, attempts = _prepare(appends, correlation_id, causation_id)
     for attempt in range(attempts):
         try:
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
-                conn.autocommit, conn.info.transaction_status
+                conn.autocommit, conn.pgconn.transaction_status
             ):
-                with contextlib.suppress(_Declined):
+                try:
                     return _execute(conn, _plan_fast(appends, context, notify))
+                except _Declined:
+                    pass
             with _atomic(conn):
                 return _execute(conn, _plan_append(appends, context, notify))
         except ConcurrencyError:
@@ -325,7 +366,7 @@ async def append_async(
     expected_version: ExpectedVersion = ANY,
     correlation_id: str | None = None,
     causation_id: str | None = None,
-    notify: bool = True,
+    notify: Notify = None,
 ) -> AppendResult:
     """:func:`append` on an asyncio connection: same checks, same SQL, same result."""
     results = await append_many_async(
@@ -344,18 +385,20 @@ async def append_many_async(
     *,
     correlation_id: str | None = None,
     causation_id: str | None = None,
-    notify: bool = True,
+    notify: Notify = None,
 ) -> list[AppendResult]:
     """:func:`append_many` on an asyncio connection. All or nothing."""
     context, attempts = _prepare(appends, correlation_id, causation_id)
     for attempt in range(attempts):
         try:
             if attempt < _ONE_STATEMENT_ATTEMPTS and _owns_transaction(
-                conn.autocommit, conn.info.transaction_status
+                conn.autocommit, conn.pgconn.transaction_status
             ):
-                with contextlib.suppress(_Declined):
+                try:
                     return await _execute_async(conn, _plan_fast(appends, context, notify))
-            if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
+                except _Declined:
+                    pass
+            if _needs_implicit_begin(conn.autocommit, conn.pgconn.transaction_status):
                 await conn.execute("SELECT 1")  # see _atomic
             async with conn.transaction():
                 return await _execute_async(conn, _plan_append(appends, context, notify))
@@ -365,34 +408,91 @@ async def append_many_async(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _as_is(data: Any) -> Any:
+    return data
+
+
+#: The metadata of an event with none of its own, appended with no trace context
+#: and no ids: dumped once, not once per event (a json.dumps per event was
+#: about a tenth of a bulk append's client CPU).
+_EMPTY_METADATA = Json(b"{}", dumps=_as_is)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """The metadata every event of one append gets (trace context, correlation and causation ids)."""
+
+    fields: dict[str, Any]
+    dumped: Json
+
+    def metadata(self, event: NewEvent) -> Json:
+        if not event.metadata:
+            return self.dumped
+        return Json({**self.fields, **event.metadata})
+
+
+_NO_CONTEXT = _Context({}, _EMPTY_METADATA)
+
+
 def _prepare(
     appends: Sequence[StreamAppend], correlation_id: str | None, causation_id: str | None
-) -> tuple[dict[str, Any], int]:
+) -> tuple[_Context, int]:
     """Validate the request; return the metadata every event gets and how many attempts to make."""
     if len(appends) > 1 and len({a.aggregate_id for a in appends}) != len(appends):
         raise ValueError("append_many got the same aggregate_id twice; merge its events")
+    retry_any = True
     for a in appends:
-        validate_aggregate_id(a.aggregate_id)
+        _validated(a.aggregate_id)
         if not a.events:
             raise ValueError(f"no events to append to {a.aggregate_id!r}")
-        if isinstance(a.expected_version, int) and a.expected_version < 0:
-            raise ValueError(f"expected_version must be >= 0, got {a.expected_version}")
-    context = inject_trace_context()
+        if a.expected_version is not ANY:
+            retry_any = False
+            if isinstance(a.expected_version, int) and a.expected_version < 0:
+                raise ValueError(f"expected_version must be >= 0, got {a.expected_version}")
+    fields = inject_trace_context()
     if correlation_id is not None:
-        context["correlation_id"] = correlation_id
+        fields["correlation_id"] = correlation_id
     if causation_id is not None:
-        context["causation_id"] = causation_id
-
-    retry_any = all(a.expected_version is ANY for a in appends)
+        fields["causation_id"] = causation_id
+    context = _Context(fields, Json(json.dumps(fields).encode(), dumps=_as_is)) if fields else _NO_CONTEXT
     return context, _ANY_ATTEMPTS if retry_any else 1
 
 
-def _owns_transaction(autocommit: bool, status: TransactionStatus) -> bool:
+def _columns(
+    appends: Sequence[StreamAppend], context: _Context, versions: Mapping[str, int] | None
+) -> tuple[list[Any], ...]:
+    """The INSERT's arrays: event ids, aggregate ids, versions, hashes, types, payloads, metadata.
+
+    ``versions`` gives each stream's current version; without it the third
+    array holds each event's offset in its stream (1, 2, ...), which the
+    one-statement append adds to the version it reads itself.
+    """
+    ids: list[Any] = []
+    aggregates: list[str] = []
+    numbers: list[int] = []
+    hashes: list[int] = []
+    types: list[str] = []
+    payloads: list[Json] = []
+    metadata: list[Json] = []
+    for a in appends:
+        events, n = a.events, len(a.events)
+        base = versions[a.aggregate_id] if versions is not None else 0
+        ids += [e.event_id for e in events]
+        aggregates += [a.aggregate_id] * n
+        numbers += range(base + 1, base + n + 1)
+        hashes += [_partition_hash(a.aggregate_id)] * n
+        types += [e.type for e in events]
+        payloads += [Json(e.payload) for e in events]
+        metadata += [context.metadata(e) for e in events]
+    return ids, aggregates, numbers, hashes, types, payloads, metadata
+
+
+def _owns_transaction(autocommit: bool, status: int) -> bool:
     """Nothing is open on an autocommit connection: one statement is the whole transaction."""
     return autocommit and status == TransactionStatus.IDLE
 
 
-def _needs_implicit_begin(autocommit: bool, status: TransactionStatus) -> bool:
+def _needs_implicit_begin(autocommit: bool, status: int) -> bool:
     return not autocommit and status == TransactionStatus.IDLE
 
 
@@ -405,7 +505,7 @@ def _atomic(conn: Connection) -> Iterator[None]:
     block. Opening the implicit transaction first turns the block into a
     savepoint, so the caller's ``commit()`` decides.
     """
-    if _needs_implicit_begin(conn.autocommit, conn.info.transaction_status):
+    if _needs_implicit_begin(conn.autocommit, conn.pgconn.transaction_status):
         conn.execute("SELECT 1")
     with conn.transaction():
         yield
@@ -415,9 +515,8 @@ def _atomic(conn: Connection) -> Iterator[None]:
 # to run and is sent back its rows (or thrown the database error it raised).
 # The sync and asyncio executors below only run statements, so both paths take
 # the same locks, make the same checks and build the same rows.
-@dataclass(frozen=True, slots=True)
-class _Statement:
-    query: sql.SQL | sql.Composed
+class _Statement(NamedTuple):
+    query: sql.SQL | bytes
     params: Sequence[Any] | Mapping[str, Any]
 
 
@@ -463,7 +562,7 @@ async def _execute_async(conn: AsyncConnection, plan: _Plan) -> list[AppendResul
         return result
 
 
-def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
+def _plan_append(appends: Sequence[StreamAppend], context: _Context, notify: Notify) -> _Plan:
     unversioned = [a.aggregate_id for a in appends if a.expected_version is ANY]
     if unversioned:
         yield _Statement(_LOCK_STREAMS, (unversioned,))
@@ -473,7 +572,6 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
         current[agg] = (version or 0, int(last_txid) if last_txid is not None else None)
         own_txid = int(own) if own is not None else None
 
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
     for a in appends:
         version, last_txid = current[a.aggregate_id]
         _check_expected(a, version)
@@ -491,16 +589,8 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
                 "the enclosing transaction wrote before the stream's last append committed; "
                 "retry in a new transaction",
             )
-        partition_hash = _partition_hash(a.aggregate_id)
-        for offset, event in enumerate(a.events, start=1):
-            columns[0].append(event.event_id)
-            columns[1].append(a.aggregate_id)
-            columns[2].append(version + offset)
-            columns[3].append(partition_hash)
-            columns[4].append(event.type)
-            columns[5].append(Json(event.payload))
-            columns[6].append(Json({**context, **event.metadata}))
 
+    columns = _columns(appends, context, {agg: version for agg, (version, _) in current.items()})
     try:
         rows = yield _Statement(_INSERTS[notify], columns)
     except pg_errors.UniqueViolation as e:
@@ -514,13 +604,13 @@ def _plan_append(appends: Sequence[StreamAppend], context: dict[str, Any], notif
     return _results(appends, rows)
 
 
-def _plan_fast(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
+def _plan_fast(appends: Sequence[StreamAppend], context: _Context, notify: Notify) -> _Plan:
     if len(appends) == 1:
         return _plan_one_stream(appends[0], context, notify)
     return _plan_one_statement(appends, context, notify)
 
 
-def _plan_one_stream(a: StreamAppend, context: dict[str, Any], notify: bool) -> _Plan:
+def _plan_one_stream(a: StreamAppend, context: _Context, notify: Notify) -> _Plan:
     query, params = _one_stream_statement(a, context, notify)
     try:
         rows = yield _Statement(query, params)
@@ -534,9 +624,7 @@ def _plan_one_stream(a: StreamAppend, context: dict[str, Any], notify: bool) -> 
     return _results([a], [(position, a.aggregate_id, version) for position, version in rows])
 
 
-def _one_stream_statement(
-    a: StreamAppend, context: dict[str, Any], notify: bool
-) -> tuple[sql.SQL, dict[str, Any]]:
+def _one_stream_statement(a: StreamAppend, context: _Context, notify: Notify) -> tuple[bytes, dict[str, Any]]:
     params: dict[str, Any] = {
         "agg": a.aggregate_id,
         "expected": _expected_number(a.expected_version),
@@ -547,27 +635,17 @@ def _one_stream_statement(
         params["id"] = e.event_id
         params["type"] = e.type
         params["payload"] = Json(e.payload)
-        params["meta"] = Json({**context, **e.metadata})
+        params["meta"] = context.metadata(e)
         return _ONE_EVENT_APPENDS[notify], params
     params["ids"] = [e.event_id for e in a.events]
     params["types"] = [e.type for e in a.events]
     params["payloads"] = [Json(e.payload) for e in a.events]
-    params["metas"] = [Json({**context, **e.metadata}) for e in a.events]
+    params["metas"] = [context.metadata(e) for e in a.events]
     return _ONE_STREAM_APPENDS[notify], params
 
 
-def _plan_one_statement(appends: Sequence[StreamAppend], context: dict[str, Any], notify: bool) -> _Plan:
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-    for a in appends:
-        partition_hash = _partition_hash(a.aggregate_id)
-        for offset, event in enumerate(a.events, start=1):
-            columns[0].append(event.event_id)
-            columns[1].append(a.aggregate_id)
-            columns[2].append(offset)
-            columns[3].append(partition_hash)
-            columns[4].append(event.type)
-            columns[5].append(Json(event.payload))
-            columns[6].append(Json({**context, **event.metadata}))
+def _plan_one_statement(appends: Sequence[StreamAppend], context: _Context, notify: Notify) -> _Plan:
+    columns = _columns(appends, context, None)
     expected = [_expected_number(a.expected_version) for a in appends]
     try:
         rows = yield _Statement(

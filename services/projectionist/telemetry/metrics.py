@@ -29,7 +29,7 @@ WORKER_LABELS = ("projection", "worker", "total_workers")
 #: Error types and wake-up sources the worker reports; their series start at 0.
 #: Both come from code, never from data, so a new one may appear lazily.
 ERROR_TYPES = ("database", "fenced", "projection", "poison", "parked")
-WAKEUP_SOURCES = ("notify", "poll")
+WAKEUP_SOURCES = ("notify", "poll", "busy_poll")
 WORKER_STATES = [state.value for state in WorkerState]
 
 # Seconds. A batch is usually milliseconds; a slow projection may take seconds.
@@ -129,7 +129,9 @@ class MetricsHooks(WorkerHooks):
         )
         self.wakeups = Counter(
             "projectionist_wakeups",
-            "What woke the idle worker: a NOTIFY from an append, or the poll timer.",
+            "What made the caught-up worker look for new events: notify (a NOTIFY woke it; appends "
+            "send one only while a worker sleeps), poll (the poll interval of a sleeping worker), "
+            "busy_poll (a short look while new rows are expected).",
             (*labels, "source"),
             registry=registry,
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from projectionist.errors import ConfigError, FencedError, PoisonEventError, Pro
 from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
 from projectionist.settings import WorkerOptions
+from projectionist.store import doorbell
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.store.schema import require_migrated
 
@@ -33,8 +36,20 @@ log = logging.getLogger(__name__)
 
 # Longest uninterrupted sleep, so a stop request is noticed promptly.
 _SLICE = 0.2
-# After a wake-up that found nothing visible yet (an older transaction is still
-# open and fences the read), re-read quickly rather than after a full poll.
+
+# How a caught-up worker looks for new events (docs/design/notifications.md).
+# While its group is busy, rows keep coming and it polls: a batch
+# _BUSY_FIRST_LOOK after a batch that found new rows, then one-statement looks
+# backing off to _BUSY_LONGEST_LOOK while nothing comes, and no append needs
+# to NOTIFY. After _BUSY_WINDOW without new rows it goes to sleep behind the
+# doorbell: appends NOTIFY while it sleeps, and its poll interval bounds a
+# missed one.
+_BUSY_FIRST_LOOK = 0.003
+_BUSY_LONGEST_LOOK = 0.024
+_BUSY_WINDOW = 0.15
+# Asleep, with committed rows hidden behind the read fence (an older
+# transaction is still open): their appends will not NOTIFY again, so look
+# again after 5, 10, 20 ms and so on, up to the poll interval.
 _FENCED_RETRY_START = 0.005
 
 
@@ -80,6 +95,12 @@ class Worker:
         self._isolate = False
         # A NOTIFY arrived while the worker caught up (see _take_notifications).
         self._notified = False
+        # Wake-up state of the current connection (see _wait_for_work).
+        self._holds_doorbell = False
+        self._doorbell_armed = False
+        self._active_at = -math.inf
+        self._next_look = _BUSY_FIRST_LOOK
+        self._fenced_retry: float | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -251,12 +272,26 @@ class Worker:
                 INDEX_RECHECK_SECONDS,
             )
         self._set_state(WorkerState.CATCHING_UP, "connected")
-        fenced_retry: float | None = None
+        self._holds_doorbell = self._doorbell_armed = False
+        self._active_at = -math.inf
+        self._fenced_retry = None
+        try:
+            self._process(conn)
+        finally:
+            if self._holds_doorbell:
+                # The sleepers that relied on this doorbell must check it again.
+                with contextlib.suppress(psycopg.Error):
+                    doorbell.leave(conn, ring=True)
+                self._holds_doorbell = False
+
+    def _process(self, conn: Connection) -> None:
         while not self.stopping:
             self.hooks.on_tick(self.info)
             try:
                 outcome = self.processor.run_batch(conn, isolate=self._isolate)
             except ProjectionError as e:
+                # Failing, not asleep: appends must not NOTIFY for it meanwhile.
+                self._wake(conn, notified=False)
                 self._projection_failed(e)
                 continue
             self._isolate = False
@@ -271,19 +306,89 @@ class Worker:
             if outcome.more:
                 self._set_state(WorkerState.CATCHING_UP, "more events waiting")
                 self._take_notifications(conn)
+                self._wake(conn, notified=False)
                 continue
             self._set_state(WorkerState.LIVE, "caught up")
             if outcome.visible:
-                fenced_retry = None
-            elif fenced_retry is not None:
-                # Woken, yet nothing visible: an older transaction still fences
-                # the new rows. Its commit sends no NOTIFY of its own, so look
-                # again soon, backing off towards the poll interval.
-                self._wait_for_events(conn, fenced_retry, poll=fenced_retry >= self.poll_interval)
-                fenced_retry = min(fenced_retry * 2, self.poll_interval)
+                # New rows, ours or another partition's: more are likely on the way.
+                self._wake(conn, notified=False)
+            self._wait_for_work(conn)
+
+    def _wake(self, conn: Connection, *, notified: bool) -> None:
+        """The group is busy: poll soon, and leave the doorbell so that appends stop notifying.
+
+        A holder woken by a NOTIFY leaves quietly: every sleeper got the same
+        NOTIFY. Any other holder rings as it leaves, since the sleepers that
+        found the doorbell taken rely on appends ringing it.
+        """
+        self._active_at = time.monotonic()
+        self._next_look = _BUSY_FIRST_LOOK
+        self._fenced_retry = None
+        self._doorbell_armed = False
+        if self._holds_doorbell:
+            doorbell.leave(conn, ring=not notified)
+            self._holds_doorbell = False
+
+    def _wait_for_work(self, conn: Connection) -> None:
+        """Return when the next batch is due: new rows are visible, a NOTIFY came, or a poll is due."""
+        while not self.stopping:
+            if time.monotonic() - self._active_at < _BUSY_WINDOW:
+                # Busy: rows came a moment ago, more are likely. Look, without a NOTIFY.
+                # Right after a batch that found rows, the next batch is the look:
+                # it usually finds rows too, and a look first would cost a round
+                # trip more. After that, a one-statement look decides.
+                right_after_rows = self._next_look == _BUSY_FIRST_LOOK
+                if self._wait_for_events(conn, self._next_look, timeout_source="busy_poll"):
+                    self._wake(conn, notified=True)
+                    return
+                self._next_look = min(self._next_look * 2, _BUSY_LONGEST_LOOK)
+                if right_after_rows or self._look(conn).visible:
+                    return
                 continue
-            if self._wait_for_events(conn, self.poll_interval):
-                fenced_retry = _FENCED_RETRY_START
+            if not self._doorbell_armed:
+                turn = doorbell.try_to_sleep(conn)
+                if turn is doorbell.Turn.APPENDING:
+                    # Uncommitted appends hold it: their rows come at their commit.
+                    if self._wait_for_events(conn, _BUSY_LONGEST_LOOK, timeout_source="busy_poll"):
+                        self._wake(conn, notified=True)
+                        return
+                    if self._look(conn).visible:
+                        return
+                    continue
+                self._holds_doorbell = turn is doorbell.Turn.HOLDER
+                self._doorbell_armed = True
+            # Armed: every append that did not ring has committed, and this look sees it.
+            news = self._look(conn)
+            if news.visible:
+                return
+            if news.hidden:
+                # Committed rows behind the read fence: their appends will not
+                # NOTIFY again, so look again soon, backing off to the poll interval.
+                self._fenced_retry = (
+                    _FENCED_RETRY_START
+                    if self._fenced_retry is None
+                    else min(self._fenced_retry * 2, self.poll_interval)
+                )
+                if self._wait_for_events(conn, self._fenced_retry, timeout_source="busy_poll"):
+                    self._wake(conn, notified=True)
+                    return
+                continue
+            self._fenced_retry = None
+            if self._wait_for_events(conn, self.poll_interval, timeout_source="poll"):
+                self._wake(conn, notified=True)
+                return
+            if not self._holds_doorbell:
+                # The sleeper this one relied on may be gone: check again before sleeping on.
+                self._doorbell_armed = False
+            return  # the poll interval's batch
+
+    def _look(self, conn: Connection) -> doorbell.Look:
+        """One statement's look past the checkpoint; rows it sees keep the group busy."""
+        assert self.processor.position is not None
+        news = doorbell.look(conn, self.processor.position)
+        if news.visible:
+            self._active_at = time.monotonic()
+        return news
 
     def _projection_failed(self, error: ProjectionError) -> None:
         """Back off and retry; once retries run out, isolate the poison event (consume/dead_letters.py)."""
@@ -320,16 +425,15 @@ class Worker:
         notifies() runs, and a worker catching up never waits: without this
         the queue grew with every append for as long as the catch-up lasted.
         """
-        for _ in conn.notifies(timeout=0):
+        if _received(conn):
             self._notified = True
 
-    def _wait_for_events(self, conn: Connection, timeout: float, *, poll: bool = True) -> bool:
+    def _wait_for_events(self, conn: Connection, timeout: float, *, timeout_source: str) -> bool:
         """Wait for a NOTIFY or the timeout. Returns True when notified.
 
-        ``poll=False`` is for the quick looks while the read fence hides new
-        rows: until they back off to the poll interval their timeouts are not
-        the poll timer, and counting them as poll wake-ups would read as NOTIFY
-        not arriving.
+        The wake-up is counted as ``notify``, or as ``timeout_source`` when the
+        time ran out: ``poll`` for the poll interval of a sleeping worker,
+        ``busy_poll`` for the short looks while new rows are expected.
 
         A NOTIFY that came during the catch-up or the last batch counts at
         once: it may be for rows that the last read could not see yet.
@@ -340,19 +444,28 @@ class Worker:
             return True
         deadline = time.monotonic() + timeout
         while not self.stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if poll:
-                    self.hooks.on_wakeup(self.info, "poll")
-                return False
-            received = False
-            for _ in conn.notifies(timeout=min(_SLICE, remaining), stop_after=1):
-                received = True
-            if received:
+            if _received(conn):
                 self.hooks.on_wakeup(self.info, "notify")
                 return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.hooks.on_wakeup(self.info, timeout_source)
+                return False
+            # Waiting on the socket here, not in notifies(timeout=...): psycopg
+            # waits in whole milliseconds and spins through the last one, which
+            # for the short looks of a busy worker was a third of the wait.
+            select.select([conn.fileno()], [], [], min(_SLICE, remaining))
             self.hooks.on_tick(self.info)
         return False
+
+
+def _received(conn: Connection) -> bool:
+    """Take the notifications that arrived, without waiting; True if one came from another session.
+
+    A worker's own NOTIFY (as it leaves the doorbell) comes back to it too: no news.
+    """
+    own = conn.info.backend_pid
+    return any([n.pid != own for n in conn.notifies(timeout=0)])
 
 
 def _close_quietly(conn: Connection) -> None:
