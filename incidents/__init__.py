@@ -7,7 +7,7 @@ shipped rules with their time scaled down (:mod:`incidents.scaling`). For
 each it checks, through Prometheus's HTTP API, that the right alerts fire and
 no others, that the triage table names the cause, and that everything
 resolves with nothing lost or applied twice (:mod:`incidents.run`); it draws
-the dashboard's panels into ``out/incidents/incidents/<incident>.png``
+the dashboard's panels into ``out/incidents/<incident>.png``
 (:mod:`incidents.render`) and writes the table (:mod:`incidents.report`).
 It reuses the chaos suite's server, fleet, load and checks.
 """

@@ -13,7 +13,7 @@ from incidents.catalog import BY_SLUG, Incident, select
 from incidents.lab import FACTOR, FULL, INTERVAL, QUICK, Lab, Profile
 from incidents.report import IncidentResult, render_markdown, render_table
 from incidents.run import run_incident
-from projectionist.testing.reports import add_output_flags, publish
+from projectionist.testing.reports import PUBLISHED, add_output_flags, publish
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -62,30 +62,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = QUICK if args.quick else FULL
     incidents = select(args.incident, quick=args.quick)
     out: Path = args.out
-    png_dir = out / "incidents"
     started = time.monotonic()
-    results, version = run_lab(incidents, profile, png_dir, keep_logs=args.keep_logs)
+    results, version = run_lab(incidents, profile, out, keep_logs=args.keep_logs)
     ok = all(r.ok for r in results)
     total = time.monotonic() - started
     print()
     print(render_table(results, links=False))
     print(f"\n{sum(r.ok for r in results)}/{len(results)} incidents passed in {total:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "incidents.md"
-    report.write_text(
-        render_markdown(
+
+    def page(pngs: str) -> str:
+        return render_markdown(
             results,
             profile=profile.name,
             factor=FACTOR,
             interval=INTERVAL,
             server_version=version,
             total_seconds=total,
+            pngs=pngs,
         )
-    )
-    print(f"results written to {report}; PNGs in {png_dir}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "incidents.md"
+    report.write_text(page(""))
+    print(f"results written to {report}, one PNG per incident beside it")
     if args.publish:
-        copies = publish([report])
-        copies += publish(sorted(png_dir.glob("*.png")), into=copies[0].parent / "incidents")
+        # The docs keep the PNGs in a folder of their own beside the page.
+        staged = out / "publish" / "incidents.md"
+        staged.parent.mkdir(exist_ok=True)
+        staged.write_text(page("incidents/"))
+        copies = publish([staged])
+        copies += publish([out / f"{r.slug}.png" for r in results if r.png], into=PUBLISHED / "incidents")
         print(f"published: {', '.join(map(str, copies))}")
     return EXIT_OK if ok else EXIT_FAILED
 

@@ -30,15 +30,20 @@ if TYPE_CHECKING:
     from incidents.catalog import Incident
 
 DASHBOARD = ROOT / "compose" / "grafana" / "dashboards" / "projection-workers.json"
-#: Grafana's named colours, as its dark palette draws them.
+#: Grafana's named colours, as its palette draws them.
 COLORS = {
-    "green": "#56a64b",
-    "red": "#e02f44",
+    "green": "#73bf69",
+    "red": "#f2495c",
+    "semi-dark-red": "#e02f44",
     "dark-red": "#c4162a",
     "orange": "#ff9830",
-    "yellow": "#e0b400",
-    "blue": "#3274d9",
-    "purple": "#a352cc",
+    "dark-orange": "#fa6400",
+    "yellow": "#fade2a",
+    "dark-yellow": "#e0b400",
+    "blue": "#5794f2",
+    "light-blue": "#8ab8ff",
+    "purple": "#b877d9",
+    "dark-purple": "#8f3bb8",
 }
 #: Every PNG starts with these.
 FIRST_PANELS = ("Triage", "Cause over time", "Lag in seconds per worker")

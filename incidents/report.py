@@ -45,9 +45,11 @@ class IncidentResult:
         )
 
     def failures(self) -> list[str]:
-        out = [str(c) for c in self.checks if not c.ok]
-        out += [f"FAIL false alert: {a}" for a in self.false_alerts]
-        out += [f"FAIL wrong cause: {c}" for c in self.wrong_causes]
+        return [str(c) for c in self.checks if not c.ok] + self.outcome_failures()
+
+    def outcome_failures(self) -> list[str]:
+        """Failures outside the checks: the reference fold, or an exception that ended the run."""
+        out = []
         if self.fold is None:
             out.append("FAIL the read model was not compared with the events table")
         elif not self.fold.exact:
@@ -82,14 +84,14 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} s"
 
 
-def _row(r: IncidentResult) -> list[str]:
+def _row(r: IncidentResult, pngs: str) -> list[str]:
     if r.expected_cause == "ok":
         named = "ok throughout" if not r.wrong_causes else "no"
     else:
         named = "no" if r.named_after is None else f"yes, after {r.named_after:.0f} s"
     fold = "-" if r.fold is None else f"{r.fold.lost} / {r.fold.duplicated}"
     return [
-        f"[{r.title}](incidents/{r.slug}.png)" if r.png else r.title,
+        f"[{r.title}]({pngs}{r.slug}.png)" if r.png else r.title,
         f"`{r.expected_cause}`",
         named,
         ", ".join(r.fired) or "none",
@@ -100,13 +102,15 @@ def _row(r: IncidentResult) -> list[str]:
     ]
 
 
-def render_table(results: Sequence[IncidentResult], *, links: bool = True) -> str:
+def render_table(results: Sequence[IncidentResult], *, links: bool = True, pngs: str = "") -> str:
+    """The table; with ``links``, each incident links to its PNG at ``pngs`` + slug + ``.png``."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     rows = []
     for r in results:
-        row = _row(r)
+        row = _row(r, pngs)
         if not links:
             row[0] = r.title
         rows.append(line(row))
@@ -122,7 +126,9 @@ def render_markdown(
     server_version: str,
     total_seconds: float,
     when: datetime | None = None,
+    pngs: str = "",
 ) -> str:
+    """The run's page: its set-up, the table and every check; PNGs linked at ``pngs`` + slug."""
     when = when or datetime.now(UTC)
     passed = sum(r.ok for r in results)
     lines = [
@@ -134,7 +140,7 @@ def render_markdown(
         f"- Time scale: every `for:`, every rule group's interval and the freshness objective's windows "
         f"divided by {factor:g}; scrape and evaluation every {interval:g} s. Thresholds as shipped.",
         "",
-        render_table(results),
+        render_table(results, pngs=pngs),
         "",
         "Cause named: seconds from the fault until the triage table showed the expected cause on every "
         "partition it affects. Alerts fired: seconds from the fault to the first firing; each fired within "
@@ -147,8 +153,13 @@ def render_markdown(
     ]
     for r in results:
         lines += [f"### {r.title}", "", f"Fault: {r.fault}.", "", *(f"- {c}" for c in r.checks)]
-        lines += [f"- {f}" for f in r.failures() if not f.startswith("PASS")]
+        lines += [f"- {f}" for f in r.outcome_failures()]
+        if r.fold is not None:
+            lines.append(
+                f"- {r.fold.events:,} events; lost {r.fold.lost}, duplicated {r.fold.duplicated}, "
+                f"misordered {r.fold.misordered}, applied by the wrong partition {r.fold.wrong_worker}"
+            )
         if r.png:
-            lines += ["", f"![{r.title}](incidents/{r.slug}.png)"]
+            lines += ["", f"![{r.title}]({pngs}{r.slug}.png)"]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

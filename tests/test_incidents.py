@@ -38,12 +38,12 @@ def lab() -> Iterator[Lab]:
 @pytest.mark.parametrize("slug", [i.slug for i in select(None, quick=True)])
 def test_the_quick_incidents_name_their_cause_and_resolve(lab: Lab, slug: str, tmp_path: Path) -> None:
     (incident,) = select([slug], quick=True)
-    result = run_incident(lab, incident, QUICK, tmp_path / "logs", tmp_path / "png")
+    result = run_incident(lab, incident, QUICK, tmp_path / "logs", tmp_path / "incidents")
     assert result.ok, result.explain()
     assert result.fold is not None and result.fold.events > 1000, "the load must have run"
     assert result.resolved_after is not None
     png = Path(result.png)
-    assert png == tmp_path / "png" / f"{slug}.png" and png.stat().st_size > 20_000
+    assert png == tmp_path / "incidents" / f"{slug}.png" and png.stat().st_size > 20_000
 
 
 def test_the_quick_subset_is_the_control_a_killed_worker_and_a_database_restart() -> None:
@@ -170,7 +170,7 @@ def test_the_table_has_the_columns_the_issue_asks_for() -> None:
     failed = IncidentResult(
         "slow-apply", "slow apply", "slow_apply", false_alerts=["ProjectionistLagHigh 1/4 (70 s)"]
     )
-    lines = render_table([passed, failed]).splitlines()
+    lines = render_table([passed, failed], pngs="incidents/").splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == [
         "incident",
