@@ -12,6 +12,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from itertools import repeat
+from operator import sub
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -61,7 +63,7 @@ class ApplyDelay:
         oldest = created[0]
         longest = (applied_at - oldest).total_seconds()
         # sum(applied_at - c) without a float conversion per event.
-        total = ((applied_at - oldest) * n - sum([c - oldest for c in created], _ZERO)).total_seconds()
+        total = ((applied_at - oldest) * n - sum(map(sub, created, repeat(oldest)), _ZERO)).total_seconds()
         exemplar = None
         if trace_id:
             exemplar = Exemplar({"trace_id": trace_id}, longest, time.time())
