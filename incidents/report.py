@@ -64,7 +64,7 @@ class IncidentResult:
             *map(str, self.checks),
         ]
         if not self.ok:
-            lines += ["", *self.failures(), "", self.logs]
+            lines += ["", *self.outcome_failures(), "", self.logs]
         return "\n".join(lines)
 
 
