@@ -214,18 +214,23 @@ class Stage:
         self.load.start()
         self.trickle.start()
         targets = 2 + PARTITIONS
-        seen = poll_until(
-            lambda: (
+        causes = f'projectionist:partition_cause{{projection="{PROJECTION}"}}'
+
+        # Until every target has been scraped, a partition's lag (which every worker reports)
+        # can arrive before its owner's series, and the first evaluations say no_owner: the
+        # monitoring starting, not a cause of the load's. Ready once Prometheus has seen it all.
+        def settled() -> bool:
+            shown = self.query_ok(causes)
+            return (
                 len(self.query_ok("up == 1")) == targets
-                and len(self.query_ok(f'projectionist:partition_cause{{projection="{PROJECTION}"}}'))
-                == PARTITIONS
-            ),
-            60,
-            0.5,
-        )
-        if seen is None:
+                and len(shown) == PARTITIONS
+                and {s.labels["cause"] for s in shown} == {"ok"}
+            )
+
+        if poll_until(settled, 60, 0.5) is None:
             raise RuntimeError(
-                f"Prometheus did not see every target and partition:\n{self.prometheus.log_tail()}"
+                f"Prometheus did not see every target, and every partition ok: {self.query_ok(causes)}\n"
+                + self.prometheus.log_tail()
             )
         self.ready_at = time.time()
 
