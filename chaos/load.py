@@ -29,6 +29,10 @@ class Load:
 
     ``hot`` names an aggregate that gets ``hot_share`` of the transactions on
     top of its ordinary share, for faults that concern one busy aggregate.
+    ``rate``, ``hot``, ``hot_share``, ``events_per_transaction`` (the range
+    each transaction's size is drawn from) and ``notify`` (``append``'s: None,
+    the default, wakes sleeping workers; False never does) may be changed
+    while it runs.
 
     Like the worker thread of eventsourcing's projection runner, an unexpected
     error is kept and re-raised by :meth:`stop`; connection errors are the
@@ -44,17 +48,23 @@ class Load:
         seed: int = 0,
         hot: str | None = None,
         hot_share: float = 0.0,
+        events_per_transaction: tuple[int, int] = (1, 3),
+        notify: bool | None = None,
     ) -> None:
         if rate <= 0 or aggregates < 1:
             raise ValueError("Load needs rate > 0 and aggregates >= 1")
         if not 0 <= hot_share < 1:
             raise ValueError("Load needs 0 <= hot_share < 1")
+        if not 1 <= events_per_transaction[0] <= events_per_transaction[1]:
+            raise ValueError("Load needs 1 <= the fewest <= the most events per transaction")
         self.database_url = database_url
         self.rate = rate
         self.aggregates = aggregates
         #: While set, this aggregate gets ``hot_share`` of the transactions.
         self.hot = hot
         self.hot_share = hot_share
+        self.events_per_transaction = events_per_transaction
+        self.notify = notify
         self.appended = 0
         self.connection_errors = 0
         self._rng = random.Random(seed)
@@ -92,11 +102,12 @@ class Load:
     def _loop(self) -> None:
         backoff = Backoff(initial=0.05, maximum=1.0)
         conn: Connection | None = None
-        # Two events per transaction on average: rate/2 transactions a second.
-        interval = 2.0 / self.rate
         next_at = time.monotonic()
         n = 0
         while not self._halt.is_set():
+            fewest, most = self.events_per_transaction
+            # (fewest + most) / 2 events per transaction on average.
+            interval = (fewest + most) / 2 / self.rate
             try:
                 if conn is None:
                     conn = connect(self.database_url, application_name="chaos:load", autocommit=True)
@@ -105,8 +116,9 @@ class Load:
                     aggregate = self.hot
                 else:
                     aggregate = f"{AGGREGATE_PREFIX}{self._rng.randrange(self.aggregates)}"
-                events = [NewEvent("ChaosEvent", {"n": n + i}) for i in range(self._rng.randint(1, 3))]
-                append(conn, aggregate, events)
+                size = self._rng.randint(fewest, most)
+                events = [NewEvent("ChaosEvent", {"n": n + i}) for i in range(size)]
+                append(conn, aggregate, events, notify=self.notify)
                 n += len(events)
                 self.appended += len(events)
             except psycopg.OperationalError:

@@ -9,6 +9,7 @@ so the suite always runs its own embedded cluster.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -17,11 +18,14 @@ from projectionist.testing import TEST_SERVER_SETTINGS, PostgresServer
 
 
 class ChaosServer(PostgresServer):
-    """An embedded PostgreSQL in ``base_dir`` (a fresh temporary directory by default), not yet started."""
+    """An embedded PostgreSQL in ``base_dir`` (a fresh temporary directory by default), not yet started.
 
-    def __init__(self, base_dir: Path | None = None) -> None:
+    ``settings`` replace the test server's (``TEST_SERVER_SETTINGS``).
+    """
+
+    def __init__(self, base_dir: Path | None = None, *, settings: Mapping[str, str] | None = None) -> None:
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="projectionist-chaos-"))
-        self.pg = EmbeddedPostgres(self.base_dir / "pg", settings=TEST_SERVER_SETTINGS)
+        self.pg = EmbeddedPostgres(self.base_dir / "pg", settings=dict(settings or TEST_SERVER_SETTINGS))
         super().__init__(self.pg.url, self.pg)
         self._databases = 0
 

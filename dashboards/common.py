@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from grafana_foundation_sdk.builders import common as common_builders
-from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.builders.dashboard import (
     Dashboard,
     DatasourceVariable,
@@ -33,6 +33,7 @@ from grafana_foundation_sdk.models.common import (
     StackingMode,
     VisibilityMode,
 )
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 #: Provisioned data source uids (fixed, so dashboards and links survive re-provisioning).
 PROMETHEUS_UID = "prometheus"
@@ -104,6 +105,8 @@ class Query:
     legend: str = ""
     instant: bool = False
     exemplar: bool = False
+    #: One row per series, its labels as columns (for a table).
+    table: bool = False
 
 
 def _targets(queries: Sequence[Query]) -> list[cogbuilder.Builder[cogvariants.Dataquery]]:
@@ -118,6 +121,8 @@ def _targets(queries: Sequence[Query]) -> list[cogbuilder.Builder[cogvariants.Da
             .exemplar(q.exemplar)
         )
         target = target.instant() if q.instant else target.range()
+        if q.table:
+            target = target.format(PromQueryFormat.TABLE)
         targets.append(target)
     return targets
 
@@ -157,7 +162,9 @@ class Layout:
         )
         self._y += 1
 
-    def panel(self, builder: timeseries.Panel | stat.Panel | statetimeline.Panel, *, w: int, h: int) -> None:
+    def panel(
+        self, builder: timeseries.Panel | stat.Panel | statetimeline.Panel | table.Panel, *, w: int, h: int
+    ) -> None:
         if self._x + w > GRID_WIDTH:
             self._new_line()
         builder.id(self._take_id()).grid_pos(dash.GridPos(x=self._x, y=self._y, w=w, h=h))
@@ -256,4 +263,22 @@ def state_timeline_panel(
         .merge_values(True)
         .row_height(0.8)
         .fill_opacity(80)
+    )
+
+
+def table_panel(
+    title: str,
+    description: str,
+    queries: Sequence[Query],
+    transformations: Sequence[dash.DataTransformerConfig],
+) -> table.Panel:
+    """A table of instant queries (``table=True``), merged and arranged by ``transformations``."""
+    return (
+        table.Panel()
+        .title(title)
+        .description(description)
+        .unit("none")
+        .datasource(DATASOURCE)
+        .targets(_targets(queries))
+        .transformations(list(transformations))
     )

@@ -1,9 +1,12 @@
-"""The "Projection workers" dashboard: lag, throughput, health, partition coverage, batches, errors.
+"""The "Projection workers" dashboard: triage, lag, freshness, throughput, health, errors, PostgreSQL.
 
-It answers the seed's "What to Monitor" (checkpoint lag, events processed,
-worker health) per worker, plus what an operator needs next: which
-partitions have no live owner, how long batches take (with exemplars that
-open the batch's trace), what fails, and what holds the read fence back.
+At the top, the triage table names each partition's cause
+(:mod:`dashboards.triage`); below, the freshness objective
+(:mod:`dashboards.freshness`), checkpoint lag, events processed and worker
+health per worker, and what an operator needs next: which partitions have
+no live owner, how long batches take (with exemplars that open the batch's
+trace), what fails, what holds the read fence back, and PostgreSQL itself
+(:mod:`dashboards.postgres`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders.dashboard import Dashboard
 from grafana_foundation_sdk.models import dashboard as dash
 
+from dashboards import freshness, postgres, triage
 from dashboards.common import (
     Layout,
     Query,
@@ -45,8 +49,8 @@ STATE_CODES = {
 }
 
 
-def _state_code_expr() -> str:
-    """One series per (worker, instance) whose value is the code of its current state.
+def _state_code_expr(by: str = "projection, worker, instance") -> str:
+    """One series per ``by`` whose value is the code of its current state (the highest, across processes).
 
     The Enum exports one series per state, 1 for the current one and 0 for the
     others; multiplying each by its code and taking the max leaves the code.
@@ -55,7 +59,7 @@ def _state_code_expr() -> str:
         f'projectionist_worker_state{{{SEL}, projectionist_worker_state="{state}"}} * {code}'
         for state, (code, _) in STATE_CODES.items()
     ]
-    return "max by (projection, worker, instance) (\n  " + "\n  or ".join(parts) + "\n)"
+    return f"max by ({by}) (\n  " + "\n  or ".join(parts) + "\n)"
 
 
 def _state_mappings() -> dash.ValueMap:
@@ -129,6 +133,7 @@ def build() -> Dashboard:
     )
     layout = Layout(d)
 
+    triage.add_row(layout, _state_code_expr("projection, worker, total_workers"), _state_mappings())
     layout.row("Overview")
     layout.panel(
         stat_panel(
@@ -198,6 +203,7 @@ def build() -> Dashboard:
         h=5,
     )
 
+    freshness.add_row(layout)
     layout.row("Lag")
     layout.panel(
         timeseries_panel(
@@ -479,4 +485,5 @@ def build() -> Dashboard:
         w=6,
         h=8,
     )
+    postgres.add_row(layout)
     return d

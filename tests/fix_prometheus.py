@@ -8,8 +8,10 @@ PostgreSQL, in a database of its own:
 * a load generator thread appending sample events (inside producer spans, so
   the events carry a ``traceparent`` and batch spans get links and the batch
   histogram gets ``trace_id`` exemplars);
+* the community postgres_exporter (Debian's package) watching that server,
+  with the shipped custom queries (deploy/postgres-exporter/queries.yaml);
 * Debian's ``prometheus`` binary with a 1 s scrape and evaluation interval,
-  exemplar storage on, and the shipped alert rules loaded.
+  exemplar storage on, and every shipped rule file loaded.
 
 Tests query it with :meth:`PrometheusStack.query` (instant vector),
 :meth:`PrometheusStack.wait_until` (poll until a condition holds) and the raw
@@ -19,17 +21,11 @@ must restore it before returning: the stack is shared by the whole session.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
-import signal
 import tempfile
 import threading
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,39 +43,32 @@ from projectionist.testing import (
     free_port,
     poll_until,
     projectionist_command,
-    wait_for,
+)
+from projectionist.testing.prometheus import (
+    PostgresExporter,
+    Prometheus,
+    Sample,
+    exporter_setup,
+    http_get,
 )
 from tests.fix_otlp import OtlpReceiver
 from tests.helpers import ROOT, TEMPLATE_DB
 
-RULES_FILE = ROOT / "deploy" / "prometheus" / "rules" / "projectionist-alerts.yml"
-# The compose stack's job name; the alert rules do not depend on it.
+RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
+EXPORTER_QUERIES = ROOT / "deploy" / "postgres-exporter" / "queries.yaml"
+# The compose stack's job names; the alert rules do not depend on them.
 SCRAPE_JOB = "projectionist-workers"
+EXPORTER_JOB = "postgres"
 PROJECTION = "scalable_projection"
 
-
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        raise RuntimeError("the prometheus binary is missing: `apt-get install prometheus` (.ci/run does)")
-    return path
+__all__ = ["PROJECTION", "SCRAPE_JOB", "PrometheusStack", "Sample", "http_get"]
 
 
-def http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read()
+def rule_files() -> list[Path]:
+    """Every shipped rule file (not promtool's tests), as compose loads them."""
+    from dashboards.rules import rule_files as shipped
 
-
-@dataclass(frozen=True)
-class Sample:
-    """One element of an instant vector."""
-
-    labels: dict[str, str]
-    value: float
+    return shipped(RULES_DIR)
 
 
 class WorkerProcess:
@@ -207,7 +196,7 @@ class LoadGenerator:
 
 
 class PrometheusStack:
-    """Workers + load + Prometheus. Build with :meth:`start`; always :meth:`close`."""
+    """Workers + load + postgres_exporter + Prometheus. Build with :meth:`start`; always :meth:`close`."""
 
     def __init__(self, db_url: str, workdir: Path, *, total_workers: int = 2) -> None:
         self.db_url = db_url
@@ -218,9 +207,24 @@ class PrometheusStack:
             k: WorkerProcess(k, free_port(), workdir / f"worker-{k}.log") for k in range(total_workers)
         }
         self.load = LoadGenerator(db_url)
-        self.prometheus_port = free_port()
-        self.url = f"http://127.0.0.1:{self.prometheus_port}"
-        self._prometheus: ChildProcess | None = None
+        # The PostgreSQL row of the dashboards and the database alerts read it.
+        queries, flags = exporter_setup(db_url, EXPORTER_QUERIES, workdir)
+        self.exporter = PostgresExporter(
+            db_url, workdir / "postgres-exporter.log", queries=queries, flags=flags
+        )
+        targets = [f"127.0.0.1:{w.port}" for w in self.workers.values()]
+        self.prometheus = Prometheus(
+            workdir,
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+                "rule_files": [str(p) for p in rule_files()],
+                "scrape_configs": [
+                    {"job_name": SCRAPE_JOB, "static_configs": [{"targets": targets}]},
+                    {"job_name": EXPORTER_JOB, "static_configs": [{"targets": [self.exporter.target]}]},
+                ],
+            },
+        )
+        self.url = self.prometheus.url
         #: Worker processes started again after a stop: counters restarted at 0.
         self.restarts = 0
 
@@ -242,8 +246,7 @@ class PrometheusStack:
 
     def reload(self) -> None:
         """Make Prometheus re-read ``workdir/prometheus.yml`` (SIGHUP), e.g. after adding a scrape job."""
-        assert self._prometheus is not None and self._prometheus.alive(), "prometheus is not running"
-        self._prometheus.send(signal.SIGHUP)
+        self.prometheus.reload()
 
     def stop_worker(self, worker_id: int) -> int | None:
         return self.workers[worker_id].stop()
@@ -251,7 +254,8 @@ class PrometheusStack:
     def start(self) -> None:
         for k in self.workers:
             self.start_worker(k)
-        self._start_prometheus()
+        self.exporter.start()
+        self.prometheus.start()
         self.load.start()
         self.wait_until(
             f'up{{job="{SCRAPE_JOB}"}} == 1',
@@ -260,78 +264,27 @@ class PrometheusStack:
             timeout=60,
         )
 
-    def _start_prometheus(self) -> None:
-        targets = [f"127.0.0.1:{w.port}" for w in self.workers.values()]
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-            "rule_files": [str(RULES_FILE)],
-            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [{"targets": targets}]}],
-        }
-        config_path = self.workdir / "prometheus.yml"
-        config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        self._prometheus = ChildProcess(
-            "prometheus",
-            [
-                prometheus_binary(),
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
-                "--enable-feature=exemplar-storage",
-                "--log.level=warn",
-            ],
-            env=child_env(),
-            log_path=self.workdir / "prometheus.log",
-        )
-
-        def ready() -> bool:
-            assert self._prometheus is not None
-            if not self._prometheus.alive():
-                raise RuntimeError(f"prometheus exited:\n{self.prometheus_log()}")
-            try:
-                return http_get(f"{self.url}/-/ready", timeout=1)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(ready, "prometheus to become ready", timeout=60, interval=0.2)
-
     def close(self) -> None:
         self.load.close()
         for worker in self.workers.values():
             worker.stop()
-        if self._prometheus is not None:
-            self._prometheus.stop(timeout=15)
+        self.prometheus.stop()
+        self.exporter.stop()
         self.otlp.close()
 
     # -- queries -----------------------------------------------------------
 
     def api(self, path: str, **params: str) -> Any:
         """GET ``/api/v1/<path>`` and return its ``data`` (raises on an API error)."""
-        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        status, body = http_get(url, timeout=10)
-        payload = json.loads(body)
-        if status != 200 or payload.get("status") != "success":
-            raise AssertionError(f"Prometheus API {path} {params} failed ({status}): {payload}")
-        return payload["data"]
+        return self.prometheus.api(path, **params)
 
     def query(self, promql: str) -> list[Sample]:
         """An instant query; a scalar result comes back as one sample without labels."""
-        data = self.api("query", query=promql)
-        if data["resultType"] == "vector":
-            return [Sample(r["metric"], float(r["value"][1])) for r in data["result"]]
-        if data["resultType"] == "scalar":
-            return [Sample({}, float(data["result"][1]))]
-        raise AssertionError(f"unexpected result type {data['resultType']} for {promql}")
-
-    def query_range(self, promql: str, seconds: float, step: str = "1s") -> Any:
-        end = time.time()
-        return self.api("query_range", query=promql, start=str(end - seconds), end=str(end), step=step)
+        return self.prometheus.query(promql)
 
     def value(self, promql: str) -> float | None:
         """The single sample's value, or ``None`` for an empty result."""
-        result = self.query(promql)
-        if len(result) > 1:
-            raise AssertionError(f"{promql} returned {len(result)} samples: {result}")
-        return result[0].value if result else None
+        return self.prometheus.value(promql)
 
     def wait_until(
         self,
@@ -342,20 +295,13 @@ class PrometheusStack:
         timeout: float = 30.0,
     ) -> list[Sample]:
         """Poll ``promql`` until ``condition(result)`` holds; fail with the last result after ``timeout``."""
-        result: list[Sample] = []
-
-        def holds() -> bool:
-            nonlocal result
-            self._check_processes()
-            result = self.query(promql)
-            return condition(result)
-
-        if poll_until(holds, timeout, interval=0.5) is None:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}: {promql} = {result}\n"
-                + "\n".join(f"--- worker {k} log:\n{w.log_tail()}" for k, w in self.workers.items())
+        try:
+            return self.prometheus.wait_until(
+                promql, condition, what=what, timeout=timeout, check=self._check_processes
             )
-        return result
+        except AssertionError as e:
+            logs = "\n".join(f"--- worker {k} log:\n{w.log_tail()}" for k, w in self.workers.items())
+            raise AssertionError(f"{e}\n{logs}") from None
 
     def wait_until_exemplars(
         self, promql: str, *, start: float, end: float, timeout: float = 30.0
@@ -375,8 +321,6 @@ class PrometheusStack:
     def _check_processes(self) -> None:
         if self.load.error is not None:
             raise AssertionError(f"the load generator failed: {self.load.error!r}")
-        if self._prometheus is not None and not self._prometheus.alive():
-            raise AssertionError(f"prometheus exited:\n{self.prometheus_log()}")
 
     def appended(self) -> int:
         """Events in the store (the ground truth the metrics must match)."""
@@ -392,8 +336,7 @@ class PrometheusStack:
         return body.decode()
 
     def prometheus_log(self) -> str:
-        path = self.workdir / "prometheus.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        return self.prometheus.log_tail()
 
 
 @pytest.fixture(scope="session")

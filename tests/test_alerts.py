@@ -22,7 +22,6 @@ REQUIRED_ALERTS = {
     "ProjectionistWorkerDown",  # worker down
     "ProjectionistWorkersAbsent",  # worker absent
     "ProjectionistLagHigh",  # lag seconds above a threshold for 5 minutes
-    "ProjectionistLagGrowing",  # lag growing
     "ProjectionistWorkerStalled",  # lag > 0 and no progress
     "ProjectionistPartitionUncovered",  # coverage below TOTAL_WORKERS
     "ProjectionistErrorsRising",  # errors rising

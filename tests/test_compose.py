@@ -352,6 +352,9 @@ def metrics_ports(services: dict[str, dict[str, Any]]) -> dict[str, set[int]]:
     ports["otel-collector"] = {int(r["pull"]["exporter"]["prometheus"]["port"]) for r in readers}
     if "locust" in services:
         ports["locust"] = {int(environment(services["locust"])["LOAD_METRICS_PORT"])}
+    # The exporter's --web.listen-address, else its default port.
+    listen = [a for a in command(services["postgres-exporter"]) if a.startswith("--web.listen-address=")]
+    ports["postgres-exporter"] = {int(listen[-1].rsplit(":", 1)[1]) if listen else 9187}
     return ports
 
 

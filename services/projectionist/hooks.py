@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from projectionist.records import Position, RecordedEvent
@@ -40,6 +41,11 @@ class BatchResult:
     duration_seconds: float
     checkpoint: Position
     last_event: RecordedEvent | None
+    #: The events applied and committed (parked ones are not), in read order.
+    applied: Sequence[RecordedEvent] = ()
+    #: The database's clock just before the batch committed; with each event's
+    #: ``created_at`` (the same clock, at append) it gives the append-to-apply delay.
+    applied_at: datetime | None = None
 
 
 class WorkerHooks:

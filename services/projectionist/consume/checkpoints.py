@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -217,18 +218,23 @@ def save_checkpoint(
     expected: Position,
     new: Position,
     processed: int,
-) -> None:
+) -> datetime:
     """Move the checkpoint from ``expected`` to ``new`` inside the caller's transaction.
 
     Compare-and-set: if the row is no longer at ``expected``, another process
     moved it (two owners of one partition), so raise :class:`FencedError` and
     let the caller roll back the batch, projection writes included.
+
+    Returns the database's clock at the update, the batch's last statement
+    before its commit: the "applied" end of the append-to-apply delay, read on
+    the same clock as the events' ``created_at`` so that no host's clock skews it.
     """
     cur = conn.execute(
         "UPDATE projection_checkpoints SET last_transaction_id = %s::text::xid8, "
         "last_global_position = %s, events_processed = events_processed + %s, updated_at = now() "
         "WHERE projection_name = %s AND total_workers = %s AND worker_id = %s "
-        "AND last_transaction_id = %s::text::xid8 AND last_global_position = %s",
+        "AND last_transaction_id = %s::text::xid8 AND last_global_position = %s "
+        "RETURNING clock_timestamp()",
         (
             str(new.transaction_id),
             new.global_position,
@@ -240,8 +246,11 @@ def save_checkpoint(
             expected.global_position,
         ),
     )
-    if cur.rowcount != 1:
+    row = cur.fetchone()
+    if row is None:
         raise _moved(projection, partition)
+    applied_at: datetime = row[0]
+    return applied_at
 
 
 def check_checkpoint(conn: Connection, projection: str, partition: Partition, expected: Position) -> None:

@@ -189,15 +189,21 @@ class Processor:
             end = batch.end
             # A read that found only other partitions' rows just moves the checkpoint: no span for it.
             scope = self.hooks.batch_scope(self.info, batch.events) if batch.events else nullcontext()
+            applied_events: Sequence[RecordedEvent]
             with scope:
                 if isolate:
-                    end, applied, stopped_by = self._apply_isolated(conn, tx, batch.events, blocked, end)
+                    end, applied_events, stopped_by = self._apply_isolated(
+                        conn, tx, batch.events, blocked, end
+                    )
                 else:
-                    to_apply = self._park_blocked(conn, batch.events, blocked)
-                    self._apply(to_apply, tx)
-                    applied = len(to_apply)
+                    applied_events = self._park_blocked(conn, batch.events, blocked)
+                    self._apply(applied_events, tx)
+            applied = len(applied_events)
+            applied_at = None
             if end != self.position:
-                save_checkpoint(conn, self.projection.name, self.partition, self.position, end, applied)
+                applied_at = save_checkpoint(
+                    conn, self.projection.name, self.partition, self.position, end, applied
+                )
         if end != self.position:
             self.position = end
             self.reader.forget_passed_marks(end)
@@ -208,6 +214,8 @@ class Processor:
                     duration_seconds=time.perf_counter() - started,
                     checkpoint=end,
                     last_event=batch.events[-1] if batch.events and stopped_by is None else None,
+                    applied=applied_events,
+                    applied_at=applied_at,
                 ),
             )
         if stopped_by is not None:
@@ -349,11 +357,11 @@ class Processor:
         events: Sequence[RecordedEvent],
         blocked: set[str],
         end: Position,
-    ) -> tuple[Position, int, PoisonEventError | None]:
-        """Apply one by one; return where the checkpoint may move, events applied, and a stop."""
+    ) -> tuple[Position, list[RecordedEvent], PoisonEventError | None]:
+        """Apply one by one; return where the checkpoint may move, the events applied, and a stop."""
         previous = self.position
         assert previous is not None
-        applied = 0
+        applied: list[RecordedEvent] = []
         for event in events:
             if event.aggregate_id in blocked:
                 self._park_blocked(conn, [event], blocked)
@@ -362,7 +370,7 @@ class Processor:
             try:
                 with conn.transaction():  # a savepoint: a failure undoes only this event
                     self._apply([event], tx)
-                applied += 1
+                applied.append(event)
             except ProjectionError as e:
                 cause = e.__cause__ or e
                 if self.policy is PoisonPolicy.PARK:
@@ -379,6 +387,6 @@ class Processor:
                     self.hooks.on_error(self.info, "parked", cause)
                 else:
                     # stop: keep what precedes the poison event, never move past it.
-                    return previous, applied, PoisonEventError(event, cause, applied_before=applied)
+                    return previous, applied, PoisonEventError(event, cause, applied_before=len(applied))
             previous = Position(event.transaction_id, event.global_position)
         return end, applied, None

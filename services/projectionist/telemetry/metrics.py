@@ -18,8 +18,10 @@ from typing import Any
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 
+from projectionist.errors import PoisonEventError
 from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.records import RecordedEvent
+from projectionist.telemetry.freshness import ApplyDelay, ApplyDelayHistogram
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class _WorkerSeries:
     last_progress: Any
     state: Any
     owned: Any
+    apply_delay: ApplyDelay
+    poison_position: Any
     errors: dict[str, Any]
     wakeups: dict[str, Any]
 
@@ -150,6 +154,20 @@ class MetricsHooks(WorkerHooks):
             labels,
             registry=registry,
         )
+        self.apply_delay = ApplyDelayHistogram(
+            "projectionist_apply_delay_seconds",
+            "Time from an event's append to the commit of the batch that applied it, both read on the "
+            "database's clock: the freshness objective's indicator.",
+            labels,
+            registry=registry,
+        )
+        self.poison_position = Gauge(
+            "projectionist_poison_event_position",
+            "Global position of the event the worker keeps failing on and will not move past "
+            "(POISON_POLICY=stop); 0 when there is none.",
+            labels,
+            registry=registry,
+        )
         build = Info("projectionist_build", "The running projectionist build.", registry=registry)
         build.info({"version": version, "revision": revision})
 
@@ -175,6 +193,8 @@ class MetricsHooks(WorkerHooks):
                     last_progress=self.last_progress.labels(*labels),
                     state=self.state.labels(*labels),
                     owned=self.partition_owned.labels(*labels),
+                    apply_delay=self.apply_delay.labels(*labels),
+                    poison_position=self.poison_position.labels(*labels),
                     errors={t: self.errors.labels(*labels, t) for t in ERROR_TYPES},
                     wakeups={s: self.wakeups.labels(*labels, s) for s in WAKEUP_SOURCES},
                 )
@@ -227,6 +247,10 @@ class MetricsHooks(WorkerHooks):
         if result.events:
             series.processed.inc(result.events)
             series.batch_size.observe(result.events)
+        if result.applied and result.applied_at is not None:
+            series.apply_delay.observe_batch(result.applied_at, result.applied, trace_id)
+        # Past the event it failed on (after a fix), or a batch before it.
+        series.poison_position.set(0)
         # after_batch runs only when the checkpoint moved (past our events or
         # past other partitions' rows): either way the worker made progress.
         series.last_progress.set(self._clock())
@@ -237,6 +261,10 @@ class MetricsHooks(WorkerHooks):
         # become the exemplar of the next checkpoint move.
         self._exemplar.pop(info, None)
         series = self._for(info)
+        if isinstance(error, PoisonEventError):
+            position = getattr(error.event, "global_position", None)
+            if isinstance(position, int):
+                series.poison_position.set(position)
         counter = series.errors.get(error_type)
         if counter is None:
             counter = series.errors[error_type] = self.errors.labels(*worker_labels(info), error_type)
