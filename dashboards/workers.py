@@ -417,11 +417,11 @@ def build() -> Dashboard:
     layout.panel(
         timeseries_panel(
             "Wake-ups",
-            "Why caught-up workers looked for new events: notify (a NOTIFY woke a sleeping "
-            "worker; appends send one only while a worker sleeps), poll (a sleeping worker's "
-            "poll interval), busy_poll (short looks while events keep coming). Under write load "
-            "busy_poll dominates; mostly poll at the start of bursts means notifications are not "
-            "arriving.",
+            "Why caught-up workers looked for new events: notify (an append's NOTIFY woke a "
+            "sleeping worker; appends send one only while a worker sleeps), relay (another worker "
+            "that found rows woke it), poll (a sleeping worker's poll interval), busy_poll (short "
+            "looks while events keep coming). Under write load busy_poll dominates; only poll and "
+            "relay at the start of bursts means appends' notifications are not arriving.",
             "ops",
             [
                 Query(

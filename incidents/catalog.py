@@ -26,6 +26,9 @@ from projectionist.store.appending import append
 from projectionist.store.connection import Connection, connect
 
 PROJECTION_LABELS = {"projection": PROJECTION, "total_workers": str(PARTITIONS)}
+#: Events/s while wake-ups are lost: a second or so apart on each partition,
+#: far beyond a busy worker's window, so the workers sleep between them.
+TRICKLE_RATE = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,18 +273,26 @@ class DatabaseDown(Fault):
 
 
 class SilentAppends(Fault):
-    """Appends stop sending the wake-up (``notify=False``), and no Notifier runs: only polling is left."""
+    """A trickle of appends that never send the wake-up (``notify=False``): only polling is left.
+
+    A busy worker polls by design and needs no wake-up, so at the ordinary
+    rate nothing would change. Losing them shows when events come further
+    apart than a busy worker's window: the workers fall asleep between
+    events and wait out their poll interval.
+    """
 
     def inject(self, stage: Stage) -> None:
         stage.load.notify = False
+        stage.load.rate = TRICKLE_RATE
         stage.trickle.paused.set()  # the API's appends would wake the workers
 
     def remove(self, stage: Stage) -> None:
         stage.load.notify = None
+        stage.load.rate = stage.profile.rate
         stage.trickle.paused.clear()
 
     def describe(self) -> str:
-        return "appends without NOTIFY"
+        return f"{TRICKLE_RATE:g} events/s appended without NOTIFY"
 
 
 class ConnectionHog(Fault):

@@ -206,6 +206,8 @@ def test_a_sleeper_without_the_doorbell_is_woken_when_its_holder_stops(db_url: s
         finally:
             second.stop()
             second.join(timeout=10)
+    # The first worker's ring as it left (a relay), then the append's NOTIFY.
+    assert "relay" in second_hooks.wakeups
     assert "notify" in second_hooks.wakeups
     assert "poll" not in second_hooks.wakeups
 
@@ -214,7 +216,7 @@ def test_wakeup_sources_start_at_zero() -> None:
     registry = CollectorRegistry()
     hooks = MetricsHooks(registry, version="0")
     hooks.register_worker(WorkerInfo("p", 0, 1))
-    for source in ("notify", "poll", "busy_poll"):
+    for source in ("notify", "relay", "poll", "busy_poll"):
         value = registry.get_sample_value(
             "projectionist_wakeups_total",
             {"projection": "p", "worker": "0", "total_workers": "1", "source": source},

@@ -64,7 +64,7 @@ class WorkerHooks:
         """
 
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
-        """``source`` is ``notify``, ``poll`` (a sleeping worker's poll interval) or ``busy_poll``."""
+        """``source`` is ``notify`` (an append's), ``relay`` (a peer's), ``poll`` or ``busy_poll``."""
 
     @contextlib.contextmanager
     def batch_scope(self, info: WorkerInfo, events: Sequence[RecordedEvent]) -> Iterator[None]:

@@ -47,8 +47,12 @@ _TRY_TO_SLEEP = sql.SQL(
                 ELSE 'another sleeper' END
     """
 ).format(key=_KEY)
+#: The payload of a leaving worker's ring, so that the sleepers it wakes can
+#: tell a peer's relay from an append's NOTIFY (whose payload is empty).
+RELAY = "relay"
+_RELAY = sql.SQL("pg_notify({}, {})").format(sql.Literal(NOTIFY_CHANNEL), sql.Literal(RELAY))
 _LEAVE = sql.SQL("SELECT pg_advisory_unlock({key})").format(key=_KEY)
-_LEAVE_AND_RING = sql.SQL("SELECT pg_advisory_unlock({key}), {notify}").format(key=_KEY, notify=_NOTIFY)
+_LEAVE_AND_RING = sql.SQL("SELECT pg_advisory_unlock({key}), {relay}").format(key=_KEY, relay=_RELAY)
 
 _SLEEPING = sql.SQL(
     """

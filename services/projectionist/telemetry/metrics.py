@@ -31,7 +31,7 @@ WORKER_LABELS = ("projection", "worker", "total_workers")
 #: Error types and wake-up sources the worker reports; their series start at 0.
 #: Both come from code, never from data, so a new one may appear lazily.
 ERROR_TYPES = ("database", "fenced", "projection", "poison", "parked")
-WAKEUP_SOURCES = ("notify", "poll", "busy_poll")
+WAKEUP_SOURCES = ("notify", "relay", "poll", "busy_poll")
 WORKER_STATES = [state.value for state in WorkerState]
 
 # Seconds. A batch is usually milliseconds; a slow projection may take seconds.
@@ -133,9 +133,10 @@ class MetricsHooks(WorkerHooks):
         )
         self.wakeups = Counter(
             "projectionist_wakeups",
-            "What made the caught-up worker look for new events: notify (a NOTIFY woke it; appends "
-            "send one only while a worker sleeps), poll (the poll interval of a sleeping worker), "
-            "busy_poll (a short look while new rows are expected).",
+            "What made the caught-up worker look for new events: notify (an append's NOTIFY woke it; "
+            "appends send one only while a worker sleeps), relay (a worker that found new rows woke "
+            "it), poll (the poll interval of a sleeping worker), busy_poll (a short look while new "
+            "rows are expected).",
             (*labels, "source"),
             registry=registry,
         )

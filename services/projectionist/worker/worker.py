@@ -93,8 +93,8 @@ class Worker:
         self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
         self.retry_backoff = Backoff(initial=0.5, maximum=30.0, max_attempts=options.max_retries)
         self._isolate = False
-        # A NOTIFY arrived while the worker caught up (see _take_notifications).
-        self._notified = False
+        # The source of a NOTIFY that arrived while the worker caught up (see _take_notifications).
+        self._notified: str | None = None
         # Wake-up state of the current connection (see _wait_for_work).
         self._holds_doorbell = False
         self._doorbell_armed = False
@@ -240,7 +240,7 @@ class Worker:
         if group is None:
             return
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-        self._notified = False
+        self._notified = None
         if not self.processor.start(conn, group.layers, keep_waiting=lambda: not self.stopping):
             return
         if self.reconnect_backoff.attempts:
@@ -425,27 +425,30 @@ class Worker:
         notifies() runs, and a worker catching up never waits: without this
         the queue grew with every append for as long as the catch-up lasted.
         """
-        if _received(conn):
-            self._notified = True
+        source = _received(conn)
+        if source is not None and self._notified != "notify":
+            self._notified = source
 
     def _wait_for_events(self, conn: Connection, timeout: float, *, timeout_source: str) -> bool:
         """Wait for a NOTIFY or the timeout. Returns True when notified.
 
-        The wake-up is counted as ``notify``, or as ``timeout_source`` when the
-        time ran out: ``poll`` for the poll interval of a sleeping worker,
-        ``busy_poll`` for the short looks while new rows are expected.
+        The wake-up is counted as ``notify`` (an append's) or ``relay`` (a
+        peer's, see _received), or as ``timeout_source`` when the time ran
+        out: ``poll`` for the poll interval of a sleeping worker, ``busy_poll``
+        for the short looks while new rows are expected.
 
         A NOTIFY that came during the catch-up or the last batch counts at
         once: it may be for rows that the last read could not see yet.
         """
-        if self._notified:
-            self._notified = False
-            self.hooks.on_wakeup(self.info, "notify")
+        if self._notified is not None:
+            self.hooks.on_wakeup(self.info, self._notified)
+            self._notified = None
             return True
         deadline = time.monotonic() + timeout
         while not self.stopping:
-            if _received(conn):
-                self.hooks.on_wakeup(self.info, "notify")
+            source = _received(conn)
+            if source is not None:
+                self.hooks.on_wakeup(self.info, source)
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -459,13 +462,19 @@ class Worker:
         return False
 
 
-def _received(conn: Connection) -> bool:
-    """Take the notifications that arrived, without waiting; True if one came from another session.
+def _received(conn: Connection) -> str | None:
+    """Take the notifications that arrived, without waiting; the wake-up source they make, if any.
 
-    A worker's own NOTIFY (as it leaves the doorbell) comes back to it too: no news.
+    ``notify`` when an append (or a Notifier) sent one; ``relay`` when only a
+    worker leaving the doorbell did, which tells the operator that appends'
+    wake-ups reach the group or not. A worker's own ring comes back to it
+    too: no news.
     """
     own = conn.info.backend_pid
-    return any([n.pid != own for n in conn.notifies(timeout=0)])
+    payloads = {n.payload for n in conn.notifies(timeout=0) if n.pid != own}
+    if not payloads:
+        return None
+    return "relay" if payloads == {doorbell.RELAY} else "notify"
 
 
 def _close_quietly(conn: Connection) -> None:
