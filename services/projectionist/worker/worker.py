@@ -23,7 +23,7 @@ from projectionist.consume.partition_indexes import NO_STATISTICS
 from projectionist.consume.processor import INDEX_RECHECK_SECONDS, Processor
 from projectionist.consume.projection import Projection
 from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError, one_line
-from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.hooks import HookChain, OwnershipReason, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
 from projectionist.settings import WorkerOptions
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
@@ -140,7 +140,7 @@ class Worker:
                 require_migrated(conn)
                 if self._acquire_ownership(conn):
                     owned = True
-                    self.hooks.on_ownership(self.info, True)
+                    self.hooks.on_ownership(self.info, True, OwnershipReason.ACQUIRED)
                     self._serve(conn)
             except ConfigError:
                 raise
@@ -171,7 +171,8 @@ class Worker:
                     _close_quietly(conn)  # the session lock goes with the session
                 if owned:
                     owned = False
-                    self.hooks.on_ownership(self.info, False)
+                    reason = OwnershipReason.STOPPED if self.stopping else OwnershipReason.LOST
+                    self.hooks.on_ownership(self.info, False, reason)
         self._set_state(WorkerState.STOPPING, "stop requested")
         log.info("worker %s of %s stopped", self.partition, self.projection.name)
 
