@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-installed-$(SUM)
 
 .PHONY: help venv dev demo test test-fast lint docs clean
 .PHONY: up down ps logs scale-workers dashboards
-.PHONY: bench bench-quick load scale-experiment chaos chaos-quick
+.PHONY: bench bench-quick load scale-experiment chaos chaos-quick elastic-bench autoscale-experiment
 
 help:
 	@echo "make demo   - the upstream example's 1 -> 4 workers scaling, live (embedded PostgreSQL, no Docker)"
@@ -24,7 +24,8 @@ help:
 	@echo "make load   - headless Locust against the API (LOAD_* env; reports in out/load/)"
 	@echo "make scale-experiment - add and remove workers under steady load (out/scale-experiment/)"
 	@echo "make chaos  - fault injection under load: kill -9, database restart, dropped connections (out/chaos/)"
-	@echo "            bench, scale-experiment and chaos take ARGS=--publish to update the snapshot in docs/results/"
+	@echo "make elastic-bench - elastic mode's targets: joins, leaves, kill -9, a restart, a host cut off (out/elastic-bench/)"
+	@echo "            bench, scale-experiment, chaos and elastic-bench take ARGS=--publish to update docs/results/"
 	@echo "make down / ps / logs [SERVICE=worker-0] / scale-workers N=... / dashboards"
 
 # Only what the demo and a first projection need: the package and the embedded server.
@@ -84,6 +85,11 @@ chaos: dev
 
 chaos-quick: dev
 	$(BIN)/python -m chaos --quick $(ARGS)
+
+# Elastic mode's targets table, median of 3 runs, about 8 minutes; the host cut-off needs root and
+# iproute2 (a network namespace). CI runs one quick run: tests/test_elastic_chaos.py.
+elastic-bench: dev
+	$(BIN)/python -m chaos.elastic_bench $(ARGS)
 
 clean:
 	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache site out
