@@ -95,7 +95,14 @@ clean:
 	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache site out
 
 # --- The Docker stack (compose/). Needs Docker with the compose plugin. ----------
+# WORKER_MODE=elastic (here or in compose/.env) adds the elastic override: one scalable
+# worker service instead of one per partition (compose/docker-compose.elastic.yml).
+WORKER_MODE ?= $(shell sed -n 's/^WORKER_MODE=//p' compose/.env 2>/dev/null | tail -n 1)
+ifeq ($(WORKER_MODE),elastic)
+COMPOSE ?= docker compose -f compose/docker-compose.yml -f compose/docker-compose.elastic.yml
+else
 COMPOSE ?= docker compose -f compose/docker-compose.yml
+endif
 SERVICE ?=
 
 compose/.env:
@@ -116,8 +123,8 @@ logs: compose/.env
 	$(COMPOSE) --profile load logs --follow --tail=100 $(SERVICE)
 
 scale-workers: compose/.env
-	@test -n "$(N)" || { echo "usage: make scale-workers N=<processes> (0 = none, 4 = one per partition, more = standbys)"; exit 2; }
-	COMPOSE="$(COMPOSE)" ./compose/scale-workers.sh $(N)
+	@test -n "$(N)" || { echo "usage: make scale-workers N=<processes> (0 = none, 4 = one per partition, more = standbys; elastic: a replica count)"; exit 2; }
+	COMPOSE="$(COMPOSE)" WORKER_MODE="$(WORKER_MODE)" ./compose/scale-workers.sh $(N)
 
 dashboards: dev
 	$(BIN)/python -m dashboards
