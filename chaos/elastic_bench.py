@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from chaos import partition_cost
 from chaos.elastic import FULL, QUICK, ElasticProfile, ElasticRun, run_elastic
 from chaos.netns import why_unavailable
 from chaos.report import machine_description
@@ -233,7 +234,12 @@ def context_lines(runs: Sequence[ElasticRun]) -> list[str]:
     ]
 
 
-def render(runs: Sequence[ElasticRun], profile: ElasticProfile, server_version: str) -> str:
+def render(
+    runs: Sequence[ElasticRun],
+    profile: ElasticProfile,
+    server_version: str,
+    cost: partition_cost.PartitionCost | None = None,
+) -> str:
     when = datetime.now(UTC)
     lines = [
         "# Elastic mode: the targets, measured (`make elastic-bench`)",
@@ -255,6 +261,7 @@ def render(runs: Sequence[ElasticRun], profile: ElasticProfile, server_version: 
         "",
         *context_lines(runs),
         "",
+        *(["## What a partition costs", "", *partition_cost.lines(cost), ""] if cost is not None else []),
         "## Checks per run",
         "",
     ]
@@ -298,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(run.explain(), f"({run.duration_seconds:.0f} s)", sep="\n", flush=True)
         runs.append(run)
     version = _server_version()
-    text = render(runs, profile, version)
+    cost = None if args.quick else partition_cost.measure()
+    text = render(runs, profile, version, cost)
     print()
     print("\n".join(targets_table(runs)))
     print(f"\n{sum(r.ok for r in runs)}/{len(runs)} runs passed in {time.monotonic() - started:.0f} s")

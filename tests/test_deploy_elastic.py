@@ -207,7 +207,7 @@ def test_the_autoscalers_queries_return_one_number(
     scaled = _one(keda, "ScaledObject")["spec"]
     for trigger in scaled["triggers"]:
         query = trigger["metadata"]["query"]
-        name = re.search(r"projectionist_lag\('([^']+)'\)", query)
+        name = re.search(r"projectionist_lag\('([^']+)'", query)
         assert name is not None
         for setup in ("no group yet", "a group"):
             if setup == "a group":

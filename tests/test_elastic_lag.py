@@ -9,6 +9,8 @@ be callable by a role that may only read the store's tables.
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
 
 import psycopg
@@ -26,11 +28,13 @@ pytestmark = pytest.mark.integration
 
 
 def _sql_lag(
-    conn: Connection, projection: str = "recorder", cap: int = 10_000
-) -> tuple[int, int, float, int, int]:
-    row = conn.execute("SELECT * FROM projectionist_lag(%s, %s)", (projection, cap)).fetchone()
+    conn: Connection, projection: str = "recorder", cap: int = 10_000, samples: int = 1
+) -> tuple[int, int, float, int, float]:
+    row = conn.execute(
+        "SELECT * FROM projectionist_lag(%s, %s, busy_samples => %s)", (projection, cap, samples)
+    ).fetchone()
     assert row is not None
-    return int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4])
+    return int(row[0]), int(row[1]), float(row[2]), int(row[3]), float(row[4])
 
 
 def _metrics_lag(conn: Connection, cap: int = 10_000) -> tuple[int, float]:
@@ -73,7 +77,7 @@ def test_it_agrees_with_the_metrics_lag(conn: Connection, indexed: bool) -> None
 
 
 def test_before_any_group_every_event_is_behind(conn: Connection) -> None:
-    assert _sql_lag(conn, "nobody") == (0, 0, 0.0, 0, 0)
+    assert _sql_lag(conn, "nobody") == (0, 0, 0.0, 0, 0.0)
     load_sample(conn, 300, 11)
     partitions, behind, seconds, _, _ = _sql_lag(conn, "nobody")
     assert (partitions, behind) == (0, 300) and seconds > 0
@@ -96,10 +100,31 @@ def test_it_counts_members_and_the_busy_ones(db_url: str, conn: Connection) -> N
     with connect(db_url, autocommit=True) as idle, connect(db_url, autocommit=True) as busy:
         membership.join(idle, "recorder", 4)
         membership.join(busy, "recorder", 4)
-        assert _sql_lag(conn)[3:] == (2, 0)
+        assert _sql_lag(conn)[3:] == (2, 0.0)
         with busy.transaction():
             busy.execute("SELECT 1")  # inside a batch
-            assert _sql_lag(conn)[3:] == (2, 1)
+            assert _sql_lag(conn)[3:] == (2, 1.0)
+            # Averaged over several looks: busy for all of them here.
+            assert _sql_lag(conn, samples=4)[3:] == (2, 1.0)
+        stop = threading.Event()
+
+        def half_busy() -> None:
+            # In a transaction for 20 ms out of every 40.
+            while not stop.is_set():
+                with busy.transaction():
+                    busy.execute("SELECT pg_sleep(0.02)")
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=half_busy)
+        thread.start()
+        try:
+            averaged = _sql_lag(conn, samples=50)[4]
+        finally:
+            stop.set()
+            thread.join()
+        assert 0.1 < averaged < 0.9, averaged
+    with pytest.raises(psycopg.errors.RaiseException, match="busy_samples"):
+        _sql_lag(conn, samples=0)
 
 
 def test_each_partition_is_counted_through_its_own_index(conn: Connection) -> None:

@@ -9,16 +9,21 @@
 -- hands the leaver's partitions out (see consume/membership.py).
 CREATE SEQUENCE projection_member_numbers AS integer MINVALUE 1 CYCLE;
 
--- projectionist_lag(projection, cap): how far behind a projection is, from
--- the store alone, so it works with no worker running (an autoscaler that
--- reads worker metrics sees nothing at zero replicas, and KEDA's Prometheus
--- scaler reads a missing series as 0). One row, always:
+-- projectionist_lag(projection, cap, busy_samples, busy_interval): how far
+-- behind a projection is, from the store alone, so it works with no worker
+-- running (an autoscaler that reads worker metrics sees nothing at zero
+-- replicas, and KEDA's Prometheus scaler reads a missing series as 0). One
+-- row, always:
 --   partitions    the group's partition count (0 before any worker created it:
 --                 then every event of the store counts as unapplied)
 --   events_behind events after the checkpoints, at most cap per partition
 --   lag_seconds   age of the oldest unapplied event (database clock), 0 when caught up
 --   members       elastic members of the group (sessions holding a member lock)
---   busy_members  those of them inside a transaction right now (a batch)
+--   busy_members  how many of them are inside a transaction (a batch), on
+--                 average over busy_samples looks busy_interval seconds apart:
+--                 every member wakes at every append's NOTIFY, so a single
+--                 look catches them all busy or all idle. 10 looks take 0.2 s,
+--                 asleep (pg_sleep), and hold no transaction id.
 -- Events a retired group already applied (skip marks, after a rescale) are
 -- not lag. Each partition is counted by a statement of its own with the
 -- partition's numbers as literals, so that its partition index, when valid
@@ -27,13 +32,18 @@ CREATE SEQUENCE projection_member_numbers AS integer MINVALUE 1 CYCLE;
 -- main index after the checkpoint (a lower bound past about cap), as
 -- consume/lag.py does for the metrics. docs/design/lag.md has the details;
 -- tests/test_elastic_lag.py checks the two agree.
-CREATE FUNCTION projectionist_lag(projection text, cap integer DEFAULT 10000)
+CREATE FUNCTION projectionist_lag(
+    projection text,
+    cap integer DEFAULT 10000,
+    busy_samples integer DEFAULT 1,
+    busy_interval double precision DEFAULT 0.02
+)
 RETURNS TABLE (
     partitions integer,
     events_behind bigint,
     lag_seconds double precision,
     members integer,
-    busy_members integer
+    busy_members double precision
 )
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
@@ -51,9 +61,16 @@ DECLARE
     first_at timestamptz;
     behind bigint := 0;
     oldest timestamptz;
+    member_key bigint;
+    member_count integer;
+    busy double precision := 0;
+    look integer;
 BEGIN
     IF cap IS NULL OR cap < 1 THEN
         RAISE EXCEPTION 'projectionist_lag: cap must be at least 1, not %', cap;
+    END IF;
+    IF busy_samples IS NULL OR busy_samples < 1 OR busy_samples > 100 THEN
+        RAISE EXCEPTION 'projectionist_lag: busy_samples must be between 1 and 100, not %', busy_samples;
     END IF;
     SELECT g.total_workers INTO total FROM projection_groups g WHERE g.projection_name = projection;
     IF total IS NULL THEN
@@ -63,7 +80,7 @@ BEGIN
               ORDER BY e.transaction_id, e.global_position LIMIT cap) w;
         RETURN QUERY SELECT 0, n,
             greatest(coalesce(extract(epoch FROM clock_timestamp()
-                - CASE WHEN isfinite(first_at) THEN first_at END), 0), 0)::float8, 0, 0;
+                - CASE WHEN isfinite(first_at) THEN first_at END), 0), 0)::float8, 0, 0::float8;
         RETURN;
     END IF;
     SELECT string_agg(format(
@@ -113,24 +130,33 @@ BEGIN
             oldest := first_at;
         END IF;
     END LOOP;
-    RETURN QUERY
-    WITH locks AS MATERIALIZED (
-        SELECT l.locktype, l.pid, l.classid, l.objsubid, l.granted, l.database FROM pg_locks l
-    ), member AS (
-        SELECT l.pid FROM locks l
-         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-           AND l.classid::bigint = (hashtext(projection || '/' || total || '/members')::bigint & 4294967295)
-    )
-    SELECT total, behind,
+    member_key := hashtext(projection || '/' || total || '/members')::bigint & 4294967295;
+    FOR look IN 1 .. busy_samples LOOP
+        IF look > 1 THEN
+            PERFORM pg_sleep(busy_interval);
+        END IF;
+        WITH locks AS MATERIALIZED (
+            SELECT l.locktype, l.pid, l.classid, l.objsubid, l.granted, l.database FROM pg_locks l
+        ), member AS (
+            SELECT l.pid FROM locks l
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+               AND l.classid::bigint = member_key
+        )
+        SELECT count(*)::int,
+               -- A session inside a transaction holds its virtual transaction id's lock.
+               count(*) FILTER (WHERE EXISTS (SELECT 1 FROM locks v
+                                               WHERE v.locktype = 'virtualxid' AND v.pid = m.pid))
+          INTO member_count, n
+          FROM member m;
+        busy := busy + n;
+    END LOOP;
+    RETURN QUERY SELECT total, behind,
            greatest(coalesce(extract(epoch FROM clock_timestamp() - oldest), 0), 0)::float8,
-           (SELECT count(*)::int FROM member),
-           -- A session inside a transaction holds its virtual transaction id's lock.
-           (SELECT count(*)::int FROM member m
-             WHERE EXISTS (SELECT 1 FROM locks v WHERE v.locktype = 'virtualxid' AND v.pid = m.pid));
+           member_count, busy / busy_samples;
 END
 $$;
 
-COMMENT ON FUNCTION projectionist_lag(text, integer) IS
+COMMENT ON FUNCTION projectionist_lag(text, integer, integer, double precision) IS
     'How far behind a projection is: events behind (capped per partition), the age of the oldest '
     'unapplied event, and its elastic members. Works with no worker running. See docs/concepts/elastic.md.';
