@@ -22,33 +22,24 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
-import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import psycopg
-
+from chaos import partition_cost
 from chaos.checks import Db, Fold
 from chaos.fleet import RECORDER, ROOT, WorkerProcess, WorkerSpec
 from chaos.load import Load
 from chaos.netns import CutOffHost, NetnsUnavailable, why_unavailable
+from chaos.observer import PROJECTION, Observer, Sample
 from chaos.report import Check
 from chaos.server import ChaosServer
 from projectionist.consume import membership, partition_indexes
-from projectionist.consume.checkpoints import load_checkpoint, register_group, save_checkpoint
-from projectionist.partitioning import Partition
-from projectionist.records import Position
+from projectionist.consume.checkpoints import register_group
 from projectionist.store.connection import connect
 from projectionist.testing import ChildProcess, child_env, poll_until, projectionist_command, stop_all
-
-PROJECTION = "recorder"
-#: Seconds between the observer's looks at the group's locks.
-OBSERVE_INTERVAL = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,106 +91,6 @@ class ElasticSpec(WorkerSpec):
             *("--batch-size", str(self.batch_size), "--poll-interval", str(self.poll_interval)),
             *("--rebalance-interval", str(self.rebalance_interval), "--no-migrate"),
         ]
-
-
-# -- the observer ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """The group's locks at one moment: partition -> session pid, member number -> session pid."""
-
-    at: float
-    owners: dict[int, int]
-    members: dict[int, int]
-
-    def held_by(self, pid: int) -> set[int]:
-        return {k for k, p in self.owners.items() if p == pid}
-
-    def settled(self, partitions: int) -> bool:
-        """Every partition owned, and every member holding exactly its fair share."""
-        if len(self.owners) != partitions or not self.members:
-            return False
-        view = membership.GroupView(partitions, self.members, self.owners)
-        return all(len(self.held_by(pid)) == view.target(n, partitions) for n, pid in self.members.items())
-
-
-class Observer:
-    """Reads the group's locks every ``interval`` seconds on a connection of its own; keeps each change."""
-
-    def __init__(self, database_url: str, partitions: int, interval: float = OBSERVE_INTERVAL) -> None:
-        self.database_url = database_url
-        self.partitions = partitions
-        self.interval = interval
-        self.samples: list[Sample] = []
-        self._lock = threading.Lock()
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="elastic-observer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._halt.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        conn = None
-        while not self._halt.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = connect(self.database_url, application_name="chaos:observer", autocommit=True)
-                view = membership.read_view(conn, PROJECTION, self.partitions)
-                sample = Sample(time.monotonic(), view.owners, view.members)
-                with self._lock:
-                    last = self.samples[-1] if self.samples else None
-                    if last is None or (last.owners, last.members) != (sample.owners, sample.members):
-                        self.samples.append(sample)
-            except psycopg.Error:
-                if conn is not None:
-                    conn.close()
-                conn = None
-            self._halt.wait(self.interval)
-        if conn is not None:
-            conn.close()
-
-    @property
-    def last(self) -> Sample | None:
-        with self._lock:
-            return self.samples[-1] if self.samples else None
-
-    def wait(self, predicate: Callable[[Sample], bool], since: float, timeout: float) -> Sample | None:
-        """The first sample taken after ``since`` for which ``predicate`` holds."""
-
-        def found() -> Sample | None:
-            with self._lock:
-                return next((s for s in self.samples if s.at >= since and predicate(s)), None)
-
-        at = poll_until(lambda: found() is not None, timeout, interval=self.interval / 2)
-        return None if at is None else found()
-
-    def moves(self, since: float, until: float) -> tuple[set[int], int]:
-        """Partitions whose owner changed to another session in [since, until], and how many changes.
-
-        A partition without an owner for a while (between a release and the
-        next take) moves once, when another session takes it.
-        """
-        with self._lock:
-            before = [s for s in self.samples if s.at < since][-1:]
-            window = before + [s for s in self.samples if since <= s.at <= until]
-        moved: set[int] = set()
-        count = 0
-        for k in range(self.partitions):
-            owner: int | None = None
-            for s in window:
-                now = s.owners.get(k)
-                if now is None:
-                    continue
-                if owner is not None and now != owner:
-                    moved.add(k)
-                    count += 1
-                owner = now
-        return moved, count
 
 
 # -- the run's results ----------------------------------------------------------------------------
@@ -517,10 +408,9 @@ class ElasticHarness:
         )
         settled = self.wait_settled(start, 60)
         backend = self.backend_of(self.outsider.pid, 10)
+        joined = settled is not None and backend is not None
         if not self.check(
-            settled is not None and backend is not None,
-            "a worker on another network joins",
-            self.outsider.output(800),
+            joined, "a worker on another network joins", "" if joined else self.outsider.output(800)
         ):
             return
         assert backend is not None
@@ -577,31 +467,9 @@ class ElasticHarness:
         )
         return float(value or 0.0)
 
-    def measure_fence(self, rounds: int = 400) -> None:
-        """What the lock fence adds to a checkpoint update, with the members' locks in the lock table.
-
-        A projection of its own on a connection of its own, holding its one
-        partition's lock; updates with and without the fence alternate, each
-        timed alone inside its transaction.
-        """
-        partition = Partition(0, 1)
-        timings: dict[bool, list[float]] = {False: [], True: []}
-        with connect(self.url, application_name="chaos:fence-cost", autocommit=True) as conn:
-            register_group(conn, "fence_probe", 1)
-            position = load_checkpoint(conn, "fence_probe", partition)
-            assert membership.try_acquire(conn, "fence_probe", 1, [0]) == [0]
-            for i in range(rounds * 2):
-                fence = bool(i % 2)
-                new = Position(position.transaction_id, position.global_position + 1)
-                with conn.transaction():
-                    started = time.perf_counter()
-                    save_checkpoint(conn, "fence_probe", partition, position, new, 0, lock_fence=fence)
-                    timings[fence].append(time.perf_counter() - started)
-                position = new
-        self.run.fence_cost_us = (
-            statistics.median(timings[False]) * 1e6,
-            statistics.median(timings[True]) * 1e6,
-        )
+    def measure_fence(self) -> None:
+        """What the lock fence adds to a checkpoint update, with the members' locks in the lock table."""
+        self.run.fence_cost_us = partition_cost.fence_cost(self.url)
 
     def finish(self) -> None:
         """Stop the load, let the members catch up, stop them, and compare with the reference fold."""

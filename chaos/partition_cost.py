@@ -1,4 +1,4 @@
-"""What a partition costs, for choosing an elastic group's partition count (``make elastic-bench``).
+"""What a partition and the lock fence cost (``make elastic-bench``), for choosing a partition count.
 
 Two costs grow with the count: every append maintains one partial index per
 partition (``events_partition_<N>_<k>_idx``), and an idle worker reads each
@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass
 
 from chaos.server import ChaosServer
-from projectionist.consume.checkpoints import register_group
+from projectionist.consume import membership
+from projectionist.consume.checkpoints import load_checkpoint, register_group, save_checkpoint
 from projectionist.consume.partition_indexes import create_indexes
 from projectionist.consume.processor import Processor
 from projectionist.demo.sample_events import append_sample_events
 from projectionist.demo.sample_projection import ScalableProjection
 from projectionist.partitioning import Partition
+from projectionist.records import Position
 from projectionist.store.connection import connect
 
 COUNTS = (0, 16, 64)
@@ -71,6 +73,31 @@ def measure(repetitions: int = 3, events: int = 20_000) -> PartitionCost:
     finally:
         server.destroy()
     return PartitionCost({n: statistics.median(v) for n, v in rates.items()}, empty)
+
+
+def fence_cost(url: str, rounds: int = 400) -> tuple[float, float]:
+    """Median microseconds of a checkpoint update without and with the lock fence.
+
+    A projection of its own on a connection of its own, holding its one
+    partition's lock, next to whatever else holds locks on the server (the
+    elastic run's members); updates with and without the fence alternate,
+    each timed alone inside its transaction.
+    """
+    partition = Partition(0, 1)
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    with connect(url, application_name="chaos:fence-cost", autocommit=True) as conn:
+        register_group(conn, "fence_probe", 1)
+        position = load_checkpoint(conn, "fence_probe", partition)
+        assert membership.try_acquire(conn, "fence_probe", 1, [0]) == [0]
+        for i in range(rounds * 2):
+            fence = bool(i % 2)
+            new = Position(position.transaction_id, position.global_position + 1)
+            with conn.transaction():
+                started = time.perf_counter()
+                save_checkpoint(conn, "fence_probe", partition, position, new, 0, lock_fence=fence)
+                timings[fence].append(time.perf_counter() - started)
+            position = new
+    return statistics.median(timings[False]) * 1e6, statistics.median(timings[True]) * 1e6
 
 
 def lines(cost: PartitionCost) -> list[str]:

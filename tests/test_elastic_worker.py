@@ -226,3 +226,18 @@ def test_the_lock_fence_refuses_a_checkpoint_of_a_partition_this_session_does_no
     # The other session's backend may outlive its closed connection by a moment.
     wait_for(lambda: membership.try_acquire(conn, "recorder", 2, [0]) == [0], "the lock free again")
     assert processor.run_batch(conn).applied > 0
+
+
+def test_a_member_uses_one_connection_however_many_partitions_it_owns(db_url: str, conn: Connection) -> None:
+    load_sample(conn, 500, 31)
+    with members(db_url, Moves(), partitions=16) as (a,):
+        wait_for(lambda: len(a.owned) == 16, "all 16 partitions")
+        wait_for(lambda: _all_applied(conn), "every event applied")
+        sessions = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'projectionist:recorder:elastic:%'"
+        ).fetchone()
+        assert sessions == (1,)
+        # That one session holds the member lock and all 16 ownership locks.
+        view = membership.read_view(conn, "recorder", 16)
+        assert len(set(view.owners.values()) | set(view.members.values())) == 1
