@@ -26,12 +26,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from experiments import autoscale_report as report
+from experiments.autoscale_options import Options
 from experiments.autoscale_report import Tick
 from experiments.hpa import ScaledObjectModel, from_scaled_object
 from projectionist.consume.checkpoints import register_group
@@ -57,33 +57,7 @@ from projectionist.testing.reports import add_output_flags, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALED_OBJECT = ROOT / "deploy" / "kubernetes" / "elastic" / "scaledobject.yaml"
-DATABASE = "projectionist_autoscale"
 PROJECTION = "experiments.slow_service:SlowService"
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """The experiment's knobs; minutes are scaled minutes (real seconds = minutes x 60 / scale)."""
-
-    #: 5: the autoscaler's windows shrink fivefold; a worker process still takes its real second
-    #: or two to start and join, which a larger scale would make look slow.
-    scale: float = 5.0
-    base_rate: float = 25.0
-    step_rate: float = 200.0
-    base_minutes: float = 2.0
-    step_minutes: float = 12.0
-    after_minutes: float = 10.0
-    #: Seconds each event waits on the slow service.
-    cost: float = 0.02
-    batch_size: int = 20
-    aggregates: int = 480
-    partitions: int = 16
-    database: str = DATABASE
-    out: Path = Path("out/autoscale-experiment")
-    publish: bool = False
-
-    def seconds(self, minutes: float) -> float:
-        return minutes * 60.0 / self.scale
 
 
 class StepAppender:

@@ -12,13 +12,10 @@ import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from experiments.autoscale_options import Options
 from experiments.hpa import ScaledObjectModel, direction_changes
 from projectionist.demo.verify import Verification, format_verification
-
-if TYPE_CHECKING:
-    from experiments.autoscale import Options
 
 
 @dataclass(frozen=True, slots=True)
