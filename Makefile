@@ -11,6 +11,7 @@ BENCH_STAMP := $(VENV)/.bench-installed-$(SUM)
 .PHONY: help venv dev demo test test-fast lint docs clean
 .PHONY: up down ps logs scale-workers dashboards
 .PHONY: bench bench-quick load scale-experiment chaos chaos-quick incidents incidents-quick
+.PHONY: elastic-bench autoscale-experiment
 
 help:
 	@echo "make demo   - the upstream example's 1 -> 4 workers scaling, live (embedded PostgreSQL, no Docker)"
@@ -25,7 +26,9 @@ help:
 	@echo "make scale-experiment - add and remove workers under steady load (out/scale-experiment/)"
 	@echo "make chaos  - fault injection under load: kill -9, database restart, dropped connections (out/chaos/)"
 	@echo "make incidents - staged incidents: does the dashboard name the cause, do the right alerts fire (out/incidents/)"
-	@echo "            bench, scale-experiment, chaos and incidents take ARGS=--publish to update docs/results/"
+	@echo "make elastic-bench - elastic mode's targets: joins, leaves, kill -9, a restart, a host cut off (out/elastic-bench/)"
+	@echo "make autoscale-experiment - a step load, an autoscaler on the SQL lag, elastic workers (out/autoscale-experiment/)"
+	@echo "            bench, scale-experiment, chaos, incidents, elastic-bench and autoscale-experiment take ARGS=--publish"
 	@echo "make down / ps / logs [SERVICE=worker-0] / scale-workers N=... / dashboards"
 
 # Only what the demo and a first projection need: the package and the embedded server.
@@ -97,11 +100,27 @@ incidents: dev
 incidents-quick: dev
 	$(BIN)/python -m incidents --quick $(ARGS)
 
+# Elastic mode's targets table, median of 3 runs, about 8 minutes; the host cut-off needs root and
+# iproute2 (a network namespace). CI runs one quick run: tests/test_elastic_chaos.py.
+elastic-bench: dev
+	$(BIN)/python -m chaos.elastic_bench $(ARGS)
+
+# About 5 minutes: a step load, KEDA's ScaledObject as an HPA at 5x speed, real elastic workers.
+autoscale-experiment: dev
+	$(BIN)/python -m experiments.autoscale $(ARGS)
+
 clean:
 	rm -rf .projectionist .pytest_cache .mypy_cache .ruff_cache site out
 
 # --- The Docker stack (compose/). Needs Docker with the compose plugin. ----------
+# WORKER_MODE=elastic (here or in compose/.env) adds the elastic override: one scalable
+# worker service instead of one per partition (compose/docker-compose.elastic.yml).
+WORKER_MODE ?= $(shell sed -n 's/^WORKER_MODE=//p' compose/.env 2>/dev/null | tail -n 1)
+ifeq ($(WORKER_MODE),elastic)
+COMPOSE ?= docker compose -f compose/docker-compose.yml -f compose/docker-compose.elastic.yml
+else
 COMPOSE ?= docker compose -f compose/docker-compose.yml
+endif
 SERVICE ?=
 
 compose/.env:
@@ -122,8 +141,8 @@ logs: compose/.env
 	$(COMPOSE) --profile load logs --follow --tail=100 $(SERVICE)
 
 scale-workers: compose/.env
-	@test -n "$(N)" || { echo "usage: make scale-workers N=<processes> (0 = none, 4 = one per partition, more = standbys)"; exit 2; }
-	COMPOSE="$(COMPOSE)" ./compose/scale-workers.sh $(N)
+	@test -n "$(N)" || { echo "usage: make scale-workers N=<processes> (0 = none, 4 = one per partition, more = standbys; elastic: a replica count)"; exit 2; }
+	COMPOSE="$(COMPOSE)" WORKER_MODE="$(WORKER_MODE)" ./compose/scale-workers.sh $(N)
 
 dashboards: dev
 	$(BIN)/python -m dashboards

@@ -20,11 +20,26 @@
 # More throughput needs more partitions: see "Changing the partition count"
 # in the scaling runbook (README, "Production deployment").
 #
+# Elastic mode (WORKER_MODE=elastic, in the environment or compose/.env):
+# N is the replica count of the one service worker-elastic, whose processes
+# share the group's partitions among themselves; the per-partition services
+# stop. Processes beyond the partition count are members that own nothing.
+#
 # COMPOSE overrides the compose command (the tests set it to `echo`).
 set -eu
 
 PARTITIONS=4
-COMPOSE=${COMPOSE:-docker compose -f compose/docker-compose.yml}
+ENV_FILE=${ENV_FILE:-compose/.env}
+if [ -z "${WORKER_MODE:-}" ] && [ -f "$ENV_FILE" ]; then
+    WORKER_MODE=$(sed -n 's/^WORKER_MODE=//p' "$ENV_FILE" | tail -n 1)
+fi
+WORKER_MODE=${WORKER_MODE:-static}
+case $WORKER_MODE in
+    elastic) DEFAULT_COMPOSE="docker compose -f compose/docker-compose.yml -f compose/docker-compose.elastic.yml" ;;
+    static) DEFAULT_COMPOSE="docker compose -f compose/docker-compose.yml" ;;
+    *) echo "WORKER_MODE=$WORKER_MODE must be static or elastic" >&2; exit 2 ;;
+esac
+COMPOSE=${COMPOSE:-$DEFAULT_COMPOSE}
 
 usage() {
     echo "usage: $0 N   (N >= 0: processes to run for the $PARTITIONS partitions)" >&2
@@ -36,6 +51,15 @@ case $1 in
     '' | *[!0-9]*) usage ;;
 esac
 N=$1
+
+if [ "$WORKER_MODE" = elastic ]; then
+    echo "elastic: $N worker process(es) share the group's partitions; none runs per partition"
+    # shellcheck disable=SC2086  # word splitting of the compose command is intended
+    $COMPOSE up --detach --no-recreate \
+        --scale worker-0=0 --scale worker-1=0 --scale worker-2=0 --scale worker-3=0 \
+        --scale worker-elastic="$N" worker-elastic
+    exit 0
+fi
 
 scale_args=""
 services=""

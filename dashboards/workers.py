@@ -25,6 +25,7 @@ from dashboards.common import (
     state_timeline_panel,
     timeseries_panel,
 )
+from dashboards.ownership import add_ownership_row
 
 UID = "projectionist-workers"
 
@@ -337,6 +338,8 @@ def build() -> Dashboard:
         w=12,
         h=8,
     )
+
+    add_ownership_row(layout)
 
     layout.row("Batches")
     layout.panel(

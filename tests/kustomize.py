@@ -1,7 +1,8 @@
 """What ``kubectl apply -k`` sends for our kustomizations, without a kustomize binary.
 
 Renders the part of kustomize our ``kustomization.yaml`` files use (resource
-files, ``labels``, ``images``) and refuses anything else, so a new kustomize
+files, other kustomization directories as resources, ``labels``, ``images``)
+and refuses anything else, so a new kustomize
 feature in a kustomization fails here instead of being rendered wrong. Where
 a real kustomize is installed (``kustomize`` or ``kubectl kustomize``, v5),
 tests/test_deploy.py checks that this renders exactly what it renders.
@@ -82,8 +83,15 @@ def render(directory: Path) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     for resource in kustomization.get("resources", []):
         path = (directory / resource).resolve()
+        if path.is_dir() and (path / "kustomization.yaml").is_file():
+            # Another kustomization (a base, possibly ../something): what it renders.
+            objects.extend(render(path))
+            continue
         if not path.is_file() or not path.is_relative_to(directory.resolve()):
-            raise Unsupported(f"{directory}: resource {resource} is not a file inside the kustomization")
+            raise Unsupported(
+                f"{directory}: resource {resource} is neither a file inside the kustomization "
+                "nor a kustomization directory"
+            )
         objects.extend(copy.deepcopy(doc) for doc in yaml.safe_load_all(path.read_text()) if doc)
     for entry in kustomization.get("labels", []):
         if set(entry) - SUPPORTED_LABEL_KEYS or entry.get("includeSelectors", False):

@@ -23,7 +23,9 @@ class Recorder(BaseProjection):
 
     No unique constraint on purpose: a double application must show up as two
     rows, not as an error that hides it. ``RECORDER_SLEEP`` (seconds per batch)
-    widens the window in which a test can kill the process mid-batch.
+    widens the window in which a test can kill the process mid-batch. Each row
+    also records when (the database's clock) and by which session it was
+    applied, for the elastic measurements (chaos/elastic.py).
     """
 
     name = "recorder"
@@ -38,7 +40,9 @@ class Recorder(BaseProjection):
             "CREATE TABLE IF NOT EXISTS applied_events ("
             " seq bigserial PRIMARY KEY, projection text NOT NULL, event_id uuid NOT NULL,"
             " aggregate_id text NOT NULL, aggregate_version bigint NOT NULL,"
-            " global_position bigint NOT NULL, worker_id int NOT NULL, total_workers int NOT NULL)"
+            " global_position bigint NOT NULL, worker_id int NOT NULL, total_workers int NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),"
+            " applied_by int NOT NULL DEFAULT pg_backend_pid())"
         )
 
     def reset(self, conn: Connection) -> None:

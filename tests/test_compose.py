@@ -376,11 +376,14 @@ def test_every_scrape_target_is_a_service_port_that_serves_metrics(
     services: dict[str, dict[str, Any]],
 ) -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    ports = metrics_ports(services)
+    # Elastic mode's one worker service comes from its override file (tests/test_compose_elastic.py).
+    elastic = yaml.safe_load((COMPOSE_DIR / "docker-compose.elastic.yml").read_text())["services"]
+    known = {**services, "worker-elastic": elastic["worker-elastic"]}
+    ports = metrics_ports(known)
     targets = scrape_targets(config)
     for job, host, port in targets:
         service = "prometheus" if (job == "prometheus" and host == "localhost") else host
-        assert service in services, f"job {job}: {host} is not a compose service"
+        assert service in known, f"job {job}: {host} is not a compose service"
         assert port in ports.get(service, set()), f"job {job}: {service} serves no metrics on {port}"
     scraped = {host for _, host, _ in targets}
     assert set(worker_services(services)) <= scraped, "every worker is scraped"
@@ -553,7 +556,8 @@ def run_script(
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        # Static mode unless a test says otherwise, whatever a developer's compose/.env says.
+        env={**os.environ, "WORKER_MODE": "static", **(env or {})},
         timeout=30,
     )
 

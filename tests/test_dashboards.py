@@ -27,7 +27,14 @@ from dashboards import generate, rules
 from dashboards import workers as workers_module
 from dashboards.common import PROVISIONED_UIDS, REFRESH_INTERVALS
 
-from projectionist.testing import free_port, poll_until, wait_for
+from projectionist.testing import (
+    ChildProcess,
+    child_env,
+    free_port,
+    poll_until,
+    projectionist_command,
+    wait_for,
+)
 from tests.fix_prometheus import PrometheusStack, Sample, http_get
 from tests.helpers import ROOT
 
@@ -327,6 +334,7 @@ def test_dashboard_provider_reads_the_folder_compose_mounts() -> None:
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 API_JOB = "dashboards-api"
 LOCUST_JOB = "dashboards-locust"
+ELASTIC_JOB = "dashboards-elastic-worker"
 # Wait for series to appear (a fresh stack has scraped only a few times), not a timing assertion.
 DATA_DEADLINE = 90.0
 
@@ -452,6 +460,7 @@ def dashboard_queries(
         )
     original_config: str | None = None
     locust: subprocess.Popen[bytes] | None = None
+    elastic: ChildProcess | None = None
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -509,8 +518,29 @@ def dashboard_queries(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
+        # An elastic member of the static workers' group: they hold every partition, so it
+        # owns none, but it reports the Ownership row's series (its share, the members).
+        elastic_port = free_port()
+        elastic = ChildProcess(
+            "elastic-worker",
+            projectionist_command("worker", "--elastic", "--metrics-port", str(elastic_port), "--no-migrate"),
+            env=child_env({**stack.worker_env(), "DATABASE_URL": stack.db_url}, pythonpath=[ROOT]),
+            log_path=log_path.with_name("elastic.log"),
+            cwd=ROOT,
+        )
         original_config = _add_scrape_jobs(
-            stack, {API_JOB: f"127.0.0.1:{port}", LOCUST_JOB: f"127.0.0.1:{locust_port}"}
+            stack,
+            {
+                API_JOB: f"127.0.0.1:{port}",
+                LOCUST_JOB: f"127.0.0.1:{locust_port}",
+                ELASTIC_JOB: f"127.0.0.1:{elastic_port}",
+            },
+        )
+        stack.wait_until(
+            "projectionist_group_members",
+            lambda r: len(r) == 1,
+            what=f"the elastic member scraped (its log: {log_path.with_name('elastic.log')})",
+            timeout=60,
         )
         stack.wait_until(
             f'up{{job="{LOCUST_JOB}"}} == 1',
@@ -523,6 +553,9 @@ def dashboard_queries(
         )
         yield DashboardQueries(stack, port)
     finally:
+        if elastic is not None:
+            elastic.stop()
+            elastic.close()
         if locust is not None:
             _stop(locust)
         if original_config is not None:

@@ -29,7 +29,7 @@ from projectionist import __version__
 from projectionist.cli import ExitCode
 from projectionist.errors import ConfigError
 from projectionist.settings import Settings
-from tests import crds, kustomize
+from tests import crds, keda_crds, kustomize
 from tests.helpers import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -225,9 +225,12 @@ def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 def schema_problems(obj: dict[str, Any], version: str) -> list[str]:
     """Kubernetes' OpenAPI schema for the object's kind (strict: unknown fields are errors), or,
-    for the Prometheus Operator's kinds, which are CRDs and not in those schemas, tests/crds.py."""
+    for the Prometheus Operator's kinds, which are CRDs and not in those schemas, tests/crds.py,
+    and for KEDA's, tests/keda_crds.py."""
     if obj.get("apiVersion") == crds.API_VERSION:
         return crds.problems(obj)
+    if obj.get("apiVersion") == keda_crds.API_VERSION:
+        return keda_crds.problems(obj, version)
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as e:
@@ -261,7 +264,8 @@ def test_every_kustomization_lists_its_directory() -> None:
         resources = yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
         assert len(resources) == len(set(resources)), directory
         for resource in resources:
-            assert (directory / resource).is_file(), f"{directory}: {resource}"
+            path = directory / resource
+            assert path.is_file() or (path / "kustomization.yaml").is_file(), f"{directory}: {resource}"
     monitoring = K8S / "monitoring"
     assert monitoring in KUSTOMIZATIONS
     listed = yaml.safe_load((monitoring / "kustomization.yaml").read_text())["resources"]

@@ -72,7 +72,8 @@ def test_upgrade_keeps_every_payload_of_a_jsonb_store(before_0004: str) -> None:
 
         applied = migrate(conn)
 
-        assert [m.version for m in applied] == [4, 5]
+        # 0004 and every later migration.
+        assert [m.version for m in applied] == [m.version for m in available_migrations() if m.version >= 4]
         assert list(conn.execute(_PAYLOAD_COLUMNS)) == [
             ("metadata", "json", "'{}'::json"),
             ("payload", "json", None),

@@ -21,6 +21,7 @@ from projectionist.store.appending import StreamAppend, append, append_async, ap
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect
 from projectionist.telemetry.metrics import MetricsHooks
 from projectionist.testing import wait_for
+from projectionist.worker.elastic import ElasticWorker
 from projectionist.worker.worker import Worker
 from tests.helpers import RecordingHooks, running
 from tests.projections import Recorder, applied_count, verify_exactly_once
@@ -222,3 +223,50 @@ def test_wakeup_sources_start_at_zero() -> None:
             {"projection": "p", "worker": "0", "total_workers": "1", "source": source},
         )
         assert value == 0
+
+
+# -- elastic members wait the same way ---------------------------------------------------------
+
+
+def test_an_idle_elastic_member_sleeps_behind_the_doorbell_and_an_append_wakes_it(db_url: str) -> None:
+    # The poll interval is 30 s: only the append's NOTIFY, sent because the
+    # member sleeps behind the doorbell, can explain a prompt application.
+    hooks = RecordingHooks()
+    options = WorkerOptions(poll_interval=30, rebalance_interval=0.2)
+    member = ElasticWorker(db_url, Recorder, options, partitions=4, name="m0", hooks=hooks)
+    with connect(db_url, autocommit=True) as conn, running(member):
+        wait_for(lambda: len(member.owned) == 4, "the member to own every partition", timeout=20)
+        wait_for(lambda: doorbell.sleeping(conn), "the member to fall asleep", timeout=20)
+        started = time.monotonic()
+        append(conn, "x", [NewEvent("E", {})])
+        wait_for(lambda: applied_count(conn) == 1, "the event to be applied", timeout=10)
+        assert time.monotonic() - started < 5
+    assert "notify" in hooks.wakeups
+
+
+def test_busy_elastic_members_cost_appends_no_notify_and_apply_everything(db_url: str) -> None:
+    options = WorkerOptions(poll_interval=30, rebalance_interval=0.2)
+    hooks = [RecordingHooks(), RecordingHooks()]
+    members = [
+        ElasticWorker(db_url, Recorder, options, partitions=4, name=f"m{i}", hooks=h)
+        for i, h in enumerate(hooks)
+    ]
+    with _listening(db_url) as listener, connect(db_url, autocommit=True) as conn:
+        with running(members[0]), running(members[1]):
+            wait_for(
+                lambda: sorted(len(m.owned) for m in members) == [2, 2],
+                "the members to share the partitions",
+                timeout=20,
+            )
+            append(conn, "warm-up", [NewEvent("E", {})])  # wakes them: busy from here on
+            wait_for(lambda: applied_count(conn) == 1, "the first event to be applied", timeout=10)
+            _received(listener, wait=0.1)
+            for i in range(300):
+                append(conn, f"agg-{i % 17}", [NewEvent("E", {"i": i})])
+                time.sleep(0.002)
+            notified = _received(listener, wait=0.1)
+            wait_for(lambda: applied_count(conn) == 301, "every event to be applied", timeout=20)
+        assert verify_exactly_once(conn, "recorder") == EXACTLY_ONCE
+    # Events 2 ms apart keep the members busy: they poll, and appends do not notify.
+    assert notified <= 3
+    assert any("busy_poll" in h.wakeups for h in hooks)

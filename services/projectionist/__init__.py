@@ -24,6 +24,7 @@ from projectionist.records import (
 from projectionist.settings import PoisonPolicy, WorkerOptions
 from projectionist.store.appending import StreamAppend, append, append_many
 from projectionist.store.streams import read_stream, stream_version
+from projectionist.worker.elastic import ElasticWorker
 from projectionist.worker.worker import Worker
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "BaseProjection",
     "ConcurrencyError",
     "ConfigError",
+    "ElasticWorker",
     "ExpectedVersion",
     "FencedError",
     "NewEvent",

@@ -35,6 +35,41 @@ class WorkerInfo:
     total_workers: int
 
 
+class OwnershipReason(StrEnum):
+    """Why a process took or let go of a partition (``on_ownership``)."""
+
+    #: A static worker took its partition's lock (at start, or as a standby taking over).
+    ACQUIRED = "acquired"
+    #: An elastic member took a free partition towards its fair share.
+    ASSIGNED = "assigned"
+    #: An elastic member released a partition above its fair share, for another member.
+    REVOKED = "revoked"
+    #: Released on a graceful stop (SIGTERM), between batches.
+    STOPPED = "stopped"
+    #: The session ended (connection lost, database restart): the server released the lock.
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """An elastic worker's view of its group, reported at every rebalance tick (``on_membership``)."""
+
+    projection: str
+    #: The group's partition count; 0 until the worker has joined it.
+    total_workers: int
+    #: This member's name (pod or host name), as ``projectionist status`` shows it.
+    name: str
+    state: WorkerState
+    reason: str
+    #: Members of the group this worker sees, itself included (0 while not a member).
+    members: int = 0
+    #: Its fair share of the partitions.
+    target: int = 0
+    owned: tuple[int, ...] = ()
+    #: The member list changed since the previous report: a rebalance.
+    rebalanced: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     events: int
@@ -56,12 +91,16 @@ class WorkerHooks:
     def on_tick(self, info: WorkerInfo) -> None:
         """The loop is alive (called every iteration, busy or idle)."""
 
-    def on_ownership(self, info: WorkerInfo, owned: bool) -> None:
+    def on_ownership(self, info: WorkerInfo, owned: bool, reason: str = "") -> None:
         """The process took (``True``) or let go of (``False``) the partition's ownership lock.
 
         Not a state: a worker that keeps failing on a poison event still holds
-        the lock, and no other process can take the partition over.
+        the lock, and no other process can take the partition over. ``reason``
+        is an :class:`OwnershipReason` value.
         """
+
+    def on_membership(self, membership: Membership) -> None:
+        """An elastic worker's view of its group, at every rebalance tick (about twice a second)."""
 
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
         """``source`` is ``notify`` (an append's), ``relay`` (a peer's), ``poll`` or ``busy_poll``."""
@@ -109,8 +148,11 @@ class HookChain(WorkerHooks):
     def on_tick(self, info: WorkerInfo) -> None:
         self._each(self.hooks, "on_tick", info)
 
-    def on_ownership(self, info: WorkerInfo, owned: bool) -> None:
-        self._each(self.hooks, "on_ownership", info, owned)
+    def on_ownership(self, info: WorkerInfo, owned: bool, reason: str = "") -> None:
+        self._each(self.hooks, "on_ownership", info, owned, reason)
+
+    def on_membership(self, membership: Membership) -> None:
+        self._each(self.hooks, "on_membership", membership)
 
     def on_wakeup(self, info: WorkerInfo, source: str) -> None:
         self._each(self.hooks, "on_wakeup", info, source)

@@ -24,6 +24,9 @@ MAX_PARTITIONS = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The sample projection, what a worker runs when ``PROJECTION`` is not set.
 DEFAULT_PROJECTION = "projectionist.demo:ScalableProjection"
+#: The partition count an elastic worker gives a group it creates when ``PARTITIONS`` is not set:
+#: the largest fleet that can share the work (docs/concepts/elastic.md says why 16).
+DEFAULT_ELASTIC_PARTITIONS = 16
 
 # A StatefulSet pod is named <statefulset>-<ordinal>; the ordinal is the worker id.
 _POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(?P<ordinal>\d+)$")
@@ -38,6 +41,15 @@ class PoisonPolicy(StrEnum):
     STOP = "stop"
     #: Park it as a dead letter (and its aggregate's later events behind it), and go on.
     PARK = "park"
+
+
+class WorkerMode(StrEnum):
+    """How ``projectionist worker`` finds its partitions."""
+
+    #: ``WORKER_ID`` names the one partition it owns.
+    STATIC = "static"
+    #: It joins the group and takes its fair share of the partitions, which move as workers come and go.
+    ELASTIC = "elastic"
 
 
 # -- parsers: (raw value, variable name) -> value; each raises ConfigError naming the variable
@@ -109,6 +121,13 @@ def parse_poison_policy(raw: str, name: str = "POISON_POLICY") -> PoisonPolicy:
         raise ConfigError(f"{name}={raw!r} must be 'stop' or 'park'") from None
 
 
+def parse_worker_mode(raw: str, name: str = "WORKER_MODE") -> WorkerMode:
+    try:
+        return WorkerMode(raw.strip().lower())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} must be 'static' or 'elastic'") from None
+
+
 def _text(raw: str, name: str) -> str:
     return raw.strip()
 
@@ -148,12 +167,18 @@ class WorkerOptions:
     #: What to do with an event that still fails after ``max_retries`` retries of its batch.
     poison_policy: PoisonPolicy = PoisonPolicy.STOP
     max_retries: int = 5
+    #: Elastic mode: seconds between looks at the group's members (a join or leave is also notified).
+    rebalance_interval: float = 0.5
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"BATCH_SIZE={self.batch_size} must be at least 1")
         if not (self.poll_interval > 0 and math.isfinite(self.poll_interval)):
             raise ConfigError(f"POLL_INTERVAL={self.poll_interval} must be a finite number greater than 0")
+        if not (self.rebalance_interval > 0 and math.isfinite(self.rebalance_interval)):
+            raise ConfigError(
+                f"REBALANCE_INTERVAL={self.rebalance_interval} must be a finite number greater than 0"
+            )
         if not isinstance(self.poison_policy, PoisonPolicy):
             object.__setattr__(self, "poison_policy", parse_poison_policy(str(self.poison_policy)))
         if self.max_retries < 1:
@@ -233,8 +258,11 @@ class Settings:
     data_dir: Path = Path(".projectionist")
     #: The partition this worker owns (``projectionist worker``).
     worker_id: int | None = None
-    #: The partition count of the projection's group.
+    #: The partition count of the projection's group. In elastic mode only a group that
+    #: does not exist yet takes it, and it defaults to DEFAULT_ELASTIC_PARTITIONS there.
     partitions: int = 1
+    #: ``worker``: own WORKER_ID's partition, or join the group elastically.
+    worker_mode: WorkerMode = WorkerMode.STATIC
     #: ``module:Class`` of the projection to run.
     projection: str = DEFAULT_PROJECTION
     log_level: str = "INFO"
@@ -257,6 +285,11 @@ class Settings:
                 ) from None
         if not 1 <= self.partitions <= MAX_PARTITIONS:
             raise ConfigError(f"PARTITIONS={self.partitions} must be between 1 and {MAX_PARTITIONS}")
+        if self.worker_mode is WorkerMode.ELASTIC and self.worker_id is not None:
+            raise ConfigError(
+                f"WORKER_ID={self.worker_id} is set, but an elastic worker (WORKER_MODE=elastic or "
+                "--elastic) takes its partitions itself: unset WORKER_ID"
+            )
         if self.worker_id is not None and self.worker_id >= self.partitions:
             raise ConfigError(
                 f"WORKER_ID={self.worker_id} must be less than the partition count "
@@ -284,6 +317,8 @@ class Settings:
                 value = variable.read(env)
             if value is not None:
                 sections[variable.section][variable.field] = value
+        if sections[None].get("worker_mode") is WorkerMode.ELASTIC:
+            sections[None].setdefault("partitions", DEFAULT_ELASTIC_PARTITIONS)
         sections["telemetry"]["tracing"] = tracing_configured(env)
         return cls(
             **sections[None],
@@ -339,6 +374,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PROJECTIONIST_DATA_DIR", None, "data_dir", _path),
     Variable("WORKER_ID", None, "worker_id", parse_worker_id),
     Variable("PARTITIONS", None, "partitions", parse_partitions, aliases=("TOTAL_WORKERS",)),
+    Variable("WORKER_MODE", None, "worker_mode", parse_worker_mode),
     Variable("PROJECTION", None, "projection", _text),
     Variable("LOG_LEVEL", None, "log_level", _upper),
     Variable("MIGRATE", None, "migrate", parse_bool),
@@ -347,6 +383,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RESCALE", "worker", "rescale", parse_bool),
     Variable("POISON_POLICY", "worker", "poison_policy", parse_poison_policy),
     Variable("MAX_RETRIES", "worker", "max_retries", parse_positive_int),
+    Variable("REBALANCE_INTERVAL", "worker", "rebalance_interval", parse_positive_float),
     Variable("METRICS_PORT", "telemetry", "metrics_port", parse_port),
     Variable("METRICS_HOST", "telemetry", "metrics_host", _text),
     Variable("HEALTH_MAX_TICK_AGE", "telemetry", "health_max_tick_age", parse_positive_float),

@@ -52,6 +52,14 @@ def setting_switch(parser: argparse.ArgumentParser, name: str, *, env: str, text
     parser.add_argument(name, dest=v.flag, action="store_true", default=None, help=_help(text, v))
 
 
+def setting_const(parser: argparse.ArgumentParser, name: str, *, env: str, value: Any, text: str) -> None:
+    """A flag that sets the variable ``env`` to ``value`` (``--elastic`` for ``WORKER_MODE=elastic``)."""
+    v = variable(env)
+    parser.add_argument(
+        name, dest=v.flag, action="store_const", const=value, default=None, help=_help(text, v)
+    )
+
+
 def _help(text: str, v: Variable) -> str:
     names = " or ".join((v.name, *v.aliases))
     return f"{text} (env {names}, default {_shown(default_of(v))})"

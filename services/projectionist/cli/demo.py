@@ -38,6 +38,14 @@ def register(sub: SubParsers) -> None:
     )
     _flags.option(
         p,
+        "--elastic",
+        action="store_true",
+        default=False,
+        text="the same story with elastic workers: no worker ids, 8 partitions moving as workers "
+        "join and, at the end, one leaves",
+    )
+    _flags.option(
+        p,
         "--verify-only",
         action="store_true",
         default=False,
@@ -56,6 +64,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate,
         database=args.database,
         verify_only=args.verify_only,
+        elastic=args.elastic,
     )
     return {
         DemoOutcome.PASSED: ExitCode.OK,

@@ -166,8 +166,33 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         )
     table.caption = "\n".join(_group_line(g, status.planner_statistics) for g in status.groups)
     # Wide enough for every column when output is piped, not a terminal.
-    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    for g in status.groups:
+        if g.membership is not None and g.membership.members:
+            console.print(_members_table(g.membership))
     return ExitCode.OK
+
+
+def _members_table(m: Any) -> Any:
+    """An elastic group's members, the partitions each owns against its share, and the moves."""
+    from rich.table import Table
+
+    from projectionist.consume.membership import ranges
+
+    table = Table(title=f"{m.projection}: {len(m.members)} elastic member(s) of {m.total_workers} partitions")
+    for column in ("member", "name", "pid", "owns", "partitions", "share"):
+        table.add_column(column, justify="left" if column in ("name", "partitions") else "right")
+    for x in m.members:
+        table.add_row(str(x.number), x.name, str(x.pid), str(len(x.owned)), ranges(x.owned), str(x.target))
+    notes = []
+    if m.static_owners:
+        notes.append(f"held by static workers: {ranges(tuple(m.static_owners))}")
+    notes.append(
+        f"moves in progress: {m.moving} (unowned: {ranges(m.unowned)})" if m.moving else "no move in progress"
+    )
+    table.caption = "; ".join(notes)
+    return table
 
 
 def _group_line(g: Any, planner_statistics: bool) -> str:

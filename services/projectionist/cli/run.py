@@ -21,7 +21,13 @@ from projectionist.consume.checkpoints import group_partitions
 from projectionist.consume.projection import Projection, load_projection
 from projectionist.errors import ConfigError, one_line
 from projectionist.partitioning import Partition
-from projectionist.settings import PoisonPolicy, Settings, WorkerOptions
+from projectionist.settings import (
+    DEFAULT_ELASTIC_PARTITIONS,
+    PoisonPolicy,
+    Settings,
+    WorkerMode,
+    WorkerOptions,
+)
 from projectionist.store.connection import connect
 from projectionist.store.schema import require_migrated
 
@@ -33,9 +39,10 @@ SubParsers = Any  # argparse's _SubParsersAction, which typeshed does not make g
 def register(sub: SubParsers) -> None:
     p = sub.add_parser(
         "worker",
-        help="run one partition of a projection",
+        help="run one partition of a projection, or a fair share of them (--elastic)",
         description="Run the worker of one partition until SIGTERM or Ctrl-C; a second process for "
-        "the same partition waits as a hot standby.",
+        "the same partition waits as a hot standby. With --elastic, join the projection's group "
+        "instead and process a fair share of its partitions, which move as workers join and leave.",
     )
     _flags.setting(
         p,
@@ -43,7 +50,24 @@ def register(sub: SubParsers) -> None:
         env="WORKER_ID",
         text="the partition this worker owns: a number, or a StatefulSet pod name like projection-worker-3",
     )
-    _worker_flags(p)
+    _flags.setting_const(
+        p,
+        "--elastic",
+        env="WORKER_MODE",
+        value=WorkerMode.ELASTIC,
+        text="no WORKER_ID: join the group and take a fair share of its partitions",
+    )
+    _flags.setting(
+        p,
+        "--rebalance-interval",
+        env="REBALANCE_INTERVAL",
+        text="elastic: seconds between looks at the group's members",
+    )
+    _worker_flags(
+        p,
+        partitions_text="partition count of the projection's group; elastic: only of a group not yet "
+        f"created, {DEFAULT_ELASTIC_PARTITIONS} unless set",
+    )
     _telemetry_flags(p)
 
     p = sub.add_parser(
@@ -64,13 +88,15 @@ def register(sub: SubParsers) -> None:
     _flags.option(p, "--timeout", text="give up after this many seconds", default=3600.0, type=float)
 
 
-def _worker_flags(p: argparse.ArgumentParser) -> None:
+def _worker_flags(
+    p: argparse.ArgumentParser, partitions_text: str = "partition count of the projection's group"
+) -> None:
     _flags.setting(
         p,
         "--partitions",
         "--total-workers",
         env="PARTITIONS",
-        text="partition count of the projection's group",
+        text=partitions_text,
         metavar="N",
     )
     _flags.setting(p, "--projection", env="PROJECTION", text="the projection to run, as module:Class")
@@ -139,8 +165,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from projectionist.worker import Worker
     from projectionist.worker.gc_tuning import tune_for_throughput
 
+    if settings.worker_mode is WorkerMode.ELASTIC:
+        return cmd_elastic_worker(settings)
     if settings.worker_id is None:
-        raise ConfigError("WORKER_ID is not set (use WORKER_ID or --worker-id)")
+        raise ConfigError(
+            "WORKER_ID is not set (use WORKER_ID or --worker-id; or WORKER_MODE=elastic or --elastic "
+            "for a worker that takes its partitions itself)"
+        )
     projection = load_projection(settings.projection)
     url = prepared_database(settings)
     telemetry = Telemetry(url, [projection.name], settings.telemetry)
@@ -154,6 +185,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     )
     telemetry.register(worker.info)
     # The port is up before the loop starts, so a slow start reads as not ready, not as down.
+    with telemetry:
+        GracefulStop(worker.stop).install()
+        tune_for_throughput()
+        worker.run()
+    return ExitCode.OK
+
+
+def cmd_elastic_worker(settings: Settings) -> int:
+    """``worker --elastic``: a member of the projection's group, with its fair share of the partitions."""
+    from projectionist.telemetry import Telemetry
+    from projectionist.worker.elastic import ElasticWorker
+    from projectionist.worker.gc_tuning import tune_for_throughput
+
+    projection = load_projection(settings.projection)
+    url = prepared_database(settings)
+    telemetry = Telemetry(url, [projection.name], settings.telemetry)
+    worker = ElasticWorker(
+        url,
+        lambda: load_projection(settings.projection),
+        settings.worker,
+        partitions=settings.partitions,
+        hooks=telemetry.hook_chain(),
+        connect_fn=telemetry.connect_fn,
+    )
     with telemetry:
         GracefulStop(worker.stop).install()
         tune_for_throughput()

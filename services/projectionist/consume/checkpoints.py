@@ -211,6 +211,25 @@ def load_checkpoint(conn: Connection, projection: str, partition: Partition) -> 
     return Position(int(row[0]), int(row[1]))
 
 
+_SAVE = sql.SQL(
+    "UPDATE projection_checkpoints SET last_transaction_id = %s::text::xid8, "
+    "last_global_position = %s, events_processed = events_processed + %s, updated_at = now() "
+    "WHERE projection_name = %s AND total_workers = %s AND worker_id = %s "
+    "AND last_transaction_id = %s::text::xid8 AND last_global_position = %s"
+)
+
+# The database's clock at the update, the batch's last statement before its commit.
+_RETURNING = sql.SQL(" RETURNING clock_timestamp()")
+
+# This session still holds the partition's ownership lock (see ownership.py).
+_LOCK_HELD = sql.SQL(
+    " AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid()"
+    " AND l.granted AND l.objsubid = 2"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid::bigint = (hashtext(%s)::bigint & 4294967295) AND l.objid::bigint = %s)"
+)
+
+
 def save_checkpoint(
     conn: Connection,
     projection: str,
@@ -218,6 +237,8 @@ def save_checkpoint(
     expected: Position,
     new: Position,
     processed: int,
+    *,
+    lock_fence: bool = False,
 ) -> datetime:
     """Move the checkpoint from ``expected`` to ``new`` inside the caller's transaction.
 
@@ -228,27 +249,30 @@ def save_checkpoint(
     Returns the database's clock at the update, the batch's last statement
     before its commit: the "applied" end of the append-to-apply delay, read on
     the same clock as the events' ``created_at`` so that no host's clock skews it.
+
+    ``lock_fence`` adds a second condition, checked by the server in the same
+    statement: this session still holds the partition's ownership lock. An
+    elastic worker releases partitions while it runs; with the fence, a batch
+    of a partition it no longer holds cannot commit, whatever the client
+    believes.
     """
-    cur = conn.execute(
-        "UPDATE projection_checkpoints SET last_transaction_id = %s::text::xid8, "
-        "last_global_position = %s, events_processed = events_processed + %s, updated_at = now() "
-        "WHERE projection_name = %s AND total_workers = %s AND worker_id = %s "
-        "AND last_transaction_id = %s::text::xid8 AND last_global_position = %s "
-        "RETURNING clock_timestamp()",
-        (
-            str(new.transaction_id),
-            new.global_position,
-            processed,
-            projection,
-            partition.total_workers,
-            partition.worker_id,
-            str(expected.transaction_id),
-            expected.global_position,
-        ),
+    params: tuple[object, ...] = (
+        str(new.transaction_id),
+        new.global_position,
+        processed,
+        projection,
+        partition.total_workers,
+        partition.worker_id,
+        str(expected.transaction_id),
+        expected.global_position,
     )
-    row = cur.fetchone()
+    query: sql.SQL | sql.Composed = _SAVE
+    if lock_fence:
+        query = _SAVE + _LOCK_HELD
+        params += (group_key(projection, partition.total_workers), partition.worker_id)
+    row = conn.execute(query + _RETURNING, params).fetchone()
     if row is None:
-        raise _moved(projection, partition)
+        raise _moved(projection, partition, lock_fence=lock_fence)
     applied_at: datetime = row[0]
     return applied_at
 
@@ -270,8 +294,13 @@ def check_checkpoint(conn: Connection, projection: str, partition: Partition, ex
         raise _moved(projection, partition)
 
 
-def _moved(projection: str, partition: Partition) -> FencedError:
+def _moved(projection: str, partition: Partition, *, lock_fence: bool = False) -> FencedError:
     # Another owner, or an operator (rebuild --force), moved the checkpoint.
+    if lock_fence:
+        return FencedError(
+            f"checkpoint of {projection} partition {partition} not saved: it moved under us, or this "
+            "session no longer holds the partition's ownership lock"
+        )
     return FencedError(
         f"checkpoint of {projection} worker {partition} moved under us; another process owns this partition"
     )

@@ -62,8 +62,12 @@ class Processor:
         batch_size: int = 500,
         hooks: WorkerHooks | None = None,
         policy: PoisonPolicy = PoisonPolicy.STOP,
+        lock_fence: bool = False,
     ) -> None:
         self.projection = projection
+        #: Each checkpoint update also requires that this session holds the partition's
+        #: ownership lock (see checkpoints.save_checkpoint): elastic workers set it.
+        self.lock_fence = lock_fence
         self.partition = partition
         self.reader = PartitionReader(partition, batch_size)
         self.hooks = hooks or WorkerHooks()
@@ -127,6 +131,10 @@ class Processor:
                 dead_letters.open_letters(conn, self.projection.name, self.partition).blocked_aggregates
             )
         return True
+
+    def close(self) -> None:
+        """Let go of what it holds on the connection (a read-ahead) before the partition moves on."""
+        self._drop_read_ahead()
 
     def _setup_lock(self, conn: Connection, keep_waiting: Callable[[], bool] | None) -> bool:
         key = (self.projection.name,)
@@ -202,7 +210,13 @@ class Processor:
             applied_at = None
             if end != self.position:
                 applied_at = save_checkpoint(
-                    conn, self.projection.name, self.partition, self.position, end, applied
+                    conn,
+                    self.projection.name,
+                    self.partition,
+                    self.position,
+                    end,
+                    applied,
+                    lock_fence=self.lock_fence,
                 )
         if end != self.position:
             self.position = end

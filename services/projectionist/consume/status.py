@@ -11,6 +11,7 @@ from psycopg.pq import TransactionStatus
 
 from projectionist.consume import lag, partition_indexes
 from projectionist.consume.checkpoints import load_layers
+from projectionist.consume.membership import GroupMembership, read_membership
 from projectionist.consume.ownership import LIVE_EXPR
 from projectionist.store.connection import Connection
 from projectionist.store.streams import head_position
@@ -46,6 +47,8 @@ class GroupStatus:
     #: Partitions whose own index exists and is valid (see partition_indexes.py);
     #: a single-partition group needs none and reports 1.
     indexed_partitions: int
+    #: Elastic members, who owns what, and the moves in progress (read from pg_locks).
+    membership: GroupMembership | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class StoreStatus:
                 "generation": g.generation,
                 "skip_layers": g.skip_layers,
                 "indexed_partitions": g.indexed_partitions,
+                **(g.membership.as_json() if g.membership is not None else {}),
                 "workers": [],
             }
             for g in self.groups
@@ -143,6 +147,7 @@ def read_status(conn: Connection, projection: str | None = None) -> StoreStatus:
                 for layer in load_layers(conn, name)
             ],
             indexed_partitions=indexed.get(total, 0) if total > 1 else 1,
+            membership=read_membership(conn, name, total),
         )
         for name, total, generation in conn.execute(
             "SELECT projection_name, total_workers, generation FROM projection_groups"

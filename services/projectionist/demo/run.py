@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from projectionist.consume.checkpoints import load_checkpoint, register_group
+from projectionist.consume.checkpoints import group_partitions, load_checkpoint, register_group
 from projectionist.consume.partition_indexes import create_indexes
 from projectionist.consume.status import WorkerStatus, read_status
 from projectionist.demo.fleet import BackgroundAppender, Fleet, RateMeter
@@ -92,8 +92,9 @@ def run_demo(
     rate: float,
     database: str = DEMO_DATABASE,
     verify_only: bool = False,
+    elastic: bool = False,
 ) -> DemoOutcome:
-    """Run the demo (or only verify the last run's database)."""
+    """Run the demo (or only verify the last run's database); ``elastic``: with elastic workers."""
     if not step_seconds > 0:
         raise ConfigError(f"--step-seconds={step_seconds} must be greater than 0")
     if not rate >= 0:
@@ -116,10 +117,15 @@ def run_demo(
                         + one_line(e)
                     ) from e
                 with conn:
-                    result = verify(conn, TOTAL_WORKERS)
+                    result = verify(conn, group_partitions(conn, _PROJECTION) or TOTAL_WORKERS)
                 for line in format_verification(result):
                     console.print(line, markup=False, soft_wrap=True)
                 return DemoOutcome.PASSED if result.ok else DemoOutcome.FAILED
+            if elastic:
+                from projectionist.demo.elastic import ElasticDemo
+
+                passed = ElasticDemo(console, url, events, aggregates, step_seconds, rate).run()
+                return DemoOutcome.PASSED if passed else DemoOutcome.FAILED
             return _Demo(console, url, events, aggregates, step_seconds, rate).run()
     except KeyboardInterrupt:
         console.print("interrupted: every worker was stopped", markup=False, soft_wrap=True)

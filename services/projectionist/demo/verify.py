@@ -185,13 +185,16 @@ def _balanced(shares: Sequence[WorkerShare], total_workers: int) -> Check:
     return Check(name, ok, f"{text} (allowed {low:.0%}-{high:.0%})")
 
 
-def format_verification(v: Verification) -> list[str]:
-    """The lines the demo prints: one per check, the shares, then the verdict."""
-    lines = [f"Verification ({v.events:,} events, {v.aggregates} aggregates, {v.total_workers} workers):"]
+def format_verification(v: Verification, unit: str = "worker") -> list[str]:
+    """The lines the demo prints: one per check, the shares, then the verdict.
+
+    ``unit`` names what owns a share: a worker in the static demo, a partition in the elastic one.
+    """
+    lines = [f"Verification ({v.events:,} events, {v.aggregates} aggregates, {v.total_workers} {unit}s):"]
     lines += [f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: {c.detail}" for c in v.checks]
-    lines.append("  share per worker:")
+    lines.append(f"  share per {unit}:")
     lines += [
-        f"    worker {s.worker_id}: {s.events:>8,} events  {s.aggregates:>4} aggregates  {s.share:6.1%}"
+        f"    {unit} {s.worker_id}: {s.events:>8,} events  {s.aggregates:>4} aggregates  {s.share:6.1%}"
         for s in v.shares
     ]
     failed = [c.name for c in v.checks if not c.ok]

@@ -1,8 +1,10 @@
 """A worker process's HTTP port: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz`` for orchestrators.
 
 ``/healthz``: every worker loop ticked within ``max_tick_age``. ``/readyz``:
-the database answers and every worker owns its partition. ``/metrics``
-answers in OpenMetrics, which carries exemplars, when asked for it.
+the database answers and every worker owns its partition; an elastic worker
+is ready once it is a member of its group, whatever it owns (members may
+outnumber partitions), and while none of the partitions it owns is failing.
+``/metrics`` answers in OpenMetrics, which carries exemplars, when asked for it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from projectionist.errors import one_line
-from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.hooks import BatchResult, Membership, WorkerHooks, WorkerInfo, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,27 @@ class WorkerHealth:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberHealth:
+    """An elastic worker process: its own state, as a member of its group."""
+
+    projection: str
+    name: str
+    state: WorkerState
+    reason: str
+    members: int
+    owned: tuple[int, ...]
+    tick_age_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     ok: bool
     reason: str
     workers: list[WorkerHealth]
+    members: list[MemberHealth] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "status": "ok" if self.ok else "fail",
             "reason": self.reason,
             "workers": [
@@ -66,6 +82,20 @@ class Verdict:
                 for w in self.workers
             ],
         }
+        if self.members is not None:
+            data["members"] = [
+                {
+                    "projection": m.projection,
+                    "name": m.name,
+                    "state": m.state.value,
+                    "state_reason": m.reason,
+                    "members": m.members,
+                    "owned": list(m.owned),
+                    "tick_age_seconds": round(m.tick_age_seconds, 3),
+                }
+                for m in self.members
+            ]
+        return data
 
 
 class HealthHooks(WorkerHooks):
@@ -84,6 +114,8 @@ class HealthHooks(WorkerHooks):
         self._lock = threading.Lock()
         self._ticks: dict[WorkerInfo, float] = {}
         self._states: dict[WorkerInfo, tuple[WorkerState, str]] = {}
+        #: Elastic members by projection, with the time of their last report.
+        self._members: dict[str, tuple[Membership, float]] = {}
 
     def register_worker(self, info: WorkerInfo) -> None:
         """Known before its first hook call, so a worker that never starts is reported."""
@@ -111,10 +143,31 @@ class HealthHooks(WorkerHooks):
     def on_error(self, info: WorkerInfo, error_type: str, error: BaseException) -> None:
         self._tick(info)
 
+    def on_membership(self, membership: Membership) -> None:
+        with self._lock:
+            self._members[membership.projection] = (membership, self._clock())
+
+    def members(self) -> list[MemberHealth]:
+        now = self._clock()
+        with self._lock:
+            return [
+                MemberHealth(m.projection, m.name, m.state, m.reason, m.members, m.owned, max(0.0, now - at))
+                for m, at in sorted(self._members.values(), key=lambda x: x[0].projection)
+            ]
+
+    def _current(self, info: WorkerInfo) -> bool:
+        """Whether a worker's entry still counts: an elastic member's only while it owns the partition."""
+        member = self._members.get(info.projection)
+        if member is None:
+            return True
+        return info.total_workers == member[0].total_workers and info.worker_id in member[0].owned
+
     def workers(self) -> list[WorkerHealth]:
         now = self._clock()
         with self._lock:
-            infos = sorted(self._states, key=lambda i: (i.projection, i.worker_id))
+            infos = sorted(
+                (i for i in self._states if self._current(i)), key=lambda i: (i.projection, i.worker_id)
+            )
             return [
                 WorkerHealth(
                     i.projection,
@@ -128,35 +181,51 @@ class HealthHooks(WorkerHooks):
             ]
 
     def liveness(self) -> Verdict:
-        workers = self.workers()
-        if not workers:
+        workers, members = self.workers(), self.members()
+        shown = members or None
+        if not workers and not members:
             return Verdict(False, "no worker registered", workers)
-        stale = [w for w in workers if w.tick_age_seconds > self.max_tick_age]
+        stale = [f"{w.projection} {w.worker_id}/{w.total_workers}" for w in workers if self._stale(w)]
+        stale += [f"{m.projection} member {m.name}" for m in members if self._stale(m)]
         if stale:
-            names = ", ".join(f"{w.projection} {w.worker_id}/{w.total_workers}" for w in stale)
             return Verdict(
                 False,
-                f"worker loop has not ticked for more than {self.max_tick_age:g}s: {names}",
+                f"worker loop has not ticked for more than {self.max_tick_age:g}s: {', '.join(stale)}",
                 workers,
+                shown,
             )
-        return Verdict(True, "worker loop is ticking", workers)
+        return Verdict(True, "worker loop is ticking", workers, shown)
+
+    def _stale(self, w: WorkerHealth | MemberHealth) -> bool:
+        return w.tick_age_seconds > self.max_tick_age
 
     def readiness(self, ping: Callable[[], None] | None = None) -> Verdict:
-        workers = self.workers()
-        if not workers:
+        workers, members = self.workers(), self.members()
+        shown = members or None
+        if not workers and not members:
             return Verdict(False, "no worker registered", workers)
         if ping is not None:
             try:
                 ping()
             except Exception as e:
-                return Verdict(False, f"database unreachable: {one_line(e)}", workers)
-        not_ready = [w for w in workers if w.state not in _READY_STATES]
+                return Verdict(False, f"database unreachable: {one_line(e)}", workers, shown)
+        not_ready = [
+            f"{m.projection} member {m.name} is {m.state.value} ({m.reason})"
+            for m in members
+            if m.state not in _READY_STATES
+        ]
+        not_ready += [
+            f"{w.projection} {w.worker_id}/{w.total_workers} is {w.state.value} ({w.reason})"
+            for w in workers
+            if w.state not in _READY_STATES
+        ]
         if not_ready:
-            reasons = "; ".join(
-                f"{w.projection} {w.worker_id}/{w.total_workers} is {w.state.value} ({w.reason})"
-                for w in not_ready
+            return Verdict(False, "; ".join(not_ready), workers, shown)
+        if members:
+            owned = sum(len(m.owned) for m in members)
+            return Verdict(
+                True, f"database reachable, a member of its group, {owned} partition(s) owned", workers, shown
             )
-            return Verdict(False, reasons, workers)
         return Verdict(True, "database reachable and every partition owned", workers)
 
 

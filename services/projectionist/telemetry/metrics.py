@@ -19,7 +19,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 
 from projectionist.errors import PoisonEventError
-from projectionist.hooks import BatchResult, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.hooks import BatchResult, Membership, OwnershipReason, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.records import RecordedEvent
 from projectionist.telemetry.freshness import ApplyDelay, ApplyDelayHistogram
 
@@ -169,6 +169,39 @@ class MetricsHooks(WorkerHooks):
             labels,
             registry=registry,
         )
+        # Elastic mode (worker/elastic.py): one series per process and projection, no partition label.
+        self.partitions_owned = Gauge(
+            "projectionist_partitions_owned",
+            "Partitions this elastic worker process owns now.",
+            ("projection", "total_workers"),
+            registry=registry,
+        )
+        self.partitions_target = Gauge(
+            "projectionist_partitions_target",
+            "This elastic worker's fair share of the partitions (owned differs while partitions move).",
+            ("projection", "total_workers"),
+            registry=registry,
+        )
+        self.group_members = Gauge(
+            "projectionist_group_members",
+            "Elastic members of the projection's group that this process sees, itself included.",
+            ("projection", "total_workers"),
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            "projectionist_rebalances",
+            "Changes of the group's member list this elastic worker saw (a join or a leave).",
+            ("projection",),
+            registry=registry,
+        )
+        self.ownership_changes = Counter(
+            "projectionist_ownership_changes",
+            "Partitions this process took (acquired: a static worker; assigned: an elastic member's fair "
+            "share) or let go of (revoked: above its share; stopped: graceful stop; lost: the session "
+            "ended).",
+            ("projection", "reason"),
+            registry=registry,
+        )
         build = Info("projectionist_build", "The running projectionist build.", registry=registry)
         build.info({"version": version, "revision": revision})
 
@@ -209,8 +242,24 @@ class MetricsHooks(WorkerHooks):
         series = self._for(info)
         series.state.state(state.value)
 
-    def on_ownership(self, info: WorkerInfo, owned: bool) -> None:
+    def on_ownership(self, info: WorkerInfo, owned: bool, reason: str = "") -> None:
         self._for(info).owned.set(1 if owned else 0)
+        if reason:
+            self.ownership_changes.labels(info.projection, reason).inc()
+
+    def on_membership(self, membership: Membership) -> None:
+        if membership.total_workers == 0:
+            # Not a member yet: the reason counters exist from the start, at 0.
+            for reason in OwnershipReason:
+                self.ownership_changes.labels(membership.projection, reason.value)
+            self.rebalances.labels(membership.projection)
+            return
+        labels = (membership.projection, str(membership.total_workers))
+        self.partitions_owned.labels(*labels).set(len(membership.owned))
+        self.partitions_target.labels(*labels).set(membership.target)
+        self.group_members.labels(*labels).set(membership.members)
+        if membership.rebalanced:
+            self.rebalances.labels(membership.projection).inc()
 
     def on_read_path(self, info: WorkerInfo, indexed: bool, reason: str | None) -> None:
         # Created here, not with the worker's other series: until the first

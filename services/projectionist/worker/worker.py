@@ -25,7 +25,7 @@ from projectionist.consume.partition_indexes import NO_STATISTICS
 from projectionist.consume.processor import INDEX_RECHECK_SECONDS, Processor
 from projectionist.consume.projection import Projection
 from projectionist.errors import ConfigError, FencedError, PoisonEventError, ProjectionError, one_line
-from projectionist.hooks import HookChain, WorkerHooks, WorkerInfo, WorkerState
+from projectionist.hooks import HookChain, OwnershipReason, WorkerHooks, WorkerInfo, WorkerState
 from projectionist.partitioning import Partition
 from projectionist.settings import WorkerOptions
 from projectionist.store import doorbell
@@ -39,18 +39,18 @@ _SLICE = 0.2
 
 # How a caught-up worker looks for new events (docs/design/notifications.md).
 # While its group is busy, rows keep coming and it polls: a batch
-# _BUSY_FIRST_LOOK after a batch that found new rows, then one-statement looks
-# backing off to _BUSY_LONGEST_LOOK while nothing comes, and no append needs
-# to NOTIFY. After _BUSY_WINDOW without new rows it goes to sleep behind the
+# BUSY_FIRST_LOOK after a batch that found new rows, then one-statement looks
+# backing off to BUSY_LONGEST_LOOK while nothing comes, and no append needs
+# to NOTIFY. After BUSY_WINDOW without new rows it goes to sleep behind the
 # doorbell: appends NOTIFY while it sleeps, and its poll interval bounds a
-# missed one.
-_BUSY_FIRST_LOOK = 0.003
-_BUSY_LONGEST_LOOK = 0.024
-_BUSY_WINDOW = 0.15
+# missed one. The elastic runtime (elastic.py) waits the same way.
+BUSY_FIRST_LOOK = 0.003
+BUSY_LONGEST_LOOK = 0.024
+BUSY_WINDOW = 0.15
 # Asleep, with committed rows hidden behind the read fence (an older
 # transaction is still open): their appends will not NOTIFY again, so look
 # again after 5, 10, 20 ms and so on, up to the poll interval.
-_FENCED_RETRY_START = 0.005
+FENCED_RETRY_START = 0.005
 
 
 class Worker:
@@ -99,7 +99,7 @@ class Worker:
         self._holds_doorbell = False
         self._doorbell_armed = False
         self._active_at = -math.inf
-        self._next_look = _BUSY_FIRST_LOOK
+        self._next_look = BUSY_FIRST_LOOK
         self._fenced_retry: float | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -161,7 +161,7 @@ class Worker:
                 require_migrated(conn)
                 if self._acquire_ownership(conn):
                     owned = True
-                    self.hooks.on_ownership(self.info, True)
+                    self.hooks.on_ownership(self.info, True, OwnershipReason.ACQUIRED)
                     self._serve(conn)
             except ConfigError:
                 raise
@@ -192,7 +192,8 @@ class Worker:
                     _close_quietly(conn)  # the session lock goes with the session
                 if owned:
                     owned = False
-                    self.hooks.on_ownership(self.info, False)
+                    reason = OwnershipReason.STOPPED if self.stopping else OwnershipReason.LOST
+                    self.hooks.on_ownership(self.info, False, reason)
         self._set_state(WorkerState.STOPPING, "stop requested")
         log.info("worker %s of %s stopped", self.partition, self.projection.name)
 
@@ -322,7 +323,7 @@ class Worker:
         found the doorbell taken rely on appends ringing it.
         """
         self._active_at = time.monotonic()
-        self._next_look = _BUSY_FIRST_LOOK
+        self._next_look = BUSY_FIRST_LOOK
         self._fenced_retry = None
         self._doorbell_armed = False
         if self._holds_doorbell:
@@ -332,16 +333,16 @@ class Worker:
     def _wait_for_work(self, conn: Connection) -> None:
         """Return when the next batch is due: new rows are visible, a NOTIFY came, or a poll is due."""
         while not self.stopping:
-            if time.monotonic() - self._active_at < _BUSY_WINDOW:
+            if time.monotonic() - self._active_at < BUSY_WINDOW:
                 # Busy: rows came a moment ago, more are likely. Look, without a NOTIFY.
                 # Right after a batch that found rows, the next batch is the look:
                 # it usually finds rows too, and a look first would cost a round
                 # trip more. After that, a one-statement look decides.
-                right_after_rows = self._next_look == _BUSY_FIRST_LOOK
+                right_after_rows = self._next_look == BUSY_FIRST_LOOK
                 if self._wait_for_events(conn, self._next_look, timeout_source="busy_poll"):
                     self._wake(conn, notified=True)
                     return
-                self._next_look = min(self._next_look * 2, _BUSY_LONGEST_LOOK)
+                self._next_look = min(self._next_look * 2, BUSY_LONGEST_LOOK)
                 if right_after_rows or self._look(conn).visible:
                     return
                 continue
@@ -349,7 +350,7 @@ class Worker:
                 turn = doorbell.try_to_sleep(conn)
                 if turn is doorbell.Turn.APPENDING:
                     # Uncommitted appends hold it: their rows come at their commit.
-                    if self._wait_for_events(conn, _BUSY_LONGEST_LOOK, timeout_source="busy_poll"):
+                    if self._wait_for_events(conn, BUSY_LONGEST_LOOK, timeout_source="busy_poll"):
                         self._wake(conn, notified=True)
                         return
                     if self._look(conn).visible:
@@ -365,7 +366,7 @@ class Worker:
                 # Committed rows behind the read fence: their appends will not
                 # NOTIFY again, so look again soon, backing off to the poll interval.
                 self._fenced_retry = (
-                    _FENCED_RETRY_START
+                    FENCED_RETRY_START
                     if self._fenced_retry is None
                     else min(self._fenced_retry * 2, self.poll_interval)
                 )
