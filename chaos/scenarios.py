@@ -35,7 +35,7 @@ from projectionist.store.appending import append
 from projectionist.store.connection import connect
 from projectionist.testing import child_env, poll_until, projectionist_command
 
-#: Standby takeover must happen within this many seconds of the owner's death (issue 6, §2).
+#: Standby takeover must happen within this many seconds of the owner's death.
 TAKEOVER_LIMIT = 5.0
 
 

@@ -119,7 +119,7 @@ class StepAppender:
             self.error = e
 
 
-class Fleet:
+class ElasticFleet:
     """``projectionist worker --elastic`` processes; scaled down newest first."""
 
     def __init__(self, database_url: str, options: Options, logs: Path) -> None:
@@ -200,7 +200,7 @@ class Experiment:
             create_indexes(conn, o.partitions)
             ScalableProjection().setup(conn)
         self.conn = connect(url, autocommit=True, application_name="autoscale:autoscaler")
-        fleet = Fleet(url, o, self.logs)
+        fleet = ElasticFleet(url, o, self.logs)
         t0 = time.monotonic()
         self.step_at = t0 + o.seconds(o.base_minutes)
         self.stop_at = self.step_at + o.seconds(o.step_minutes)
@@ -241,7 +241,7 @@ class Experiment:
         assert row is not None, query
         return float(row[0])
 
-    def _loop(self, fleet: Fleet, appender: StepAppender, t0: float, end: float) -> None:
+    def _loop(self, fleet: ElasticFleet, appender: StepAppender, t0: float, end: float) -> None:
         scaler = self.model.autoscaler
         interval = self.model.polling_interval
         inactive_since: float | None = None

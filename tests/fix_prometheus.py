@@ -71,7 +71,7 @@ def rule_files() -> list[Path]:
     return shipped(RULES_DIR)
 
 
-class WorkerProcess:
+class StackWorker:
     """One ``projectionist worker`` subprocess of the stack, with its metrics port (restartable)."""
 
     def __init__(self, worker_id: int, port: int, log_path: Path) -> None:
@@ -204,7 +204,7 @@ class PrometheusStack:
         self.total_workers = total_workers
         self.otlp = OtlpReceiver()
         self.workers = {
-            k: WorkerProcess(k, free_port(), workdir / f"worker-{k}.log") for k in range(total_workers)
+            k: StackWorker(k, free_port(), workdir / f"worker-{k}.log") for k in range(total_workers)
         }
         self.load = LoadGenerator(db_url)
         # The PostgreSQL row of the dashboards and the database alerts read it.

@@ -16,7 +16,7 @@ from projectionist.store.connection import connect
 from projectionist.testing import ChildProcess, child_env, projectionist_command, stop_all
 
 
-class Fleet:
+class DemoFleet:
     """``projectionist worker`` subprocesses, one per partition, started one at a time.
 
     Linux stops them if the demo dies, even by SIGKILL; their logs are kept

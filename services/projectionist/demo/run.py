@@ -25,7 +25,7 @@ from rich.table import Table
 from projectionist.consume.checkpoints import group_partitions, load_checkpoint, register_group
 from projectionist.consume.partition_indexes import create_indexes
 from projectionist.consume.status import WorkerStatus, read_status
-from projectionist.demo.fleet import BackgroundAppender, Fleet, RateMeter
+from projectionist.demo.fleet import BackgroundAppender, DemoFleet, RateMeter
 from projectionist.demo.sample_events import append_sample_events
 from projectionist.demo.sample_projection import ScalableProjection
 from projectionist.demo.verify import Check, format_verification, verify
@@ -252,7 +252,7 @@ class _Demo:
         self.aggregates = aggregates
         self.step_seconds = step_seconds
         self.rate = rate
-        self.fleet = Fleet(url, TOTAL_WORKERS)
+        self.fleet = DemoFleet(url, TOTAL_WORKERS)
         self.appender = BackgroundAppender(url, rate=rate, aggregates=aggregates) if rate > 0 else None
         self.initial = 0
         self.started = 0.0
