@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from projectionist.hooks import WorkerInfo
 from projectionist.partitioning import Partition
-from projectionist.records import NewEvent
+from projectionist.records import NewEvent, Position
 from projectionist.settings import WorkerOptions
 from projectionist.store import doorbell
 from projectionist.store.appending import StreamAppend, append, append_async, append_many
@@ -270,3 +270,24 @@ def test_busy_elastic_members_cost_appends_no_notify_and_apply_everything(db_url
     # Events 2 ms apart keep the members busy: they poll, and appends do not notify.
     assert notified <= 3
     assert any("busy_poll" in h.wakeups for h in hooks)
+
+
+def test_a_look_reads_the_index_not_the_table(db_url: str) -> None:
+    # A look runs every few milliseconds while a group is busy: a plan that
+    # scans the table would cost more the larger the store grows.
+    with connect(db_url, autocommit=True) as conn:
+        # Without statistics yet, as in a store just loaded: the planner's guess decides.
+        conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
+        appends = [StreamAppend(f"agg-{i}", [NewEvent("E", {}) for _ in range(10)]) for i in range(500)]
+        append_many(conn, appends, notify=False)
+        row = conn.execute(
+            "SELECT transaction_id::text, global_position FROM events ORDER BY 2 DESC LIMIT 1"
+        ).fetchone()
+        assert row is not None
+        params = {"txid": row[0], "pos": row[1]}
+        plan = "\n".join(r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN ") + doorbell._LOOK, params))
+        assert "Seq Scan" not in plan, plan
+        assert plan.count("events_transaction_position_idx") == 2, plan
+        assert doorbell.look(conn, Position(int(row[0]), row[1])) == doorbell.Look(
+            visible=False, hidden=False
+        )
