@@ -24,6 +24,18 @@ class Check:
         return f"{'PASS' if self.ok else 'FAIL'} {self.what}" + (f": {self.detail}" if self.detail else "")
 
 
+def outcome_failures(fold: Fold | None, error: str | None) -> list[str]:
+    """Failures outside a run's checks: the reference fold, or an exception that ended the run."""
+    failed = []
+    if fold is None:
+        failed.append("FAIL the read model was not compared with the events table")
+    elif not fold.exact:
+        failed.append(f"FAIL read model differs from the reference fold: {fold}")
+    if error is not None:
+        failed.append(f"ERROR {error}")
+    return failed
+
+
 @dataclass
 class ScenarioResult:
     scenario: str
@@ -50,15 +62,7 @@ class ScenarioResult:
         return [str(c) for c in self.checks if not c.ok] + self.outcome_failures()
 
     def outcome_failures(self) -> list[str]:
-        """Failures outside the checks: the reference fold, or an exception that ended the run."""
-        failed = []
-        if self.fold is None:
-            failed.append("FAIL the read model was not compared with the events table")
-        elif not self.fold.exact:
-            failed.append(f"FAIL read model differs from the reference fold: {self.fold}")
-        if self.error is not None:
-            failed.append(f"ERROR {self.error}")
-        return failed
+        return outcome_failures(self.fold, self.error)
 
     def explain(self) -> str:
         """Every check, then the failures and the workers' logs: what a failing test prints."""

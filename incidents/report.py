@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from chaos.checks import Fold
-from chaos.report import Check, machine_description
+from chaos.report import Check, machine_description, outcome_failures
 
 
 @dataclass
@@ -48,15 +48,7 @@ class IncidentResult:
         return [str(c) for c in self.checks if not c.ok] + self.outcome_failures()
 
     def outcome_failures(self) -> list[str]:
-        """Failures outside the checks: the reference fold, or an exception that ended the run."""
-        out = []
-        if self.fold is None:
-            out.append("FAIL the read model was not compared with the events table")
-        elif not self.fold.exact:
-            out.append(f"FAIL read model differs from the reference fold: {self.fold}")
-        if self.error is not None:
-            out.append(f"ERROR {self.error}")
-        return out
+        return outcome_failures(self.fold, self.error)
 
     def explain(self) -> str:
         lines = [

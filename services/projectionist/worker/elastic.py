@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from projectionist.settings import DEFAULT_ELASTIC_PARTITIONS, WorkerOptions
 from projectionist.store import doorbell
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.store.schema import require_migrated
+from projectionist.worker.threaded import Threaded
 from projectionist.worker.worker import BUSY_FIRST_LOOK, BUSY_LONGEST_LOOK, BUSY_WINDOW, FENCED_RETRY_START
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _Regroup(Exception):
     """The group changed under the member (a rescale): leave and join it again."""
 
 
-class ElasticWorker:
+class ElasticWorker(Threaded):
     """Runs a fair share of a projection's partitions until :meth:`stop` is called.
 
     ``projection_factory`` makes one projection instance per owned partition,
@@ -111,9 +111,8 @@ class ElasticWorker:
         self.hooks = hooks if isinstance(hooks, HookChain) else HookChain([hooks] if hooks else [])
         self._connect = connect_fn
         self._rng = rng or random.Random()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        super().__init__()
+        self.thread_name = f"elastic-{self.projection_name}"
         self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
         #: The group joined (None while not a member), this member's number, and its owned partitions.
         self.group: GroupConfig | None = None
@@ -139,35 +138,6 @@ class ElasticWorker:
         self._round_visible = False
 
     # -- lifecycle ---------------------------------------------------------
-
-    def stop(self) -> None:
-        """Ask the worker to finish its current batch, release its partitions and return."""
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run_capturing, name=f"elastic-{self.projection_name}", daemon=True
-        )
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._error is not None:
-            raise self._error
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run_capturing(self) -> None:
-        try:
-            self.run()
-        except BaseException as e:  # re-raised by join()
-            self._error = e
 
     @property
     def owned(self) -> tuple[int, ...]:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import select
-import threading
 import time
 from collections.abc import Callable
 
@@ -31,6 +30,7 @@ from projectionist.settings import WorkerOptions
 from projectionist.store import doorbell
 from projectionist.store.connection import NOTIFY_CHANNEL, Connection, connect, connection_lost
 from projectionist.store.schema import require_migrated
+from projectionist.worker.threaded import Threaded
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ BUSY_WINDOW = 0.15
 FENCED_RETRY_START = 0.005
 
 
-class Worker:
+class Worker(Threaded):
     """Runs one partition until :meth:`stop` is called.
 
     Use :meth:`run` in the calling thread, or :meth:`start` for a background
@@ -87,9 +87,8 @@ class Worker:
         self.state = WorkerState.STARTING
         self._reason = "starting"
         self._connect = connect_fn
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        super().__init__()
+        self.thread_name = f"worker-{self.projection.name}-{self.partition}"
         self.reconnect_backoff = Backoff(initial=0.2, maximum=10.0)
         self.retry_backoff = Backoff(initial=0.5, maximum=30.0, max_attempts=options.max_retries)
         self._isolate = False
@@ -103,35 +102,6 @@ class Worker:
         self._fenced_retry: float | None = None
 
     # -- lifecycle ---------------------------------------------------------
-
-    def stop(self) -> None:
-        """Ask the worker to finish its current batch and return."""
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run_capturing, name=f"worker-{self.projection.name}-{self.partition}", daemon=True
-        )
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._error is not None:
-            raise self._error
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run_capturing(self) -> None:
-        try:
-            self.run()
-        except BaseException as e:  # re-raised by join()
-            self._error = e
 
     def _set_state(self, state: WorkerState, reason: str) -> None:
         # A new reason in the same state is news too: /readyz said a worker
